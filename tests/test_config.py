@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from config import KEYS, ConfigError, load_config
+from conftest import ROOT
+
+
+def test_defaults_and_types():
+    cfg = load_config([])
+    for k in KEYS:
+        assert type(getattr(cfg, k.name)) is k.type or k.name == "data_dir"
+    assert cfg.data_dir == "data/shakespeare_char"  # derived from dataset and tokenizer
+
+
+def test_files_and_overrides_apply_in_order(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("learning_rate = 1e-2\nbatch_size = 4\nimport math\n_private = 3\n")
+    b.write_text("learning_rate = 3e-3\n")
+    cfg = load_config([str(a), "--learning_rate=5e-4", "--batch_size=8"])
+    assert (cfg.learning_rate, cfg.batch_size) == (5e-4, 8)
+    cfg = load_config([str(a), "--learning_rate=5e-4", str(b)])
+    assert cfg.learning_rate == 3e-3 and cfg.batch_size == 4
+
+
+def test_parsing_of_values():
+    cfg = load_config(["--compile=True", "--dropout=0", "--start=ROMEO:", "--out_dir=x y", "--wandb_log=false"])
+    assert cfg.compile is True and cfg.dropout == 0.0 and type(cfg.dropout) is float
+    assert cfg.start == "ROMEO:" and cfg.out_dir == "x y" and cfg.wandb_log is False
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--learning_rat=1e-3"], ["unknown config key 'learning_rat'", "did you mean 'learning_rate'"]),
+    (["--batch_size=1.5"], ["'batch_size' expects int", "1.5"]),
+    (["--compile=maybe"], ["'compile' expects bool"]),
+    (["--norm=batchnorm"], ["'norm' must be one of", "batchnorm"]),
+    (["--batch_size"], ["--key=value"]),
+])
+def test_bad_overrides_name_the_key(argv, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_config_file(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("n_layr = 4\n")
+    with pytest.raises(ConfigError, match=r"c.py: unknown config key 'n_layr'; did you mean 'n_layer'"):
+        load_config([str(f)])
+    f.write_text("n_layer = '4'\n")
+    with pytest.raises(ConfigError, match=r"'n_layer' expects int, got str '4'"):
+        load_config([str(f)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config([str(tmp_path / "missing.py")])
+
+
+def test_cli_help_and_one_line_errors():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for k in KEYS:
+        assert f"--{k.name}=" in out.stdout
+    bad = subprocess.run([sys.executable, "train.py", "--n_layr=2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: --n_layr: unknown config key 'n_layr'; did you mean 'n_layer'?"
+
+
+def test_every_config_file_loads():
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        load_config([str(path)])
+
+
+def test_config_saved_as_json(tmp_path):
+    from config import save_json
+    cfg = load_config(["--n_layer=3"])
+    save_json(cfg, tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["n_layer"] == 3
