@@ -1,0 +1,162 @@
+"""
+Three tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str,
+vocab_size, eot_id (the end-of-text id that separates documents), and meta() -> a JSON-able dict
+from which from_meta() rebuilds the same tokenizer without the source data.
+
+- char: one id per character seen in the training split, then two specials: <|endoftext|> and
+  <|unk|>. A character never seen in training (say an accent that only the test split has) is
+  encoded as <|unk|> and decoded as U+FFFD '\ufffd', so such text does not round-trip.
+- gpt2: GPT-2's byte-level BPE through tiktoken, ids identical to GPT-2's. The BPE ranks come
+  from, in order: a user-supplied file (gpt2_bpe_path), tiktoken's own download/cache, or the
+  copy shipped inside the openai-whisper sdist on PyPI (fetched once, sha256-checked, cached).
+- sentencepiece: BPE or unigram trained on the training split, with byte fallback so any text is
+  encodable; the trained model is stored inside meta.json (base64 of its protobuf).
+"""
+
+import base64
+import os
+
+EOT = "<|endoftext|>"
+UNK = "<|unk|>"
+# GPT-2's pre-tokenisation pattern (tiktoken's r50k/gpt2 split regex)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOT_ID = 50256
+# gpt2.tiktoken inside the openai-whisper sdist: byte-identical to tiktoken's gpt2 ranks
+WHISPER_SDIST = ("openai-whisper", "20250625")
+GPT2_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eot_id = len(self.chars)
+        self.unk_id = len(self.chars) + 1
+        self.vocab_size = len(self.chars) + 2
+
+    @classmethod
+    def train(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        return [self.stoi.get(c, self.unk_id) for c in text]
+
+    def decode(self, ids):
+        specials = {self.eot_id: EOT, self.unk_id: "\ufffd"}
+        return "".join(specials[i] if i in specials else self.chars[i] for i in ids)
+
+    def meta(self):
+        return {"kind": "char", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "chars": self.chars}
+
+
+class GPT2Tokenizer:
+    kind = "gpt2"
+
+    def __init__(self, bpe_path="", cache_dir="data/cache"):
+        self.enc = load_gpt2_encoding(bpe_path, cache_dir)
+        self.vocab_size = self.enc.n_vocab  # 50257
+        self.eot_id = GPT2_EOT_ID
+
+    def encode(self, text):
+        # documents are plain text: a literal "<|endoftext|>" inside one is not the special token
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def meta(self):
+        return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                "ranks_sha256": GPT2_RANKS_SHA256}
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto):
+        import sentencepiece as spm
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eot_id = self.sp.eos_id()
+
+    @classmethod
+    def train(cls, lines, vocab_size=4096, model_type="bpe"):
+        """Train on an iterable of text lines (the training split only)."""
+        import io
+        import sentencepiece as spm
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model,
+            vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True,                 # any byte is encodable: no <unk> ever
+            normalization_rule_name="identity",  # keep text exactly as given (we NFC it ourselves)
+            add_dummy_prefix=False, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, split_digits=True,
+            user_defined_symbols=["\n"],         # lines are fed one by one; newline is a piece
+            unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+            character_coverage=1.0, num_threads=1,  # one thread: same model bytes every run
+            train_extremely_large_corpus=False, minloglevel=2,
+        )
+        return cls(model.getvalue())
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        eot = self.eot_id
+        # sentencepiece drops control ids when decoding; show end-of-text like the others do
+        parts, run = [], []
+        for i in ids:
+            if i == eot:
+                parts += [self.sp.decode(run), EOT]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts + [self.sp.decode(run)])
+
+    def meta(self):
+        return {"kind": "sentencepiece", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                "model_b64": base64.b64encode(self.proto).decode("ascii")}
+
+
+def from_meta(meta, bpe_path="", cache_dir="data/cache"):
+    """Rebuild a tokenizer from the dict its meta() wrote (meta.json['tokenizer'])."""
+    kind = meta["kind"]
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    if kind == "gpt2":
+        return GPT2Tokenizer(bpe_path, cache_dir)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(meta["model_b64"]))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in meta.json")
+
+
+def load_gpt2_encoding(bpe_path="", cache_dir="data/cache"):
+    """GPT-2's tiktoken Encoding, from the first source that works (see the module docstring)."""
+    import tiktoken
+    if bpe_path:
+        if not os.path.isfile(bpe_path):
+            raise FileNotFoundError(f"gpt2_bpe_path={bpe_path}: no such file")
+        return _gpt2_from_ranks_file(bpe_path)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # offline: tiktoken could not download its files
+        pass
+    cached = os.path.join(cache_dir, "gpt2.tiktoken")
+    if not os.path.isfile(cached):
+        from prepare.common import fetch_sdist_member
+        fetch_sdist_member(*WHISPER_SDIST, GPT2_RANKS_MEMBER, GPT2_RANKS_SHA256, cached, cache_dir)
+    return _gpt2_from_ranks_file(cached)
+
+
+def _gpt2_from_ranks_file(path):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    ranks = load_tiktoken_bpe(path)
+    if len(ranks) != GPT2_EOT_ID:
+        raise ValueError(f"{path}: has {len(ranks)} BPE ranks, GPT-2 has {GPT2_EOT_ID}; wrong file?")
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: GPT2_EOT_ID}, explicit_n_vocab=GPT2_EOT_ID + 1)
