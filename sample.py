@@ -1,0 +1,93 @@
+"""
+Sample from a trained model, or from GPT-2 weights.
+
+    python sample.py --out_dir=out/shakespeare_char_cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --init_from=hf:path/to/gpt2 --start=FILE:prompt.txt --temperature=0
+    python sample.py --out_dir=out/run --export_hf=exported/    # write a Hugging Face folder instead
+
+The model comes from out_dir's checkpoint (ckpt_best.pt, or ckpt_last.pt with checkpoint=last),
+or from init_from=hf:PATH / a GPT-2 name. Text is decoded with the run's own tokenizer (rebuilt
+from the checkpoint's data_dir meta.json); GPT-2 weights use GPT-2 BPE.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from config import cli_config
+from model import export_hf, from_hf
+from prepare.common import DataError, load_meta
+from tokenizer import from_meta
+from train import GPT2_NAMES, autocast_context, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+
+
+def load_model_and_tokenizer(cfg, device):
+    """(model in eval mode, tokenizer, tokenizer meta) for sample.py and evaluate.py."""
+    if cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_NAMES:
+        try:
+            model = from_hf(cfg.init_from.removeprefix("hf:"), attn_backend=cfg.attn_backend)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
+        tok_meta = {"kind": "gpt2", "eot_id": 50256}
+    else:
+        path = os.path.join(cfg.out_dir, f"ckpt_{cfg.checkpoint}.pt")
+        if cfg.checkpoint == "best" and not os.path.isfile(path):
+            path = os.path.join(cfg.out_dir, "ckpt_last.pt")
+        ckpt = load_checkpoint(path)
+        try:
+            tok_meta = load_meta(ckpt["config"]["data_dir"])["tokenizer"]
+        except DataError as e:
+            raise SystemExit(f"error: the tokenizer of {path}: {e}") from None
+        model = model_from_checkpoint(ckpt)
+    try:
+        tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the tokenizer: {e}") from None
+    return model.to(device).eval(), tok, tok_meta
+
+
+def read_prompt(start):
+    if start.startswith("FILE:"):
+        path = start[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise SystemExit(f"error: --start=FILE:{path}: {e.strerror}") from None
+    return start
+
+
+def main():
+    cfg = cli_config()
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model, tok, tok_meta = load_model_and_tokenizer(cfg, device)
+    if cfg.export_hf:
+        print(export_hf(model, cfg.export_hf, tok_meta))
+        return
+    prompt = tok.encode(read_prompt(cfg.start)) or [tok.eot_id]  # an empty prompt starts a new document
+    stop_text = cfg.stop
+    should_stop = (lambda ids: stop_text in tok.decode(ids)) if stop_text else None
+    autocast = autocast_context(device, pick_dtype(cfg.dtype, device))
+    generated, seconds = 0, 0.0
+    for i in range(cfg.num_samples):
+        t0 = time.time()
+        with autocast:
+            out = model.generate([prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                 stop_ids={tok.eot_id}, should_stop=should_stop, use_cache=cfg.kv_cache)[0]
+        seconds += time.time() - t0
+        generated += len(out)
+        text = tok.decode(prompt + out)
+        if stop_text and stop_text in text[len(tok.decode(prompt)):]:
+            cut = text.index(stop_text, len(tok.decode(prompt)))
+            text = text[:cut + len(stop_text)]
+        print(text)
+        print("-" * 40 if i + 1 < cfg.num_samples else "")
+    print(f"{generated} tokens in {seconds:.2f}s: {generated / max(seconds, 1e-9):.1f} tokens/s "
+          f"({'KV cache' if cfg.kv_cache else 'no cache'}, {device.type})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train as T
+from conftest import CACHE, ROOT, make_cfg
+from model import GPT, GPTConfig
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
+            warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, device="cpu", dtype="float32", plot=False)
+
+
+def run_cfg(data, out, **kw):
+    return make_cfg(**{**TINY, "data_dir": str(data), "out_dir": str(out), **kw})
+
+
+def params_of(path):
+    return T.load_checkpoint(str(path))["model"]
+
+
+def test_loss_falls_on_real_data(char_data, tmp_path):
+    summary = T.train(run_cfg(char_data, tmp_path, max_iters=60, eval_interval=30, batch_size=8))
+    rows = T.read_metrics(tmp_path / "metrics.jsonl")
+    train_losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert train_losses[0] > 4.0 and summary["best_val_loss"] < 3.35  # uniform over 86 chars: 4.45
+    assert (tmp_path / "ckpt_last.pt").exists() and (tmp_path / "ckpt_best.pt").exists()
+    assert (tmp_path / "config.json").exists()
+
+
+def test_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
+    """2N steps straight == N steps, stop, init_from=resume, N more: every weight bit for bit."""
+    kw = dict(max_iters=8, eval_interval=3, dropout=0.1)
+    T.train(run_cfg(char_data, tmp_path / "straight", **kw))
+    calls = {"n": 0}
+
+    def stop_after_four(self, world, device):
+        calls["n"] += 1
+        return calls["n"] == 4
+
+    with monkeypatch.context() as m:
+        m.setattr(T.GracefulStop, "agreed", stop_after_four)
+        first = T.train(run_cfg(char_data, tmp_path / "split", **kw))
+    assert first["iter_num"] == 4
+    T.train(run_cfg(char_data, tmp_path / "split", init_from="resume", **kw))
+    a, b = params_of(tmp_path / "straight" / "ckpt_last.pt"), params_of(tmp_path / "split" / "ckpt_last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    evals = [r["iter"] for r in T.read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals == [3, 6, 8]
+
+
+def test_epochs_set_max_iters(char_data, tmp_path):
+    summary = T.train(run_cfg(char_data, tmp_path, epochs=0.0003, eval_interval=1000))
+    n_train = len(T.read_tokens(char_data / "train.bin"))
+    assert summary["iter_num"] == -(-int(0.0003 * n_train) // (4 * 32))
+
+
+def test_lr_schedules():
+    cfg = make_cfg(learning_rate=1.0, min_lr=0.1, warmup_iters=10)
+    lrs = [T.lr_at(i, cfg, 100) for i in range(100)]
+    assert lrs[0] < lrs[9] < 1.0 and abs(lrs[10] - 1.0) < 1e-9 and abs(T.lr_at(100, cfg, 100) - 0.1) < 1e-9
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    wsd = make_cfg(learning_rate=1.0, min_lr=0.0, warmup_iters=0, lr_schedule="wsd", decay_frac=0.2)
+    assert T.lr_at(79, wsd, 100) == 1.0 and T.lr_at(90, wsd, 100) == pytest.approx(0.5)
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
+    opt = T.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_checkpoints_carry_no_wrapper_prefixes():
+    m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    wrapped = {f"module._orig_mod.{k}": v for k, v in m.state_dict().items()}
+    assert T.strip_wrapper_prefixes(wrapped).keys() == m.state_dict().keys()
+    compiled = torch.compile(m)
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+
+
+def test_loader_splits_one_global_batch_across_processes(char_data):
+    path = char_data / "val.bin"
+    single = T.TokenLoader(path, 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
+    ranks = [T.TokenLoader(path, 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu")) for r in (0, 1)]
+    for _ in range(3):
+        a0, a1 = single.next()[0], single.next()[0]
+        assert torch.equal(a0, ranks[0].next()[0]) and torch.equal(a1, ranks[1].next()[0])
+
+
+def test_loader_state_round_trip(char_data):
+    make = lambda: T.TokenLoader(char_data / "val.bin", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
+    a = make()
+    a.next()
+    state = a.state_dict()
+    rest = [a.next()[0] for _ in range(5)]
+    b = make()
+    b.load_state_dict(state)
+    assert all(torch.equal(x, b.next()[0]) for x in rest)
+
+
+def test_overfitting_warning(tmp_path, capsys):
+    log = T.MetricsLogger(make_cfg(out_dir=str(tmp_path), overfit_patience=2, plot=True), True, 0)
+    for it, (tr, va) in enumerate([(2.0, 1.9), (1.8, 1.8), (1.6, 1.85), (1.4, 1.95)]):
+        log.eval(it, {"train": tr, "val": va}, False)
+    out = capsys.readouterr().out
+    assert out.count("overfitting") == 1 and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt_last.pt"
+    T.save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(path))
+    child = f"""
+import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import train
+real_save = torch.save
+def dying_save(obj, f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), 9)
+torch.save = dying_save
+train.save_checkpoint({{"iter_num": 2, "w": torch.zeros(3)}}, {str(path)!r})
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True)
+    assert done.returncode == -9
+    state = T.load_checkpoint(str(path))
+    assert state["iter_num"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def train_cmd(data, out, *extra):
+    args = [f"--{k}={v}" for k, v in {**TINY, "data_dir": data, "out_dir": out}.items()]
+    return [sys.executable, "train.py", *args, *extra]
+
+
+def test_sigterm_saves_and_exits_zero(char_data, tmp_path):
+    proc = subprocess.Popen(train_cmd(char_data, tmp_path, "--max_iters=100000", "--eval_interval=100000"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 3:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped by signal" in out
+    it = T.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"]
+    assert 3 <= it < 100000
+
+
+@pytest.mark.slow
+def test_ddp_matches_gradient_accumulation(char_data, tmp_path):
+    """torchrun with 2 gloo processes == 1 process with accumulation 2 (same data, same steps)."""
+    common = ["--max_iters=4", "--eval_interval=4", "--dropout=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same matmul reduction order in every process
+    single = subprocess.run(train_cmd(char_data, tmp_path / "one", "--gradient_accumulation_steps=2", *common),
+                            cwd=ROOT, capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *train_cmd(char_data, tmp_path / "two", *common)[1:]],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = params_of(tmp_path / "one" / "ckpt_last.pt"), params_of(tmp_path / "two" / "ckpt_last.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert len(T.load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_quick_start_end_to_end(tmp_path):
+    """prepare (automatic) -> train a few iterations of the CPU config -> sample, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out, data = tmp_path / "out", tmp_path / "data"
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "train.py", "configs/shakespeare_char_cpu.py", f"--out_dir={out}",
+                           f"--data_dir={data}", f"--cache_dir={CACHE}", "--max_iters=20", "--eval_interval=10",
+                           "--eval_iters=2"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "preparing Shakespeare" in done.stdout and (data / "meta.json").exists()
+    assert (out / "loss.png").exists() and (out / "metrics.jsonl").exists()
+    sample = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2",
+                             "--max_new_tokens=30"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.count("ROMEO:") == 2 and "tokens/s" in sample.stderr
+    assert time.time() - t0 < 120
