@@ -52,6 +52,7 @@ KEYS = [
     _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation"),
     _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split"),
     _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders"),
+    _k("task_dir", "", "folder of a task set's train/val/test.jsonl; empty = data/shakespeare_{task}"),
     _k("token_dtype", "auto", "dtype of token files; auto = uint16 when the vocabulary fits",
        ["auto", "uint16", "uint32"]),
     # ---- model (model.GPTConfig) ----

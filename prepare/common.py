@@ -254,6 +254,17 @@ def write_dataset(splits, cfg, source, cleaning_stats=None):
     return meta
 
 
+def write_jsonl_splits(out_dir, splits, stats):
+    """{split: [record, ...]} -> out_dir/{split}.jsonl plus stats.json, each written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split, records in splits.items():
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_bytes(os.path.join(out_dir, f"{split}.jsonl"), lines.encode("utf-8"))
+    atomic_write_bytes(os.path.join(out_dir, "stats.json"), json.dumps(stats, indent=1).encode())
+    print(json.dumps(stats, indent=1))
+    print(f"wrote {out_dir}/{{{','.join(splits)}}}.jsonl and stats.json")
+
+
 def run_main(main):
     """Run a prepare script's main(); a DataError becomes one line on stderr and exit code 1."""
     try:
