@@ -103,6 +103,15 @@ KEYS = [
     _k("wandb_project", "gpt", "wandb project name"),
     _k("wandb_run_name", "run", "wandb run name"),
     _k("plot", True, "refresh out_dir/loss.png at each evaluation"),
+    # ---- evaluation (evaluate.py) ----
+    _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple choice",
+       ["lm", "generate", "classify", "choice"]),
+    _k("eval_split", "test", "which split to evaluate", ["train", "val", "test"]),
+    _k("eval_stride", 0, "lm: sliding-window stride in tokens; each token keeps block_size-stride context; 0 = block_size//2"),
+    _k("task_file", "", "a JSONL task file; empty = task_dir/{eval_split}.jsonl"),
+    _k("max_examples", 0, "evaluate only the first N examples of a task file; 0 = all"),
+    _k("prompt_template", "{prompt}\n### Response:\n", "how a prompt is shown to the model (generate, sft)"),
+    _k("classify_template", "{text}\nLabel:", "zero-shot classify: context before each label's verbalisation ' {label}'"),
     # ---- sampling (sample.py) ----
     _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"]),
     _k("start", "\n", "prompt text, or FILE:path to read it from a file"),

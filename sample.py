@@ -24,13 +24,15 @@ from train import GPT2_NAMES, autocast_context, load_checkpoint, model_from_chec
 
 
 def load_model_and_tokenizer(cfg, device):
-    """(model in eval mode, tokenizer, tokenizer meta) for sample.py and evaluate.py."""
+    """(model in eval mode, tokenizer, tokenizer meta, source) for sample.py and evaluate.py.
+    source: {"checkpoint": what was loaded, "data_dir": the run's data folder or None}."""
     if cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_NAMES:
         try:
             model = from_hf(cfg.init_from.removeprefix("hf:"), attn_backend=cfg.attn_backend)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
         tok_meta = {"kind": "gpt2", "eot_id": 50256}
+        source = {"checkpoint": cfg.init_from, "data_dir": None}
     else:
         path = os.path.join(cfg.out_dir, f"ckpt_{cfg.checkpoint}.pt")
         if cfg.checkpoint == "best" and not os.path.isfile(path):
@@ -41,11 +43,12 @@ def load_model_and_tokenizer(cfg, device):
         except DataError as e:
             raise SystemExit(f"error: the tokenizer of {path}: {e}") from None
         model = model_from_checkpoint(ckpt)
+        source = {"checkpoint": path, "data_dir": ckpt["config"]["data_dir"]}
     try:
         tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load the tokenizer: {e}") from None
-    return model.to(device).eval(), tok, tok_meta
+    return model.to(device).eval(), tok, tok_meta, source
 
 
 def read_prompt(start):
@@ -63,7 +66,7 @@ def main():
     cfg = cli_config()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    model, tok, tok_meta = load_model_and_tokenizer(cfg, device)
+    model, tok, tok_meta, _ = load_model_and_tokenizer(cfg, device)
     if cfg.export_hf:
         print(export_hf(model, cfg.export_hf, tok_meta))
         return

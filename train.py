@@ -521,7 +521,9 @@ def read_metrics(path):
 
 
 def plot_losses(metrics_path, png_path):
-    """Train and val loss against iteration, written atomically to png_path."""
+    """Train and val loss against iteration, written atomically to png_path. The best val loss
+    (ckpt_best.pt) is marked; if val loss ended above its best, the stretch after the best
+    evaluation is shaded as overfitting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -535,6 +537,10 @@ def plot_losses(metrics_path, png_path):
         its, tr, va = zip(*evals)
         ax.plot(its, tr, "o-", color="tab:blue", label="train (eval)")
         ax.plot(its, va, "o-", color="tab:orange", label="val")
+        best = min(range(len(va)), key=va.__getitem__)
+        ax.plot(its[best], va[best], "*", color="tab:red", ms=14, label=f"best val {va[best]:.4f} (ckpt_best.pt)")
+        if best < len(va) - 1:
+            ax.axvspan(its[best], its[-1], color="tab:red", alpha=0.08, label="val above its best: overfitting")
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)

@@ -1,0 +1,367 @@
+"""
+How good is a model? Scores on held-out data, saved where people can look at them.
+
+    python evaluate.py --out_dir=out/shakespeare_char                      # perplexity on the test split
+    python evaluate.py --out_dir=out/ft --eval_task=generate --task_dir=data/shakespeare_folio
+    python evaluate.py --out_dir=out/x --eval_task=classify --task_dir=data/shakespeare_genre
+    python evaluate.py --out_dir=out/x --eval_task=choice --task_file=hellaswag_style.jsonl
+    python evaluate.py --compare out/run_a out/run_b                          # two runs side by side
+
+Tasks (eval_task):
+  lm        mean cross-entropy, perplexity, bits per character and per byte over a whole token
+            split (test by default: never read by training or early stopping). A sliding window
+            scores every token exactly once, each with up to block_size - eval_stride tokens of
+            context. Bits per character/byte divide the total loss by the text's length, so
+            models with different tokenizers compare.
+  generate  JSONL {"prompt", "completion"} (or "references": [...]): decode each prompt shown
+            through prompt_template, score with sacrebleu's BLEU and chrF (signatures printed),
+            and report the copy baseline (output = prompt) beside the model.
+  classify  JSONL {"text", "label"}: accuracy, macro and per-class precision/recall/F1, confusion
+            matrix (printed and PNG). Zero-shot: the label whose verbalisation ' {label}' is most
+            likely after classify_template.
+  choice    JSONL {"context", "choices": [...], "answer": index}: the choice with the highest
+            log-likelihood, raw and normalised by the choice's length in characters.
+
+Results are merged into out_dir/eval.json (each with dataset, split, checkpoint, tokenizer and
+config), appended as a markdown table to out_dir/eval.md, and loss curves from metrics.jsonl are
+redrawn to out_dir/loss.png. lm_eval_adapter.py connects the lm-evaluation-harness.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from config import cli_config
+from prepare.common import DataError, read_tokens
+from train import plot_losses, read_metrics
+
+
+@torch.no_grad()
+def lm_metrics(model, ids, block_size, stride, batch_size, device, progress=True):
+    """Total and mean negative log-likelihood of ids[1:] given everything before, with a sliding
+    window of block_size tokens that advances by stride. Returns (total nats, tokens scored)."""
+    from tqdm import tqdm
+    n = len(ids)
+    if n < 2:
+        raise DataError("the split has fewer than 2 tokens: nothing to score")
+    stride = min(stride, block_size)
+    windows = []  # (begin, end, first scored target index within the window)
+    scored_until = 0  # targets ids[1 .. scored_until] are done
+    for begin in range(0, n - 1, stride):
+        end = min(begin + block_size, n - 1)  # inputs ids[begin:end], targets ids[begin+1:end+1]
+        windows.append((begin, end, scored_until - begin))
+        scored_until = end
+        if end == n - 1:
+            break
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
+        batch = windows[i:i + batch_size]
+        width = max(end - begin for begin, end, _ in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        y = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: not scored here
+        for row, (begin, end, first) in enumerate(batch):
+            chunk = torch.from_numpy(ids[begin:end + 1].astype("int64"))
+            x[row, :end - begin] = chunk[:-1]
+            y[row, first:end - begin] = chunk[1 + first:]
+        logits, _ = model(x.to(device))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
+        total += loss.item()
+        count += int((y >= 0).sum())
+    assert count == n - 1, "every token after the first is scored exactly once"
+    return total, count
+
+
+def text_length(tok, ids):
+    """(characters, UTF-8 bytes) of the text behind ids; an end-of-text separator counts as one."""
+    eot = int((ids == tok.eot_id).sum())
+    text = tok.decode([int(i) for i in ids if i != tok.eot_id])
+    return len(text) + eot, len(text.encode("utf-8")) + eot
+
+
+def eval_lm(model, tok, cfg, data_dir, device):
+    path = os.path.join(data_dir, f"{cfg.eval_split}.bin")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing (a data folder from before test splits existed?); "
+                        f"re-run the prepare script for {data_dir}")
+    ids = read_tokens(path)
+    stride = cfg.eval_stride or max(1, model.config.block_size // 2)
+    t0 = time.time()
+    total, count = lm_metrics(model, ids, model.config.block_size, stride, cfg.batch_size, device)
+    seconds = time.time() - t0
+    chars, nbytes = text_length(tok, ids[1:])
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": total / math.log(2) / chars,
+            "bits_per_byte": total / math.log(2) / nbytes, "tokens": count, "characters": chars,
+            "stride": stride, "context": model.config.block_size, "tokens_per_s": count / seconds}
+
+
+# ----------------------------------------------------------------------------- task files
+
+def read_jsonl(path, fields, max_examples=0):
+    """Records of a JSONL file, each checked for `fields`; errors name the line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such task file (set task_file or task_dir)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if k not in row]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (needs {', '.join(fields)})")
+            rows.append(row)
+            if max_examples and len(rows) == max_examples:
+                break
+    if not rows:
+        raise DataError(f"{path}: empty task file")
+    return rows
+
+
+def task_path(cfg, default_task):
+    return cfg.task_file or os.path.join(cfg.task_dir or os.path.join("data", f"shakespeare_{default_task}"),
+                                         f"{cfg.eval_split}.jsonl")
+
+
+@torch.no_grad()
+def sequence_logprob(model, context, continuation, device):
+    """log p(continuation | context) summed over its tokens; the context is cropped on the left
+    so that both fit in block_size."""
+    ids = (context + continuation)[-(model.config.block_size + 1):]
+    x = torch.tensor([ids[:-1]], device=device)
+    logits, _ = model(x)
+    logp = F.log_softmax(logits[0].float(), dim=-1)  # (T, V)
+    n = len(continuation)
+    targets = torch.tensor(ids[-n:], device=device)
+    return logp[-n:].gather(1, targets[:, None]).sum().item()
+
+
+def eval_generate(model, tok, cfg, device, out_dir):
+    import sacrebleu
+    path = task_path(cfg, "folio")
+    rows = read_jsonl(path, ["prompt"], cfg.max_examples)
+    for i, r in enumerate(rows):
+        if "completion" not in r and "references" not in r:
+            raise DataError(f"{path}: record {i + 1} has neither 'completion' nor 'references'")
+    refs = [r["references"] if "references" in r else [r["completion"]] for r in rows]
+    outputs = generate_all(model, tok, cfg, [r["prompt"] for r in rows], device)
+    n_refs = max(len(r) for r in refs)
+    ref_streams = [[r[k] if k < len(r) else "" for r in refs] for k in range(n_refs)]
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    copies = [r["prompt"] for r in rows]
+    result = {"bleu": bleu.corpus_score(outputs, ref_streams).score, "chrf": chrf.corpus_score(outputs, ref_streams).score,
+              "copy_baseline_bleu": bleu.corpus_score(copies, ref_streams).score,
+              "copy_baseline_chrf": chrf.corpus_score(copies, ref_streams).score,
+              "examples": len(rows), "bleu_signature": str(bleu.get_signature()),
+              "chrf_signature": str(chrf.get_signature()), "decoding": decoding_name(cfg)}
+    print(f"sacrebleu signatures: {result['bleu_signature']} | {result['chrf_signature']}")
+    with open(os.path.join(out_dir, f"generations_{cfg.eval_split}.jsonl"), "w", encoding="utf-8") as f:
+        for row, out in zip(rows, outputs):
+            f.write(json.dumps({**row, "output": out}, ensure_ascii=False) + "\n")
+    return result
+
+
+def decoding_name(cfg):
+    return "greedy" if cfg.temperature == 0 else f"sampled (temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p})"
+
+
+def generate_all(model, tok, cfg, prompts, device):
+    """Decode every prompt (shown through prompt_template) until end-of-text, in batches of
+    similar length. Each answer may run to 2x its prompt's tokens + 16, at most max_new_tokens."""
+    from tqdm import tqdm
+    encoded = [tok.encode(cfg.prompt_template.format(prompt=p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs = [None] * len(prompts)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    for start in tqdm(range(0, len(order), cfg.batch_size), desc="generating", unit="batch"):
+        idx = order[start:start + cfg.batch_size]
+        budget = min(cfg.max_new_tokens, 2 * max(len(encoded[i]) for i in idx) + 16)
+        new = model.generate([encoded[i] for i in idx], budget, cfg.temperature, cfg.top_k, cfg.top_p,
+                             stop_ids={tok.eot_id}, generator=gen)
+        for i, ids in zip(idx, new):
+            outputs[i] = tok.decode([t for t in ids if t != tok.eot_id]).strip()
+    return outputs
+
+
+def classification_report(gold, pred, labels):
+    """Accuracy, per-class and macro precision/recall/F1, confusion matrix (rows gold, cols pred).
+    A class never predicted has precision 0 (no true positives), as in scikit-learn's default."""
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        confusion[index[g]][index[p]] += 1
+    per_class = {}
+    for label, i in index.items():
+        tp = confusion[i][i]
+        predicted = sum(row[i] for row in confusion)
+        actual = sum(confusion[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    macro = {k: sum(c[k] for c in per_class.values()) / len(labels) for k in ("precision", "recall", "f1")}
+    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+    return {"accuracy": accuracy, "macro_precision": macro["precision"], "macro_recall": macro["recall"],
+            "macro_f1": macro["f1"], "per_class": per_class, "labels": list(labels), "confusion": confusion}
+
+
+def eval_classify(model, tok, cfg, device, out_dir, classify_fn=None, labels=None):
+    """classify_fn(text) -> label replaces zero-shot scoring (a fine-tuned classification head)."""
+    from tqdm import tqdm
+    path = task_path(cfg, "genre")
+    rows = read_jsonl(path, ["text", "label"], cfg.max_examples)
+    labels = labels or sorted({r["label"] for r in rows})
+    method = "zero-shot label likelihood" if classify_fn is None else "classification head"
+    for i, r in enumerate(rows):
+        if r["label"] not in labels:
+            raise DataError(f"{path}: record {i + 1} has label {r['label']!r}, not in the label set {labels}")
+    if classify_fn is None:
+        verbal = {label: tok.encode(f" {label}") for label in labels}
+
+        def classify_fn(text):
+            context = tok.encode(cfg.classify_template.format(text=text))
+            return max(labels, key=lambda label: sequence_logprob(model, context, verbal[label], device))
+    pred = [classify_fn(r["text"]) for r in tqdm(rows, desc="classifying", unit="example")]
+    report = classification_report([r["label"] for r in rows], pred, labels)
+    report["method"] = method
+    print_confusion(report)
+    plot_confusion(report, os.path.join(out_dir, f"confusion_{cfg.eval_split}.png"))
+    return report
+
+
+def eval_choice(model, tok, cfg, device):
+    from tqdm import tqdm
+    path = task_path(cfg, "choice")
+    rows = read_jsonl(path, ["context", "choices", "answer"], cfg.max_examples)
+    raw = norm = 0
+    for i, r in enumerate(tqdm(rows, desc="choosing", unit="example")):
+        if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
+            raise DataError(f"{path}: record {i + 1}: answer {r['answer']!r} is not an index into its choices")
+        context = tok.encode(r["context"])
+        scores = [sequence_logprob(model, context, tok.encode(c), device) for c in r["choices"]]
+        raw += max(range(len(scores)), key=scores.__getitem__) == r["answer"]
+        normed = [s / max(1, len(c)) for s, c in zip(scores, r["choices"])]
+        norm += max(range(len(normed)), key=normed.__getitem__) == r["answer"]
+    return {"accuracy": raw / len(rows), "accuracy_length_normalised": norm / len(rows), "examples": len(rows)}
+
+
+# ----------------------------------------------------------------------------- reports
+
+def print_confusion(report):
+    labels = report["labels"]
+    width = max(8, *(len(label) for label in labels))
+    print("confusion (rows: gold, columns: predicted)")
+    print(" " * width + "".join(f"{label:>{width + 1}}" for label in labels))
+    for label, row in zip(labels, report["confusion"]):
+        print(f"{label:>{width}}" + "".join(f"{n:>{width + 1}}" for n in row))
+
+
+def plot_confusion(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels, m = report["labels"], report["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i, row in enumerate(m):
+        for j, n in enumerate(row):
+            ax.text(j, i, n, ha="center", va="center", color="black")
+    ax.set_title(f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def flat_numbers(result, prefix=""):
+    """{'a': 1, 'b': {'c': 2}} -> {'a': 1, 'b.c': 2}, numbers only (for tables)."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save_result(out_dir, key, entry):
+    """Merge entry into out_dir/eval.json under key; append a markdown table to eval.md."""
+    path = os.path.join(out_dir, "eval.json")
+    results = json.load(open(path)) if os.path.isfile(path) else {}
+    results[key] = entry
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    rows = flat_numbers(entry["metrics"])
+    with open(os.path.join(out_dir, "eval.md"), "a") as f:
+        f.write(f"\n### {key} — {entry['checkpoint']}\n\n| metric | value |\n| --- | --- |\n")
+        f.writelines(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows.items())
+
+
+def compare(dir_a, dir_b):
+    """Print the metrics of two runs' eval.json side by side."""
+    runs = []
+    for d in (dir_a, dir_b):
+        path = os.path.join(d, "eval.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path}: missing; run evaluate.py on {d} first")
+        runs.append({f"{task}.{k}": v for task, e in json.load(open(path)).items()
+                     for k, v in flat_numbers(e["metrics"]).items()})
+    keys = sorted(set(runs[0]) | set(runs[1]))
+    width = max(len(k) for k in keys)
+    print(f"{'metric':<{width}}  {dir_a:>16}  {dir_b:>16}")
+    for k in keys:
+        a, b = (f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "-")) for r in runs)
+        print(f"{k:<{width}}  {a:>16}  {b:>16}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--compare" in argv:
+        i = argv.index("--compare")
+        if len(argv) < i + 3:
+            raise SystemExit("error: --compare needs two run folders: --compare DIR_A DIR_B")
+        return compare(argv[i + 1], argv[i + 2])
+    from sample import load_model_and_tokenizer
+    from train import pick_device
+    cfg = cli_config(argv)
+    device = pick_device(cfg.device)
+    model, tok, tok_meta, source = load_model_and_tokenizer(cfg, device)
+    data_dir = source["data_dir"] or cfg.data_dir
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        if cfg.eval_task == "lm":
+            metrics, dataset = eval_lm(model, tok, cfg, data_dir, device), data_dir
+        elif cfg.eval_task == "generate":
+            metrics, dataset = eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")
+        elif cfg.eval_task == "classify":
+            metrics, dataset = eval_classify(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "genre")
+        else:
+            metrics, dataset = eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    entry = {"task": cfg.eval_task, "dataset": dataset, "split": cfg.eval_split, "checkpoint": source["checkpoint"],
+             "tokenizer": tok_meta["kind"], "metrics": metrics, "config": cfg.to_dict()}
+    save_result(cfg.out_dir, f"{cfg.eval_task}:{os.path.basename(os.path.normpath(dataset))}:{cfg.eval_split}", entry)
+    for k, v in flat_numbers(metrics).items():
+        print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if os.path.isfile(metrics_path) and read_metrics(metrics_path):
+        plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+    print(f"saved {cfg.out_dir}/eval.json and eval.md")
+
+
+if __name__ == "__main__":
+    main()
