@@ -104,8 +104,10 @@ KEYS = [
     _k("wandb_run_name", "run", "wandb run name"),
     _k("plot", True, "refresh out_dir/loss.png at each evaluation"),
     # ---- evaluation (evaluate.py) ----
-    _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple choice",
-       ["lm", "generate", "classify", "choice"]),
+    _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple "
+       "choice; harness: lm-evaluation-harness tasks", ["lm", "generate", "classify", "choice", "harness"]),
+    _k("harness_tasks", "", "harness: comma-separated lm-evaluation-harness task names"),
+    _k("harness_include", "", "harness: a folder of your own YAML task definitions (offline, local data)"),
     _k("eval_split", "test", "which split to evaluate", ["train", "val", "test"]),
     _k("eval_stride", 0, "lm: sliding-window stride in tokens; each token keeps block_size-stride context; 0 = block_size//2"),
     _k("task_file", "", "a JSONL task file; empty = task_dir/{eval_split}.jsonl"),

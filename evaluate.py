@@ -21,10 +21,13 @@ Tasks (eval_task):
             likely after classify_template.
   choice    JSONL {"context", "choices": [...], "answer": index}: the choice with the highest
             log-likelihood, raw and normalised by the choice's length in characters.
+  harness   any lm-evaluation-harness task (optional dependency lm-eval) through the adapter
+            in lm_eval_adapter.py: harness_tasks names them, harness_include adds a folder of
+            local YAML tasks, so it runs fully offline on local data.
 
 Results are merged into out_dir/eval.json (each with dataset, split, checkpoint, tokenizer and
 config), appended as a markdown table to out_dir/eval.md, and loss curves from metrics.jsonl are
-redrawn to out_dir/loss.png. lm_eval_adapter.py connects the lm-evaluation-harness.
+redrawn to out_dir/loss.png.
 """
 
 import json
@@ -132,16 +135,20 @@ def task_path(cfg, default_task):
 
 
 @torch.no_grad()
-def sequence_logprob(model, context, continuation, device):
-    """log p(continuation | context) summed over its tokens; the context is cropped on the left
-    so that both fit in block_size."""
+def continuation_score(model, context, continuation, device):
+    """(log p(continuation | context) summed over its tokens, whether greedy decoding would
+    produce exactly this continuation). The context is cropped on the left to fit block_size."""
     ids = (context + continuation)[-(model.config.block_size + 1):]
     x = torch.tensor([ids[:-1]], device=device)
     logits, _ = model(x)
-    logp = F.log_softmax(logits[0].float(), dim=-1)  # (T, V)
-    n = len(continuation)
-    targets = torch.tensor(ids[-n:], device=device)
-    return logp[-n:].gather(1, targets[:, None]).sum().item()
+    logp = F.log_softmax(logits[0].float(), dim=-1)[-len(continuation):]  # (n, V)
+    targets = torch.tensor(ids[-len(continuation):], device=device)
+    greedy = bool((logp.argmax(dim=-1) == targets).all())
+    return logp.gather(1, targets[:, None]).sum().item(), greedy
+
+
+def sequence_logprob(model, context, continuation, device):
+    return continuation_score(model, context, continuation, device)[0]
 
 
 def eval_generate(model, tok, cfg, device, out_dir):
@@ -348,8 +355,11 @@ def main(argv=None):
             metrics, dataset = eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")
         elif cfg.eval_task == "classify":
             metrics, dataset = eval_classify(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "genre")
-        else:
+        elif cfg.eval_task == "choice":
             metrics, dataset = eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
+        else:
+            from lm_eval_adapter import run_harness
+            metrics, dataset = run_harness(model, tok, cfg, device), cfg.harness_tasks
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     entry = {"task": cfg.eval_task, "dataset": dataset, "split": cfg.eval_split, "checkpoint": source["checkpoint"],
