@@ -103,6 +103,26 @@ KEYS = [
     _k("wandb_project", "gpt", "wandb project name"),
     _k("wandb_run_name", "run", "wandb run name"),
     _k("plot", True, "refresh out_dir/loss.png at each evaluation"),
+    _k("best_metric", "val_loss", "metric that picks ckpt_best.pt and drives early stopping (val_loss: lower "
+       "is better; a task metric such as val_macro_f1: higher is better)"),
+    _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off"),
+    _k("min_delta", 0.0, "early stopping: smallest change of best_metric that counts as improvement"),
+    # ---- fine-tuning (finetune.py) ----
+    _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "
+       "completion only; classify: a classification head on text -> label JSONL", ["lm", "sft", "classify"]),
+    _k("lr_layer_decay", 1.0, "layer-wise LR: block i gets lr * decay^(n_layer - i), embeddings the lowest; 1 = off"),
+    _k("unfreeze_every", 0, "gradual unfreezing: head + last block first, one more block from the top every N "
+       "steps, embeddings last; 0 = everything trains from the start"),
+    _k("freeze", "", "comma-separated regular expressions of parameter names to keep frozen (e.g. 'wte,wpe')"),
+    _k("lora_rank", 0, "LoRA adapters of this rank on lora_targets (base weights frozen); 0 = off"),
+    _k("lora_alpha", 16.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A"),
+    _k("lora_dropout", 0.0, "dropout on the LoRA branch's input"),
+    _k("lora_targets", "c_attn,c_proj,c_fc", "comma-separated names of the linear layers that get adapters"),
+    _k("classify_pool", "last", "classify: the hidden state the head reads", ["last", "mean"]),
+    _k("skip_long", False, "sft: skip (and count) examples whose prompt does not fit block_size instead of "
+       "stopping with an error"),
+    _k("sft_packing", False, "sft: pack several examples per row (needs doc_mask to keep them apart) "
+       "instead of one padded example per row"),
     # ---- evaluation (evaluate.py) ----
     _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple "
        "choice; harness: lm-evaluation-harness tasks", ["lm", "generate", "classify", "choice", "harness"]),

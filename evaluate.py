@@ -244,6 +244,16 @@ def eval_classify(model, tok, cfg, device, out_dir, classify_fn=None, labels=Non
     return report
 
 
+def head_classifier(model, tok, labels, cfg, device):
+    """classify_fn for a fine-tuned GPTClassifier: text -> its predicted label."""
+    @torch.no_grad()
+    def classify(text):
+        ids = ([tok.eot_id] + tok.encode(text))[-model.config.block_size:]
+        logits, _ = model(torch.tensor([ids], device=device), torch.tensor([len(ids)], device=device))
+        return labels[logits.argmax().item()]
+    return classify
+
+
 def eval_choice(model, tok, cfg, device):
     from tqdm import tqdm
     path = task_path(cfg, "choice")
@@ -317,6 +327,14 @@ def save_result(out_dir, key, entry):
         f.writelines(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows.items())
 
 
+def dataset_name(path, split):
+    """A short name: the folder for data_dir or task_dir/{split}.jsonl, else the file's name."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) == f"{split}.jsonl":
+        path = os.path.dirname(path)
+    return os.path.basename(path)
+
+
 def compare(dir_a, dir_b):
     """Print the metrics of two runs' eval.json side by side."""
     runs = []
@@ -354,7 +372,9 @@ def main(argv=None):
         elif cfg.eval_task == "generate":
             metrics, dataset = eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")
         elif cfg.eval_task == "classify":
-            metrics, dataset = eval_classify(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "genre")
+            head = head_classifier(model, tok, source["labels"], cfg, device) if source["labels"] else None
+            metrics = eval_classify(model, tok, cfg, device, cfg.out_dir, head, source["labels"])
+            dataset = task_path(cfg, "genre")
         elif cfg.eval_task == "choice":
             metrics, dataset = eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
         else:
@@ -364,7 +384,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     entry = {"task": cfg.eval_task, "dataset": dataset, "split": cfg.eval_split, "checkpoint": source["checkpoint"],
              "tokenizer": tok_meta["kind"], "metrics": metrics, "config": cfg.to_dict()}
-    save_result(cfg.out_dir, f"{cfg.eval_task}:{os.path.basename(os.path.normpath(dataset))}:{cfg.eval_split}", entry)
+    save_result(cfg.out_dir, f"{cfg.eval_task}:{dataset_name(dataset, cfg.eval_split)}:{cfg.eval_split}", entry)
     for k, v in flat_numbers(metrics).items():
         print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")

@@ -19,31 +19,33 @@ import torch
 from config import cli_config
 from model import export_hf, from_hf
 from prepare.common import DataError, load_meta
-from tokenizer import from_meta
+from tokenizer import GPT2_META, from_meta
 from train import GPT2_NAMES, autocast_context, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
 
 
 def load_model_and_tokenizer(cfg, device):
     """(model in eval mode, tokenizer, tokenizer meta, source) for sample.py and evaluate.py.
-    source: {"checkpoint": what was loaded, "data_dir": the run's data folder or None}."""
+    source: {"checkpoint": what was loaded, "data_dir": the run's data folder or None,
+             "labels": a fine-tuned classifier's label set, else None}."""
     if cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_NAMES:
         try:
             model = from_hf(cfg.init_from.removeprefix("hf:"), attn_backend=cfg.attn_backend)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
-        tok_meta = {"kind": "gpt2", "eot_id": 50256}
-        source = {"checkpoint": cfg.init_from, "data_dir": None}
+        tok_meta = GPT2_META
+        source = {"checkpoint": cfg.init_from, "data_dir": None, "labels": None}
     else:
         path = os.path.join(cfg.out_dir, f"ckpt_{cfg.checkpoint}.pt")
         if cfg.checkpoint == "best" and not os.path.isfile(path):
             path = os.path.join(cfg.out_dir, "ckpt_last.pt")
         ckpt = load_checkpoint(path)
-        try:
-            tok_meta = load_meta(ckpt["config"]["data_dir"])["tokenizer"]
+        try:  # checkpoints carry their tokenizer; older ones point at their data folder
+            tok_meta = ckpt.get("tokenizer") or load_meta(ckpt["config"]["data_dir"])["tokenizer"]
         except DataError as e:
             raise SystemExit(f"error: the tokenizer of {path}: {e}") from None
         model = model_from_checkpoint(ckpt)
-        source = {"checkpoint": path, "data_dir": ckpt["config"]["data_dir"]}
+        source = {"checkpoint": path, "data_dir": ckpt["config"]["data_dir"],
+                  "labels": (ckpt.get("finetune") or {}).get("labels")}
     try:
         tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -66,7 +68,10 @@ def main():
     cfg = cli_config()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    model, tok, tok_meta, _ = load_model_and_tokenizer(cfg, device)
+    model, tok, tok_meta, source = load_model_and_tokenizer(cfg, device)
+    if source["labels"]:
+        raise SystemExit(f"error: {source['checkpoint']} is a classifier (labels {source['labels']}); "
+                         f"it does not generate text. Use evaluate.py --eval_task=classify")
     if cfg.export_hf:
         print(export_hf(model, cfg.export_hf, tok_meta))
         return

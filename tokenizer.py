@@ -27,6 +27,9 @@ GPT2_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 
+GPT2_META = {"kind": "gpt2", "vocab_size": GPT2_EOT_ID + 1, "eot_id": GPT2_EOT_ID, "ranks_sha256": GPT2_RANKS_SHA256}
+
+
 class CharTokenizer:
     kind = "char"
 
@@ -68,8 +71,7 @@ class GPT2Tokenizer:
         return self.enc.decode(ids)
 
     def meta(self):
-        return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                "ranks_sha256": GPT2_RANKS_SHA256}
+        return dict(GPT2_META)
 
 
 class SentencePieceTokenizer:

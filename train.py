@@ -32,44 +32,60 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import cli_config, save_json
-from model import GPT, GPTConfig, document_ids, from_hf
+from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids, from_hf, merge_lora
 from prepare.common import DataError, load_meta, read_tokens
 
 
 def train(cfg):
-    """Run one training job described by cfg; returns a summary dict (final losses, iterations)."""
+    """Pretrain as cfg says; returns a summary dict (iterations, best metric, the model)."""
+    dist = setup(cfg)
+    meta = ensure_data(cfg, dist["rank"] == 0)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt")) if cfg.init_from == "resume" else None
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg, meta, ckpt)
+    task = LMTask(cfg, dist, meta)
+    return fit(cfg, dist, model, task, ckpt, extra_state={"tokenizer": meta["tokenizer"]})
+
+
+def setup(cfg):
+    """Processes, TF32, the run folder and its config.json; returns the process info dict."""
     dist = setup_distributed(cfg)
-    master = dist["rank"] == 0
-    device, dtype = dist["device"], pick_dtype(cfg.dtype, dist["device"])
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ matmuls: ~free speed, tiny precision cost
     torch.backends.cudnn.allow_tf32 = True
-    if master:
+    if dist["rank"] == 0:
         print(f"config:\n{cfg}")
         os.makedirs(cfg.out_dir, exist_ok=True)
         save_json(cfg, os.path.join(cfg.out_dir, "config.json"))
+    return dist
 
-    meta = ensure_data(cfg, master)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt")) if cfg.init_from == "resume" else None
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, meta, ckpt).to(device)
-    optimizer = configure_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+
+def fit(cfg, dist, model, task, ckpt=None, lr_scale=None, grad_filter=None, extra_state=None):
+    """The training loop, for any task: task.loader gives batches, task.loss(model, batch) the
+    loss, task.evaluate(model, autocast) a dict with 'train' and 'val' losses and any task
+    metrics. lr_scale(name) -> factor gives per-parameter learning rates; grad_filter(it, model)
+    may drop gradients before each step (gradual unfreezing). extra_state goes into checkpoints.
+
+    cfg.best_metric picks ckpt_best.pt ('val_loss': lower is better; any other metric the task
+    reports: higher is better); cfg.patience > 0 stops early when it has not improved by
+    min_delta for that many evaluations, and the best weights are loaded back into the model."""
+    master = dist["rank"] == 0
+    device, dtype = dist["device"], pick_dtype(cfg.dtype, dist["device"])
+    model = model.to(device)
+    optimizer = configure_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, lr_scale)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    loader = TokenLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, cfg.block_size,
-                         cfg.gradient_accumulation_steps, dist["world"], dist["rank"], cfg.seed, device)
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * dist["world"]
+    loader = task.loader
     max_iters = cfg.max_iters
     if cfg.epochs > 0:
-        max_iters = math.ceil(cfg.epochs * len(loader.data) / tokens_per_iter)
-    start_iter, best_val = 0, float("inf")
+        max_iters = math.ceil(cfg.epochs * task.train_size / task.items_per_iter)
+    start_iter, best, since_best = 0, None, 0
     torch.manual_seed(cfg.seed + dist["rank"])  # dropout masks differ between ranks
-    if ckpt is not None:
+    if ckpt is not None and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         loader.load_state_dict(ckpt["loader"])
-        start_iter, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        start_iter, best, since_best = ckpt["iter_num"], ckpt["best"], ckpt["since_best"]
         set_rng_state(ckpt["rng"][dist["rank"]] if dist["rank"] < len(ckpt["rng"]) else ckpt["rng"][0])
-        del ckpt
+    del ckpt
 
     raw_model = model
     if cfg.compile:
@@ -77,24 +93,25 @@ def train(cfg):
     if dist["world"] > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = autocast_context(device, dtype)
-    eot_id = meta["eot_id"] if cfg.doc_mask else None
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * dist["world"]
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
     peak = peak_flops(device)
     if master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters "
               f"({raw_model.num_params(embeddings=False) / 1e6:.2f}M without embeddings)")
-        print(f"global batch: {tokens_per_iter:,} tokens = {cfg.batch_size} seq x {cfg.block_size} tokens x "
-              f"{cfg.gradient_accumulation_steps} accumulation x {dist['world']} processes; "
-              f"max_iters {max_iters} = {max_iters * tokens_per_iter / len(loader.data):.2f} epochs")
+        print(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {dist['world']} "
+              f"processes = {tokens_per_iter:,} token slots of {cfg.block_size}; "
+              f"max_iters {max_iters} = {max_iters * task.items_per_iter / task.train_size:.2f} epochs")
     log = MetricsLogger(cfg, master, start_iter)
     stop = GracefulStop()
     pbar = progress_bar(max_iters, start_iter, master)
-    it, t0, train_loss = start_iter, time.time(), None
+    it, t0, train_loss, early = start_iter, time.time(), None, False
     while it < max_iters:
         lr = lr_at(it, cfg, max_iters)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm = train_step(model, optimizer, scaler, loader, cfg, autocast, eot_id)
+            group["lr"] = lr * group["lr_scale"]
+        loss, grad_norm = train_step(model, optimizer, scaler, loader, cfg, autocast, task.loss,
+                                     None if grad_filter is None else lambda: grad_filter(it, raw_model))
         it += 1
         pbar.update(1)
         if it % cfg.log_interval == 0 or it == max_iters:
@@ -107,33 +124,65 @@ def train(cfg):
             pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         stop_now = stop.agreed(dist["world"], device)
         if it % cfg.eval_interval == 0 or it == max_iters:
-            losses = estimate_loss(model, cfg, dist, autocast, eot_id)
-            best = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
-            log.eval(it, losses, best)
-            save_run(checkpoint_state(raw_model, optimizer, scaler, loader, it, best_val, cfg, dist),
-                     cfg.out_dir, best, master)
+            results = task.evaluate(model, autocast)
+            value = results["val"] if cfg.best_metric == "val_loss" else results.get(cfg.best_metric)
+            if value is None:
+                raise SystemExit(f"error: best_metric={cfg.best_metric!r} is not reported by this task "
+                                 f"(it reports val_loss, {', '.join(k for k in results if k not in ('train', 'val'))})")
+            improved = best is None or (best - value if cfg.best_metric == "val_loss" else value - best) > cfg.min_delta
+            is_best = best is None or (value < best if cfg.best_metric == "val_loss" else value > best)
+            since_best = 0 if improved else since_best + 1
+            best = value if is_best else best
+            log.eval(it, results, is_best)
+            early = cfg.patience > 0 and since_best >= cfg.patience
+            save_run(checkpoint_state(raw_model, optimizer, scaler, loader, it, best, since_best, cfg, dist,
+                                      **(extra_state or {})), cfg.out_dir, is_best, master)
             t0 = time.time()  # evaluation time is not training throughput
         elif stop_now:
-            save_run(checkpoint_state(raw_model, optimizer, scaler, loader, it, best_val, cfg, dist),
-                     cfg.out_dir, False, master)
+            save_run(checkpoint_state(raw_model, optimizer, scaler, loader, it, best, since_best, cfg, dist,
+                                      **(extra_state or {})), cfg.out_dir, False, master)
         if stop_now:
             pbar.write(f"stopped by signal at iteration {it}; saved {cfg.out_dir}/ckpt_last.pt "
                        f"(continue with init_from=resume)")
+            break
+        if early:
+            pbar.write(f"early stopping at iteration {it}: {cfg.best_metric} has not improved by more than "
+                       f"{cfg.min_delta} for {cfg.patience} evaluations; best {best:.4f} restored from ckpt_best.pt")
+            raw_model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"))["model"])
             break
     pbar.close()
     log.close()
     stop.close()
     if dist["world"] > 1:
         torch_dist.destroy_process_group()
-    return {"iter_num": it, "best_val_loss": best_val, "train_loss": train_loss, "model": raw_model}
+    return {"iter_num": it, "best": best, "best_metric": cfg.best_metric, "train_loss": train_loss,
+            "stopped_early": early, "model": raw_model}
+
+
+class LMTask:
+    """Next-token prediction over token files (pretraining, and finetune.py's task=lm)."""
+
+    def __init__(self, cfg, dist, meta):
+        self.cfg, self.dist = cfg, dist
+        self.eot_id = meta["eot_id"] if cfg.doc_mask else None
+        self.loader = TokenLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, cfg.block_size,
+                                  cfg.gradient_accumulation_steps, dist["world"], dist["rank"], cfg.seed, dist["device"])
+        self.train_size = len(self.loader.data)  # tokens
+        self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * dist["world"]
+
+    def loss(self, model, batch):
+        x, y = batch
+        return model(x, y, doc_ids=document_ids(x, self.eot_id) if self.eot_id is not None else None)[1]
+
+    def evaluate(self, model, autocast):
+        return estimate_loss(model, self.cfg, self.dist, autocast, self.eot_id)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(model, optimizer, scaler, loader, cfg, autocast, eot_id=None, loss_fn=None):
+def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_filter=None):
     """Accumulate gradients over the micro-batches, clip, and step. Returns (loss, grad norm)
-    as tensors (no host sync). loss_fn(model, batch) -> loss replaces next-token LM loss."""
+    as tensors (no host sync). loss_fn(model, batch) -> loss; grad_filter() may drop gradients."""
     accum = cfg.gradient_accumulation_steps
     for micro in range(accum):
         batch = loader.next()
@@ -143,12 +192,10 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, eot_id=None, los
         sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
         with sync:
             with autocast:
-                if loss_fn is None:
-                    x, y = batch
-                    _, loss = model(x, y, doc_ids=document_ids(x, eot_id) if eot_id is not None else None)
-                else:
-                    loss = loss_fn(model, batch)
+                loss = loss_fn(model, batch)
             scaler.scale(loss / accum).backward()
+    if grad_filter is not None:
+        grad_filter()
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -255,20 +302,18 @@ def ensure_data(cfg, master):
     return meta
 
 
-class TokenLoader:
-    """Random windows of block_size + 1 tokens from one memory-mapped token file.
+class RandomBatches:
+    """Resumable random batches from a population of `size` items (windows, examples).
 
-    Each optimizer step draws one global set of window starts (accum x world x batch) from a
-    generator seeded identically on every process; process r takes micro-batch k's slice r. So a
-    step sees the same data whether it runs on 1 process with accumulation 2 or on 2 processes,
-    and the position in the stream is just the generator state: resumable exactly.
+    Each optimizer step draws one global set of indices (accum x world x batch) from a generator
+    seeded identically on every process; process r takes micro-batch k's slice r. So a step sees
+    the same data whether it runs on 1 process with accumulation 2 or on 2 processes, and the
+    position in the stream is just the generator state: resumable exactly. Subclasses turn a
+    list of indices into tensors with make_batch().
     """
 
-    def __init__(self, path, batch_size, block_size, accum, world, rank, seed, device):
-        self.data = read_tokens(path)
-        if len(self.data) < block_size + 2:
-            raise SystemExit(f"error: {path} has {len(self.data)} tokens, fewer than block_size+2={block_size + 2}")
-        self.B, self.T, self.accum, self.world, self.rank = batch_size, block_size, accum, world, rank
+    def __init__(self, size, batch_size, accum, world, rank, seed, device):
+        self.size, self.B, self.accum, self.world, self.rank = size, batch_size, accum, world, rank
         self.device = device
         self.gen = torch.Generator().manual_seed(seed)
         self.pos = accum  # micro-batches served from the current draw; accum = draw again
@@ -276,22 +321,20 @@ class TokenLoader:
 
     def _draw(self):
         self.draw_state = self.gen.get_state()
-        n = len(self.data) - self.T - 1
-        self.starts = torch.randint(n, (self.accum, self.world, self.B), generator=self.gen)
+        self.picks = torch.randint(self.size, (self.accum, self.world, self.B), generator=self.gen)
         self.pos = 0
 
     def next(self):
-        """(x, y): inputs and next-token targets, each (B, T) int64 on the device."""
         if self.pos == self.accum:
             self._draw()
-        starts = self.starts[self.pos, self.rank].tolist()
+        picks = self.picks[self.pos, self.rank].tolist()
         self.pos += 1
-        buf = torch.from_numpy(np.stack([self.data[s:s + self.T + 1] for s in starts]).astype(np.int64))
+        return self.make_batch(picks)
+
+    def to_device(self, *tensors):
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        else:
-            buf = buf.to(self.device)
-        return buf[:, :-1], buf[:, 1:]
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return tuple(t.to(self.device) for t in tensors)
 
     def state_dict(self):
         if self.pos == self.accum:
@@ -304,6 +347,23 @@ class TokenLoader:
         if state["pos"] < self.accum:
             self._draw()
             self.pos = state["pos"]
+
+
+class TokenLoader(RandomBatches):
+    """Random windows of block_size + 1 tokens from one memory-mapped token file."""
+
+    def __init__(self, path, batch_size, block_size, accum, world, rank, seed, device):
+        self.data = read_tokens(path)
+        if len(self.data) < block_size + 2:
+            raise SystemExit(f"error: {path} has {len(self.data)} tokens, fewer than block_size+2={block_size + 2}")
+        self.T = block_size
+        super().__init__(len(self.data) - block_size - 1, batch_size, accum, world, rank, seed, device)
+
+    def make_batch(self, starts):
+        """(x, y): inputs and next-token targets, each (B, T) int64 on the device."""
+        buf = torch.from_numpy(np.stack([self.data[s:s + self.T + 1] for s in starts]).astype(np.int64))
+        buf, = self.to_device(buf)
+        return buf[:, :-1], buf[:, 1:]
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -336,10 +396,16 @@ def build_model(cfg, meta, ckpt=None):
     return model
 
 
-def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def model_from_checkpoint(ckpt, merge=True):
+    """The checkpoint's model: a GPT, or a fine-tuned GPTClassifier; LoRA adapters are merged
+    into the weights unless merge=False (resuming a LoRA run)."""
+    config = GPTConfig(**ckpt["model_args"])
+    ft = ckpt.get("finetune", {})
+    model = GPTClassifier(config, len(ft["labels"]), ft["classify_pool"]) if ft.get("task") == "classify" else GPT(config)
+    if ft.get("lora"):
+        add_lora(model, **ft["lora"])
     model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
-    return model
+    return merge_lora(model) if merge else model
 
 
 def strip_wrapper_prefixes(state_dict):
@@ -352,12 +418,18 @@ def strip_wrapper_prefixes(state_dict):
     return out
 
 
-def configure_optimizer(model, lr, weight_decay, betas, device):
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) and none on biases and norms."""
+def configure_optimizer(model, lr, weight_decay, betas, device, lr_scale=None):
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) and none on biases and norms.
+    Parameters that do not require grad (frozen) are left out. lr_scale(name) -> factor groups
+    parameters by learning-rate multiplier (layer-wise decay); the loop sets lr * lr_scale."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = {}
+    for name, p in params.items():
+        decay, scale = p.dim() >= 2, lr_scale(name) if lr_scale else 1.0
+        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": scale})
+        group["params"].append(p)
+    groups = [groups[k] for k in sorted(groups)]
     in_groups = [id(p) for g in groups for p in g["params"]]
     assert sorted(in_groups) == sorted(map(id, params.values())), "every parameter in exactly one group"
     fused = device.type == "cuda"
@@ -401,7 +473,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_state(raw_model, optimizer, scaler, loader, it, best_val, cfg, dist, **extra):
+def checkpoint_state(raw_model, optimizer, scaler, loader, it, best, since_best, cfg, dist, **extra):
     """Everything needed to continue exactly. RNG states are gathered from every process."""
     rngs = [rng_state()]
     if dist["world"] > 1:  # gathered as torch.save bytes: object collectives mishandle CPU tensors
@@ -411,7 +483,7 @@ def checkpoint_state(raw_model, optimizer, scaler, loader, it, best_val, cfg, di
         torch_dist.all_gather_object(blobs, buf.getvalue())
         rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
     return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "iter_num": it, "best_val_loss": best_val, "config": cfg.to_dict(),
+            "iter_num": it, "best": best, "since_best": since_best, "config": cfg.to_dict(),
             "model_args": vars(raw_model.config).copy(), "rng": rngs, "loader": loader.state_dict(), **extra}
 
 
@@ -485,12 +557,16 @@ class MetricsLogger:
             progress_write(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.2f}, "
                            f"{tokens_per_s:,.0f} tok/s{mfu_text}")
 
-    def eval(self, it, losses, best):
-        self._write({"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+    def eval(self, it, results, best):
+        """results: 'train' and 'val' losses plus any task metrics (val_accuracy, ...)."""
+        extra = {k: v for k, v in results.items() if k not in ("train", "val")}
+        self._write({"kind": "eval", "iter": it, "train_loss": results["train"], "val_loss": results["val"], **extra})
         if not self.master:
             return
+        losses = results
         self.evals.append((it, losses["train"], losses["val"]))
-        progress_write(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{' (best)' if best else ''}")
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+        progress_write(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{shown}{' (best)' if best else ''}")
         n = self.cfg.overfit_patience
         recent = self.evals[-(n + 1):]
         if n > 0 and len(recent) == n + 1 and all(b[2] > a[2] and b[1] < a[1] for a, b in zip(recent, recent[1:])):
