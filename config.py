@@ -76,7 +76,8 @@ KEYS = [
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences"),
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json"),
-    _k("init_from", "scratch", "scratch | resume (out_dir/ckpt_last.pt) | hf:PATH | gpt2[-medium|-large|-xl]"),
+    _k("init_from", "scratch", "scratch | resume (out_dir/ckpt_last.pt) | hf:PATH | gpt2[-medium|-large|-xl]; "
+       "finetune.py also takes a run folder or checkpoint file"),
     _k("seed", 1337, "random seed for init, data order and dropout"),
     _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
     _k("dtype", "auto", "compute dtype; auto = bfloat16 on GPUs that support it, else float32",

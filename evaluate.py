@@ -158,6 +158,11 @@ def eval_generate(model, tok, cfg, device, out_dir):
     for i, r in enumerate(rows):
         if "completion" not in r and "references" not in r:
             raise DataError(f"{path}: record {i + 1} has neither 'completion' nor 'references'")
+    if cfg.skip_long:  # the same subset fine-tuning trained on: prompts that fit the context
+        fits = [len(tok.encode(cfg.prompt_template.format(prompt=r["prompt"]))) + 1 < model.config.block_size
+                for r in rows]
+        print(f"skip_long: scoring the {sum(fits)} of {len(rows)} examples whose prompt fits block_size")
+        rows = [r for r, ok in zip(rows, fits) if ok]
     refs = [r["references"] if "references" in r else [r["completion"]] for r in rows]
     outputs = generate_all(model, tok, cfg, [r["prompt"] for r in rows], device)
     n_refs = max(len(r) for r in refs)
@@ -167,7 +172,7 @@ def eval_generate(model, tok, cfg, device, out_dir):
     result = {"bleu": bleu.corpus_score(outputs, ref_streams).score, "chrf": chrf.corpus_score(outputs, ref_streams).score,
               "copy_baseline_bleu": bleu.corpus_score(copies, ref_streams).score,
               "copy_baseline_chrf": chrf.corpus_score(copies, ref_streams).score,
-              "examples": len(rows), "bleu_signature": str(bleu.get_signature()),
+              "examples": len(rows), "skipped_long": cfg.skip_long, "bleu_signature": str(bleu.get_signature()),
               "chrf_signature": str(chrf.get_signature()), "decoding": decoding_name(cfg)}
     print(f"sacrebleu signatures: {result['bleu_signature']} | {result['chrf_signature']}")
     with open(os.path.join(out_dir, f"generations_{cfg.eval_split}.jsonl"), "w", encoding="utf-8") as f:

@@ -23,7 +23,7 @@ import torch
 
 from config import cli_config
 from evaluate import classification_report, read_jsonl
-from model import GPTClassifier, add_lora, from_hf
+from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids, from_hf
 from prepare.common import DataError, load_meta
 from tokenizer import GPT2_META, from_meta
 from train import GPT2_NAMES, LMTask, RandomBatches, fit, load_checkpoint, model_from_checkpoint, setup
@@ -39,13 +39,17 @@ def load_base(cfg):
             return from_hf(source.removeprefix("hf:"), dropout=cfg.dropout, attn_backend=cfg.attn_backend), GPT2_META
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: init_from={source}: {e}") from None
+    if source == "scratch":  # the no-transfer baseline: same task, fresh weights, data_dir's tokenizer
+        from train import ensure_data
+        meta = ensure_data(cfg, master=True)
+        return GPT(GPTConfig.from_config(cfg, meta["vocab_size"])), meta["tokenizer"]
     path = source
     if os.path.isdir(path):
         path = next((p for p in (os.path.join(source, "ckpt_best.pt"), os.path.join(source, "ckpt_last.pt"))
                      if os.path.isfile(p)), os.path.join(source, "ckpt_best.pt"))
-    if source in ("scratch", "resume") or not os.path.exists(path):
-        raise SystemExit(f"error: init_from={source}: fine-tuning starts from a trained model: give a run folder, "
-                         f"a checkpoint file, hf:PATH or a GPT-2 name")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: init_from={source}: no such run folder or checkpoint file; give one, hf:PATH, "
+                         f"a GPT-2 name, or scratch (fresh weights, the no-transfer baseline)")
     ckpt = load_checkpoint(path)
     if "finetune" in ckpt and ckpt["finetune"].get("task") == "classify":
         raise SystemExit(f"error: init_from={source} is a classifier; start from a language model")
@@ -140,7 +144,6 @@ class SFTTask:
         self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * dist["world"]
 
     def loss(self, model, batch):
-        from model import document_ids
         x, y = batch
         return model(x, y, doc_ids=document_ids(x, self.doc_eot) if self.doc_eot is not None else None)[1]
 
@@ -272,21 +275,24 @@ def freeze_by_pattern(model, patterns):
 
 # ----------------------------------------------------------------------------- 4. putting it together
 
-def build_finetune_model(cfg, base, task):
-    """Base weights in the task's model, with LoRA and freezing applied. Returns (model, lora)."""
-    if cfg.task == "classify":
-        model = GPTClassifier(base.config, len(task.labels), cfg.classify_pool)
-        missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
-        assert all(k.startswith("cls_head.") for k in missing), missing
+def build_finetune_model(cfg, base, task, ckpt=None):
+    """The model fit() trains: the base weights in the task's model with LoRA adapters if asked,
+    or, when resuming, the run's own model. Freezing applies either way. Returns (model, lora)."""
+    if ckpt is not None:
+        model, lora = model_from_checkpoint(ckpt, merge=False), ckpt["finetune"]["lora"]
     else:
-        model = base
-    lora = None
-    if cfg.lora_rank > 0:
-        lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                "targets": [t for t in cfg.lora_targets.split(",") if t]}
-        if add_lora(model, **lora) == 0:
-            raise SystemExit(f"error: lora_targets={cfg.lora_targets!r} names no linear layer in the blocks")
-        for name, p in model.named_parameters():  # only adapters (and a new head) train
+        model, lora = base, None
+        if cfg.task == "classify":
+            model = GPTClassifier(base.config, len(task.labels), cfg.classify_pool)
+            missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+            assert all(k.startswith("cls_head.") for k in missing), missing
+        if cfg.lora_rank > 0:
+            lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                    "targets": [t for t in cfg.lora_targets.split(",") if t]}
+            if add_lora(model, **lora) == 0:
+                raise SystemExit(f"error: lora_targets={cfg.lora_targets!r} names no linear layer in the blocks")
+    if lora:
+        for name, p in model.named_parameters():  # only the adapters (and a new head) train
             p.requires_grad_("lora_" in name or name.startswith("cls_head."))
     freeze_by_pattern(model, cfg.freeze)
     return model, lora
@@ -294,9 +300,11 @@ def build_finetune_model(cfg, base, task):
 
 def finetune(cfg):
     dist = setup(cfg)
-    resume = cfg.init_from == "resume"
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt")) if resume else None
-    if resume:
+    ckpt, base = None, None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt"))
+        if "finetune" not in ckpt or ckpt["finetune"]["task"] != cfg.task:
+            raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt is not a task={cfg.task} fine-tuning run")
         tok_meta = ckpt["tokenizer"]
     else:
         base, tok_meta = load_base(cfg)
@@ -308,14 +316,7 @@ def finetune(cfg):
         task = make_task(cfg, dist, tok, tok_meta)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
-    if resume:
-        model, lora = model_from_checkpoint(ckpt, merge=False), ckpt["finetune"]["lora"]
-        if lora:
-            for name, p in model.named_parameters():
-                p.requires_grad_("lora_" in name or name.startswith("cls_head."))
-        freeze_by_pattern(model, cfg.freeze)
-    else:
-        model, lora = build_finetune_model(cfg, base, task)
+    model, lora = build_finetune_model(cfg, base, task, ckpt)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist["rank"] == 0:
         print(f"fine-tuning {cfg.task}: {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
@@ -337,8 +338,23 @@ def make_task(cfg, dist, tok, tok_meta):
                             f"{meta['vocab_size']}), not the base model's {tok_meta['kind']} tokenizer; prepare it "
                             f"with the same tokenizer")
         return LMTask(cfg, dist, meta)
-    task_dir = cfg.task_dir or os.path.join("data", "shakespeare_folio" if cfg.task == "sft" else "shakespeare_genre")
+    name = "folio" if cfg.task == "sft" else "genre"
+    task_dir = cfg.task_dir or os.path.join("data", f"shakespeare_{name}")
+    if not cfg.task_dir and not os.path.isfile(os.path.join(task_dir, "train.jsonl")) and dist["rank"] == 0:
+        print(f"{task_dir} is empty: preparing the {name} task set")
+        prepare_task_set(name, cfg.cache_dir, task_dir)
+    if dist["world"] > 1:
+        torch.distributed.barrier()
     return (SFTTask if cfg.task == "sft" else ClassifyTask)(cfg, dist, tok, task_dir)
+
+
+def prepare_task_set(name, cache_dir, task_dir):
+    from prepare.common import write_jsonl_splits
+    if name == "folio":
+        from prepare.folio import folio_splits as make
+    else:
+        from prepare.genre import genre_splits as make
+    write_jsonl_splits(task_dir, *make(cache_dir))
 
 
 if __name__ == "__main__":

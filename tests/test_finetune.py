@@ -220,7 +220,7 @@ def one_line_error(done, *words):
 
 
 def test_bad_inputs(base_run, sft_dir, genre_dir, gpt2_data, tmp_path):
-    one_line_error(finetune_cli(f"--init_from={tmp_path}/nothing", f"--out_dir={tmp_path}/o"), "fine-tuning starts from")
+    one_line_error(finetune_cli(f"--init_from={tmp_path}/nothing", f"--out_dir={tmp_path}/o"), "no such run folder or checkpoint file")
     one_line_error(finetune_cli(f"--init_from={base_run}", f"--out_dir={tmp_path}/o", "--task=lm",
                                 f"--data_dir={gpt2_data}"), "tokenized with gpt2", "not the base model's char")
     bad = tmp_path / "bad"
