@@ -8,14 +8,13 @@ off and on. Uses train.py's own step on real batches, so what it measures is wha
 Record results in docs/benchmarks.md with the date, machine, torch version and exact command.
 """
 
-import os
 import resource
 import time
 
 import torch
 
 from config import cli_config
-from train import (TokenLoader, autocast_context, build_model, configure_optimizer, ensure_data, peak_flops,
+from train import (LMTask, autocast_context, build_model, configure_optimizer, ensure_data, peak_flops,
                    pick_device, pick_dtype, train_step)
 
 WARMUP, TIMED = 5, 20
@@ -28,23 +27,23 @@ def measure(cfg, compile_model):
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, meta).to(device)
     model = torch.compile(raw) if compile_model else raw
-    optimizer = configure_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loader = TokenLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, cfg.block_size,
-                         cfg.gradient_accumulation_steps, 1, 0, cfg.seed, device)
+    task = LMTask(cfg, {"world": 1, "rank": 0, "device": device}, meta)
+    loader = task.loader
     autocast = autocast_context(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_compile = time.time()
     for _ in range(WARMUP):  # includes compilation when compile is on
-        loss, _ = train_step(model, optimizer, scaler, loader, cfg, autocast)
+        loss, _ = train_step(model, optimizer, scaler, loader, cfg, autocast, task.loss)
     loss.item()
     sync()
     t_compile = time.time() - t_compile
     t0 = time.time()
     for _ in range(TIMED):
-        loss, _ = train_step(model, optimizer, scaler, loader, cfg, autocast)
+        loss, _ = train_step(model, optimizer, scaler, loader, cfg, autocast, task.loss)
     loss.item()
     sync()
     ms = (time.time() - t0) / TIMED * 1000

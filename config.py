@@ -56,6 +56,8 @@ KEYS = [
     _k("token_dtype", "auto", "dtype of token files; auto = uint16 when the vocabulary fits",
        ["auto", "uint16", "uint32"]),
     # ---- model (model.GPTConfig) ----
+    _k("preset", "", "set the architecture keys at once: gpt2 (the classic) or modern (see PRESETS); applied "
+       "where it appears, so later keys still override", ["", "gpt2", "modern"]),
     _k("n_layer", 6, "transformer blocks"),
     _k("n_head", 6, "attention (query) heads"),
     _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)"),
@@ -70,6 +72,7 @@ KEYS = [
     _k("qk_norm", False, "RMS-normalise queries and keys per head before attention"),
     _k("tie_embeddings", True, "share the token embedding with the output head"),
     _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off"),
+    _k("zero_init_proj", False, "initialise the projections into the residual stream (attn and MLP c_proj) to zero"),
     _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding"),
     _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"]),
     _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal"),
@@ -87,7 +90,11 @@ KEYS = [
     _k("gradient_accumulation_steps", 1, "micro-batches per optimizer step per process"),
     _k("max_iters", 5000, "optimizer steps (ignored when epochs > 0)"),
     _k("epochs", 0.0, "passes over the training tokens; > 0 sets max_iters from it"),
-    _k("learning_rate", 6e-4, "peak learning rate"),
+    _k("optimizer", "adamw", "adamw, or muon: Muon for the blocks' 2-D weights, AdamW for the rest", ["adamw", "muon"]),
+    _k("muon_lr", 0.02, "Muon's peak learning rate (the schedule scales it like learning_rate)"),
+    _k("muon_momentum", 0.95, "Muon's Nesterov momentum"),
+    _k("ns_steps", 5, "Newton-Schulz iterations per Muon step"),
+    _k("learning_rate", 6e-4, "peak learning rate (AdamW)"),
     _k("min_lr", 6e-5, "learning rate at the end of the decay"),
     _k("lr_schedule", "cosine", "warmup then cosine decay, or warmup-stable-decay", ["cosine", "wsd", "constant"]),
     _k("warmup_iters", 100, "linear warmup steps"),
@@ -148,6 +155,17 @@ KEYS = [
     _k("export_hf", "", "sample.py: write the model as a Hugging Face folder here instead of sampling"),
 ]
 KEY_BY_NAME = {k.name: k for k in KEYS}
+
+# Architecture bundles for the preset key. gpt2 is GPT-2 as published (and this file's defaults).
+# modern is what recent speedrun-style models use: rotary positions, RMSNorm without biases,
+# normalised queries and keys, a ReLU² MLP, an untied output head, residual projections that
+# start at zero (every block begins as the identity) and a logit softcap.
+PRESETS = {
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, bias=True, tie_embeddings=True,
+                 zero_init_proj=False, logit_softcap=0.0),
+    "modern": dict(norm="rmsnorm", pos="rope", mlp="relu2", qk_norm=True, bias=False, tie_embeddings=False,
+                   zero_init_proj=True, logit_softcap=15.0),
+}
 assert len(KEY_BY_NAME) == len(KEYS), "duplicate config key"
 
 
@@ -165,6 +183,8 @@ class Config:
 
     def set(self, name, value, origin="config"):
         self.__dict__[name] = check_value(name, value, origin)
+        if name == "preset" and value:
+            self.__dict__.update(PRESETS[value])
 
     def to_dict(self):
         return dict(self.__dict__)

@@ -45,6 +45,7 @@ class GPTConfig:
     qk_norm: bool = False
     tie_embeddings: bool = True
     logit_softcap: float = 0.0
+    zero_init_proj: bool = False
     pad_vocab_to: int = 64
     attn_backend: str = "sdpa"
     attn_window: int = 0
@@ -256,8 +257,12 @@ class GPT(nn.Module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by
         # 1/sqrt(2 n_layer) so the stream's variance does not grow with depth
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            if residual and self.config.zero_init_proj:  # every block starts as the identity
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -507,7 +512,8 @@ def download_hf(name):
 def gpt2_incompatibilities(c):
     """What in config c a transformers GPT2LMHeadModel cannot represent (empty = exportable)."""
     gpt2 = GPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
-                     n_embd=c.n_embd, dropout=c.dropout, attn_backend=c.attn_backend, pad_vocab_to=c.pad_vocab_to)
+                     n_embd=c.n_embd, dropout=c.dropout, attn_backend=c.attn_backend, pad_vocab_to=c.pad_vocab_to,
+                     zero_init_proj=c.zero_init_proj)  # initialisation only: the trained model is plain GPT-2
     return [f"{f.name}={getattr(c, f.name)!r}" for f in fields(c) if getattr(c, f.name) != getattr(gpt2, f.name)]
 
 

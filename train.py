@@ -32,6 +32,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import cli_config, save_json
+from muon import CombinedOptimizer, Muon
 from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids, from_hf, merge_lora
 from prepare.common import DataError, load_meta, read_tokens
 
@@ -71,7 +72,7 @@ def fit(cfg, dist, model, task, ckpt=None, lr_scale=None, grad_filter=None, extr
     master = dist["rank"] == 0
     device, dtype = dist["device"], pick_dtype(cfg.dtype, dist["device"])
     model = model.to(device)
-    optimizer = configure_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, lr_scale)
+    optimizer = configure_optimizer(model, cfg, device, lr_scale)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loader = task.loader
     max_iters = cfg.max_iters
@@ -418,22 +419,32 @@ def strip_wrapper_prefixes(state_dict):
     return out
 
 
-def configure_optimizer(model, lr, weight_decay, betas, device, lr_scale=None):
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) and none on biases and norms.
-    Parameters that do not require grad (frozen) are left out. lr_scale(name) -> factor groups
-    parameters by learning-rate multiplier (layer-wise decay); the loop sets lr * lr_scale."""
+def configure_optimizer(model, cfg, device, lr_scale=None):
+    """AdamW, or Muon for the blocks' 2-D weights plus AdamW for the rest (optimizer='muon').
+
+    AdamW decays 2-D weights (matmuls, embeddings), not biases and norms. Frozen parameters
+    (requires_grad False) are left out. lr_scale(name) -> factor groups parameters by learning-
+    rate multiplier (layer-wise decay); Muon groups also carry muon_lr / learning_rate, so one
+    schedule drives both: the loop sets every group's lr to lr_at(it) * group['lr_scale']."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     groups = {}
     for name, p in params.items():
-        decay, scale = p.dim() >= 2, lr_scale(name) if lr_scale else 1.0
-        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": scale})
+        muon = cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{name}"
+        decay = p.dim() >= 2
+        scale = (lr_scale(name) if lr_scale else 1.0) * (cfg.muon_lr / cfg.learning_rate if muon else 1.0)
+        group = groups.setdefault((muon, decay, scale), {"params": [], "lr_scale": scale,
+                                                         "weight_decay": cfg.weight_decay if decay else 0.0})
         group["params"].append(p)
-    groups = [groups[k] for k in sorted(groups)]
-    in_groups = [id(p) for g in groups for p in g["params"]]
+    adamw_groups = [g for (muon, *_), g in sorted(groups.items()) if not muon]
+    muon_groups = [g for (muon, *_), g in sorted(groups.items()) if muon]
+    in_groups = [id(p) for g in adamw_groups + muon_groups for p in g["params"]]
     assert sorted(in_groups) == sorted(map(id, params.values())), "every parameter in exactly one group"
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    adamw = torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              fused=device.type == "cuda")
+    if not muon_groups:
+        return adamw
+    return CombinedOptimizer(adamw, Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                         ns_steps=cfg.ns_steps))
 
 
 def lr_at(it, cfg, max_iters):
@@ -531,6 +542,7 @@ class MetricsLogger:
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.evals = []  # (iter, train_loss, val_loss) for the plot and the overfitting check
         self.wandb = None
+        self.t0 = time.time()  # records carry elapsed_s: seconds since this process started training
         if not master:
             return
         if start_iter == 0 and os.path.exists(self.path):
@@ -544,10 +556,11 @@ class MetricsLogger:
     def _write(self, record):
         if not self.master:
             return
+        record["elapsed_s"] = round(time.time() - self.t0, 2)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("kind", "iter")}, step=record["iter"])
+            self.wandb.log({k: v for k, v in record.items() if k not in ("kind", "iter", "elapsed_s")}, step=record["iter"])
 
     def train(self, it, loss, lr, grad_norm, tokens_per_s, mfu):
         self._write({"kind": "train", "iter": it, "loss": loss, "lr": lr, "grad_norm": grad_norm,

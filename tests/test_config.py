@@ -77,3 +77,14 @@ def test_config_saved_as_json(tmp_path):
     cfg = load_config(["--n_layer=3"])
     save_json(cfg, tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text())["n_layer"] == 3
+
+
+def test_presets_apply_where_they_appear(tmp_path):
+    from config import PRESETS
+    cfg = load_config(["--preset=modern"])
+    assert all(getattr(cfg, k) == v for k, v in PRESETS["modern"].items())
+    cfg = load_config(["--preset=modern", "--mlp=swiglu"])
+    assert cfg.mlp == "swiglu" and cfg.pos == "rope"   # a later key overrides the preset
+    cfg = load_config(["--mlp=swiglu", "--preset=modern"])
+    assert cfg.mlp == "relu2"                          # the preset overrides what came before
+    assert all(getattr(load_config(["--preset=gpt2"]), k) == getattr(load_config([]), k) for k in PRESETS["gpt2"])

@@ -158,7 +158,7 @@ def test_gradual_unfreezing_stages():
 
 def test_layerwise_learning_rates(base_run, char_data, tmp_path):
     model, _ = FT.load_base(ft_cfg(base_run, tmp_path))
-    opt = T.configure_optimizer(model, 1.0, 0.1, (0.9, 0.95), torch.device("cpu"), FT.layer_lr_scale(0.5, 2))
+    opt = T.configure_optimizer(model, make_cfg(learning_rate=1.0), torch.device("cpu"), FT.layer_lr_scale(0.5, 2))
     scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert scale_of[id(named["transformer.h.1.attn.c_attn.weight"])] == 0.5

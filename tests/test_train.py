@@ -72,7 +72,7 @@ def test_lr_schedules():
 
 def test_optimizer_groups_cover_every_parameter_once():
     m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
-    opt = T.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    opt = T.configure_optimizer(m, make_cfg(weight_decay=0.1), torch.device("cpu"))
     assert len(opt.param_groups) == 2
     for group in opt.param_groups:
         assert all((p.dim() >= 2) == (group["weight_decay"] > 0) for p in group["params"])

@@ -1,0 +1,94 @@
+"""Muon: the orthogonalisation against a float64 SVD, the parameter split, convergence, resume."""
+
+import pytest
+import torch
+
+import train as T
+from conftest import make_cfg
+from model import GPT, GPTConfig
+from muon import CombinedOptimizer, Muon, newton_schulz
+
+
+def matrix(m, n, smallest, seed):
+    """A float64 m x n matrix with known singular vectors and values log-spaced down to `smallest`."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    k = min(m, n)
+    S = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), k, dtype=torch.float64)
+    return U[:, :k] @ torch.diag(S) @ V[:, :k].T, U[:, :k], S, V[:, :k]
+
+
+@pytest.mark.parametrize("m, n, smallest", [(64, 64, 1e-2), (128, 32, 1e-3), (32, 384, 0.5), (96, 96, 1e-4)])
+def test_newton_schulz_against_svd(m, n, smallest):
+    G, U, S, V = matrix(m, n, smallest, seed=m + n)
+    X = newton_schulz(G.float()).double()
+    inner = U.T @ X @ V  # = diag(p(S)) when the singular vectors are kept
+    diag = inner.diagonal()
+    off = inner - torch.diag(diag)
+    assert off.abs().max() < 2e-3, "singular vectors preserved"
+    # the known band of 5 quintic steps: every singular value above 0.0016 of the Frobenius norm
+    # ends in [0.68, 1.21]; smaller ones are only partly lifted, never above the band
+    big = S / S.norm() >= 0.0016
+    assert ((diag[big] > 0.68) & (diag[big] < 1.21)).all()
+    assert (diag[~big] < 1.21).all() and (diag >= 0).all()
+    assert torch.linalg.svdvals(X).max() < 1.21
+
+
+def test_batched_equals_one_by_one():
+    G = torch.randn(4, 16, 48)
+    assert torch.allclose(newton_schulz(G), torch.stack([newton_schulz(g) for g in G]), atol=1e-5)
+
+
+def test_parameter_split_is_exact():
+    m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False))
+    cfg = make_cfg(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    opt = T.configure_optimizer(m, cfg, torch.device("cpu"))
+    assert isinstance(opt, CombinedOptimizer)
+    adamw, muon = opt.optimizers
+    name = {id(p): n for n, p in m.named_parameters()}
+    muon_names = {name[id(p)] for g in muon.param_groups for p in g["params"]}
+    adamw_names = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert not muon_names & adamw_names and muon_names | adamw_names == set(name.values())
+    assert all(".h." in n and m.get_parameter(n).dim() == 2 for n in muon_names)
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} <= adamw_names
+    assert all(g["lr_scale"] == pytest.approx(20.0) for g in muon.param_groups)
+
+
+def test_muon_converges_on_a_least_squares_problem():
+    torch.manual_seed(0)
+    A, W_true = torch.randn(256, 32), torch.randn(32, 16)
+    W = torch.nn.Parameter(torch.zeros(32, 16))
+    opt = Muon([W], lr=0.05, momentum=0.9)
+    first = None
+    for step in range(300):
+        loss = ((A @ W - A @ W_true) ** 2).mean()
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = 0.05 * (1 - step / 300)  # decay: Muon's fixed-size steps need it to settle
+        opt.step()
+    assert loss.item() < 1e-3 * first
+
+
+def test_training_with_muon_falls_and_resumes_exactly(char_data, tmp_path, monkeypatch):
+    kw = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
+              warmup_iters=2, device="cpu", dtype="float32", plot=False, data_dir=str(char_data),
+              optimizer="muon", preset="modern", max_iters=8, eval_interval=4, learning_rate=3e-3)
+    summary = T.train(make_cfg(**kw, out_dir=str(tmp_path / "straight")))
+    first = T.read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]["loss"]
+    assert summary["best"] < first - 0.2
+    calls = {"n": 0}
+
+    def stop_after_three(self, world, device):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    with monkeypatch.context() as m:
+        m.setattr(T.GracefulStop, "agreed", stop_after_three)
+        T.train(make_cfg(**kw, out_dir=str(tmp_path / "split")))
+    T.train(make_cfg(**kw, out_dir=str(tmp_path / "split"), init_from="resume"))
+    a = T.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = T.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
