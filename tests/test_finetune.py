@@ -7,7 +7,7 @@ import torch
 
 import finetune as FT
 import train as T
-from conftest import ROOT, make_cfg
+from conftest import ROOT, make_cfg, stop_after_steps
 from model import GPT, GPTConfig, LoRALinear, add_lora, merge_lora
 
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, eval_iters=2, log_interval=1,
@@ -73,14 +73,7 @@ def test_sft_loss_is_on_completion_tokens_only(base_run, sft_dir, tmp_path):
 def test_sft_runs_resumes_exactly_and_packs(base_run, sft_dir, tmp_path, monkeypatch):
     kw = dict(task="sft", task_dir=str(sft_dir), dropout=0.1)
     FT.finetune(ft_cfg(base_run, tmp_path / "straight", **kw))
-    calls = {"n": 0}
-
-    def stop_after_two(self, world, device):
-        calls["n"] += 1
-        return calls["n"] == 2
-
-    with monkeypatch.context() as m:
-        m.setattr(T.GracefulStop, "agreed", stop_after_two)
+    with stop_after_steps(monkeypatch, 2):
         FT.finetune(ft_cfg(base_run, tmp_path / "split", **kw))
     FT.finetune(ft_cfg(base_run, tmp_path / "split", **{**kw, "init_from": "resume"}))
     a, b = weights(tmp_path / "straight" / "ckpt_last.pt"), weights(tmp_path / "split" / "ckpt_last.pt")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train as T
-from conftest import make_cfg
+from conftest import make_cfg, stop_after_steps
 from model import GPT, GPTConfig
 from muon import CombinedOptimizer, Muon, newton_schulz
 
@@ -79,14 +79,7 @@ def test_training_with_muon_falls_and_resumes_exactly(char_data, tmp_path, monke
     summary = T.train(make_cfg(**kw, out_dir=str(tmp_path / "straight")))
     first = T.read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]["loss"]
     assert summary["best"] < first - 0.2
-    calls = {"n": 0}
-
-    def stop_after_three(self, world, device):
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    with monkeypatch.context() as m:
-        m.setattr(T.GracefulStop, "agreed", stop_after_three)
+    with stop_after_steps(monkeypatch, 3):
         T.train(make_cfg(**kw, out_dir=str(tmp_path / "split")))
     T.train(make_cfg(**kw, out_dir=str(tmp_path / "split"), init_from="resume"))
     a = T.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]

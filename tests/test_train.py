@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train as T
-from conftest import CACHE, ROOT, make_cfg
+from conftest import CACHE, ROOT, make_cfg, stop_after_steps
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
@@ -36,14 +36,7 @@ def test_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
     """2N steps straight == N steps, stop, init_from=resume, N more: every weight bit for bit."""
     kw = dict(max_iters=8, eval_interval=3, dropout=0.1)
     T.train(run_cfg(char_data, tmp_path / "straight", **kw))
-    calls = {"n": 0}
-
-    def stop_after_four(self, world, device):
-        calls["n"] += 1
-        return calls["n"] == 4
-
-    with monkeypatch.context() as m:
-        m.setattr(T.GracefulStop, "agreed", stop_after_four)
+    with stop_after_steps(monkeypatch, 4):
         first = T.train(run_cfg(char_data, tmp_path / "split", **kw))
     assert first["iter_num"] == 4
     T.train(run_cfg(char_data, tmp_path / "split", init_from="resume", **kw))
