@@ -137,11 +137,13 @@ KEYS = [
     _k("harness_tasks", "", "harness: comma-separated lm-evaluation-harness task names"),
     _k("harness_include", "", "harness: a folder of your own YAML task definitions (offline, local data)"),
     _k("eval_split", "test", "which split to evaluate", ["train", "val", "test"]),
-    _k("eval_stride", 0, "lm: sliding-window stride in tokens; each token keeps block_size-stride context; 0 = block_size//2"),
+    _k("eval_stride", 0, "lm: sliding-window stride in tokens; each token keeps block_size-stride context; "
+       "0 = block_size//2"),
     _k("task_file", "", "a JSONL task file; empty = task_dir/{eval_split}.jsonl"),
     _k("max_examples", 0, "evaluate only the first N examples of a task file; 0 = all"),
     _k("prompt_template", "{prompt}\n### Response:\n", "how a prompt is shown to the model (generate, sft)"),
-    _k("classify_template", "{text}\nLabel:", "zero-shot classify: context before each label's verbalisation ' {label}'"),
+    _k("classify_template", "{text}\nLabel:",
+       "zero-shot classify: context before each label's verbalisation ' {label}'"),
     # ---- sampling (sample.py) ----
     _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"]),
     _k("start", "\n", "prompt text, or FILE:path to read it from a file"),

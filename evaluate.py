@@ -169,7 +169,8 @@ def eval_generate(model, tok, cfg, device, out_dir):
     ref_streams = [[r[k] if k < len(r) else "" for r in refs] for k in range(n_refs)]
     bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
     copies = [r["prompt"] for r in rows]
-    result = {"bleu": bleu.corpus_score(outputs, ref_streams).score, "chrf": chrf.corpus_score(outputs, ref_streams).score,
+    result = {"bleu": bleu.corpus_score(outputs, ref_streams).score,
+              "chrf": chrf.corpus_score(outputs, ref_streams).score,
               "copy_baseline_bleu": bleu.corpus_score(copies, ref_streams).score,
               "copy_baseline_chrf": chrf.corpus_score(copies, ref_streams).score,
               "examples": len(rows), "skipped_long": cfg.skip_long, "bleu_signature": str(bleu.get_signature()),
@@ -182,7 +183,9 @@ def eval_generate(model, tok, cfg, device, out_dir):
 
 
 def decoding_name(cfg):
-    return "greedy" if cfg.temperature == 0 else f"sampled (temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p})"
+    if cfg.temperature == 0:
+        return "greedy"
+    return f"sampled (temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p})"
 
 
 def generate_all(model, tok, cfg, prompts, device):

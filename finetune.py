@@ -205,7 +205,8 @@ class ClassifyTask:
         model.eval()
         preds, total = [], 0.0
         for i in range(0, len(rows), self.cfg.batch_size):
-            batch = [t.to(self.dist["device"]) for t in classify_batch(rows[i:i + self.cfg.batch_size], self.tok.eot_id)]
+            chunk = rows[i:i + self.cfg.batch_size]
+            batch = [t.to(self.dist["device"]) for t in classify_batch(chunk, self.tok.eot_id)]
             with autocast:
                 logits, loss = model(*batch)
             total += loss.item() * len(batch[0])

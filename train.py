@@ -167,7 +167,8 @@ class LMTask:
         self.cfg, self.dist = cfg, dist
         self.eot_id = meta["eot_id"] if cfg.doc_mask else None
         self.loader = TokenLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, cfg.block_size,
-                                  cfg.gradient_accumulation_steps, dist["world"], dist["rank"], cfg.seed, dist["device"])
+                                  cfg.gradient_accumulation_steps, dist["world"], dist["rank"], cfg.seed,
+                                  dist["device"])
         self.train_size = len(self.loader.data)  # tokens
         self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * dist["world"]
 
@@ -384,7 +385,8 @@ def build_model(cfg, meta, ckpt=None):
             raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
         if meta["vocab_size"] != model.config.vocab_size:
             raise SystemExit(f"error: init_from={cfg.init_from} has a {model.config.vocab_size}-token vocabulary "
-                             f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; prepare it with tokenizer=gpt2")
+                             f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; "
+                             f"prepare it with tokenizer=gpt2")
     elif cfg.init_from == "scratch":
         try:
             model = GPT(GPTConfig.from_config(cfg, meta["vocab_size"]))
@@ -402,7 +404,10 @@ def model_from_checkpoint(ckpt, merge=True):
     into the weights unless merge=False (resuming a LoRA run)."""
     config = GPTConfig(**ckpt["model_args"])
     ft = ckpt.get("finetune", {})
-    model = GPTClassifier(config, len(ft["labels"]), ft["classify_pool"]) if ft.get("task") == "classify" else GPT(config)
+    if ft.get("task") == "classify":
+        model = GPTClassifier(config, len(ft["labels"]), ft["classify_pool"])
+    else:
+        model = GPT(config)
     if ft.get("lora"):
         add_lora(model, **ft["lora"])
     model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
@@ -560,7 +565,8 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("kind", "iter", "elapsed_s")}, step=record["iter"])
+            numbers = {k: v for k, v in record.items() if k not in ("kind", "iter", "elapsed_s")}
+            self.wandb.log(numbers, step=record["iter"])
 
     def train(self, it, loss, lr, grad_norm, tokens_per_s, mfu):
         self._write({"kind": "train", "iter": it, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -576,10 +582,10 @@ class MetricsLogger:
         self._write({"kind": "eval", "iter": it, "train_loss": results["train"], "val_loss": results["val"], **extra})
         if not self.master:
             return
-        losses = results
-        self.evals.append((it, losses["train"], losses["val"]))
+        self.evals.append((it, results["train"], results["val"]))
         shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
-        progress_write(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{shown}{' (best)' if best else ''}")
+        mark = " (best)" if best else ""
+        progress_write(f"eval {it}: train {results['train']:.4f}, val {results['val']:.4f}{shown}{mark}")
         n = self.cfg.overfit_patience
         recent = self.evals[-(n + 1):]
         if n > 0 and len(recent) == n + 1 and all(b[2] > a[2] and b[1] < a[1] for a, b in zip(recent, recent[1:])):

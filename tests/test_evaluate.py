@@ -141,8 +141,7 @@ def test_multiple_choice_raw_and_length_normalised(tmp_path):
 def test_zero_shot_classification_uses_label_likelihood(tmp_path):
     tok = CharTokenizer(list("abc :\n{}texLl"))
     table = torch.full((16, 16), -5.0)
-    a, b = tok.encode("a")[0], tok.encode("b")[0]
-    space = tok.encode(" ")[0]
+    a, space = tok.encode("a")[0], tok.encode(" ")[0]
     table[space, a] = 5.0  # after a space, 'a' is the likely label
     rows = [{"text": "c", "label": "a"}, {"text": "c", "label": "b"}]
     task = tmp_path / "cls.jsonl"

@@ -175,7 +175,8 @@ def test_freezing_by_name_and_dropout(base_run, char_data, tmp_path):
 def test_lora_merge_equals_adapters_and_trains_only_adapters(base_run, sft_dir, tmp_path):
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
-    assert add_lora(m, rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"]) == 8  # c_proj: attention and MLP
+    n = add_lora(m, rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"])
+    assert n == 8  # 2 blocks x (c_attn, attention c_proj, c_fc, MLP c_proj)
     for mod in m.modules():
         if isinstance(mod, LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.1)  # a trained adapter is not zero
@@ -213,7 +214,8 @@ def one_line_error(done, *words):
 
 
 def test_bad_inputs(base_run, sft_dir, genre_dir, gpt2_data, tmp_path):
-    one_line_error(finetune_cli(f"--init_from={tmp_path}/nothing", f"--out_dir={tmp_path}/o"), "no such run folder or checkpoint file")
+    one_line_error(finetune_cli(f"--init_from={tmp_path}/nothing", f"--out_dir={tmp_path}/o"),
+                   "no such run folder or checkpoint file")
     one_line_error(finetune_cli(f"--init_from={base_run}", f"--out_dir={tmp_path}/o", "--task=lm",
                                 f"--data_dir={gpt2_data}"), "tokenized with gpt2", "not the base model's char")
     bad = tmp_path / "bad"
