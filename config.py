@@ -72,6 +72,9 @@ KEYS = [
     _k("qk_norm", False, "RMS-normalise queries and keys per head before attention"),
     _k("tie_embeddings", True, "share the token embedding with the output head"),
     _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off"),
+    _k("mtp_heads", 1, "multi-token prediction: heads for tokens t+1..t+n, each one block on the shared "
+       "trunk; 1 = off"),
+    _k("mtp_weights", "", "comma-separated loss weight per multi-token head; empty = equal weights"),
     _k("zero_init_proj", False, "initialise the projections into the residual stream (attn and MLP c_proj) to zero"),
     _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding"),
     _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"]),

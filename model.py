@@ -46,6 +46,8 @@ class GPTConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0
     zero_init_proj: bool = False
+    mtp_heads: int = 1           # heads predicting tokens t+1 .. t+n (Gloeckle et al. 2024); 1 = plain GPT
+    mtp_weights: str = ""        # comma-separated loss weight per head; empty = equal
     pad_vocab_to: int = 64
     attn_backend: str = "sdpa"
     attn_window: int = 0
@@ -58,6 +60,10 @@ class GPTConfig:
                              f"and n_head by n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"pos='rope' needs an even head size, got {self.n_embd // self.n_head}")
+        if self.mtp_heads < 1 or self.mtp_heads > self.n_layer + 1:
+            raise ValueError(f"mtp_heads={self.mtp_heads} must be between 1 and n_layer+1")
+        if self.mtp_weights and len(self.mtp_weights.split(",")) != self.mtp_heads:
+            raise ValueError(f"mtp_weights={self.mtp_weights!r} needs one weight per head ({self.mtp_heads})")
         if self.attn_backend == "flex" and self.dropout > 0:
             raise ValueError("attn_backend='flex' has no attention dropout: set dropout=0 or use 'sdpa'")
 
@@ -244,6 +250,8 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(c, i) for i in range(c.n_layer)),
             ln_f=make_norm(c),
         ))
+        # multi-token prediction: heads 2..n, one block each, beside the last block (head 1)
+        self.mtp = nn.ModuleList(Block(c, c.n_layer + i) for i in range(c.mtp_heads - 1))
         self.lm_head = nn.Linear(c.n_embd, c.padded_vocab, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -299,6 +307,26 @@ class GPT(nn.Module):
             cache.length += T
         return x
 
+    def trunk_without_last(self, idx, doc_ids=None):
+        """The shared trunk of multi-token prediction: every block but the last. (B, T, C)."""
+        c = self.config
+        x = self.transformer.wte(idx)
+        pos = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
+        if c.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
+        mask = self._mask(idx.shape[0], idx.shape[1], 0, doc_ids, None, None, idx.device)
+        rope = self.rope_for(idx)
+        for block in self.transformer.h[:-1]:
+            x = block(x, rope, mask)
+        return x
+
+    def rope_for(self, idx):
+        if self.config.pos != "rope":
+            return None
+        T = idx.shape[1]
+        return self.rope_cos[:T][None, :, None], self.rope_sin[:T][None, :, None]  # (1, T, 1, hd/2)
+
     def _mask(self, B, T, start, doc_ids, valid, cache, device):
         c = self.config
         if c.attn_backend == "flex" and cache is None:
@@ -324,12 +352,51 @@ class GPT(nn.Module):
         return logits[..., : self.config.vocab_size]
 
     def forward(self, idx, targets=None, doc_ids=None):
-        """idx (B, T) -> (logits (B, T, V), mean cross-entropy or None). Targets of -1 are ignored."""
-        logits = self.head(self.trunk(idx, doc_ids=doc_ids))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        """idx (B, T) -> (next-token logits (B, T, V), loss or None). Targets of -1 are ignored.
+        With mtp_heads > 1 the loss is the weighted mean of every head's cross-entropy."""
+        if self.config.mtp_heads == 1 or targets is None:
+            logits = self.head(self.trunk(idx, doc_ids=doc_ids))
+            loss = None if targets is None else cross_entropy(logits, targets)
+            return logits, loss
+        losses = self.head_losses(idx, targets, doc_ids)
+        weights = self.mtp_weights()
+        return None, sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
+
+    # -- multi-token prediction (Gloeckle et al. 2024, "Better & Faster Large Language Models via
+    #    Multi-token Prediction"): a shared trunk (all blocks but the last), n head blocks on its
+    #    output (head 1 is the last block, so one head is exactly the plain model), one shared
+    #    final norm and unembedding. Head i at position t predicts token t+i.
+
+    def mtp_weights(self):
+        w = self.config.mtp_weights
+        return [float(x) for x in w.split(",")] if w else [1.0] * self.config.mtp_heads
+
+    def head_losses(self, idx, targets, doc_ids=None, memory_efficient=True):
+        """Cross-entropy of each head (a list of n scalars). targets (B, T) are the next tokens;
+        head i's targets are the same stream shifted by i-1 (the last i-1 positions have none).
+
+        memory_efficient: each head runs under activation checkpointing, so its (B, T, V) logits
+        are never kept; backward recomputes and back-propagates one head at a time, the heads'
+        gradients add up at the trunk output, and the trunk is back-propagated once. Peak logit
+        memory is one head's instead of n heads' (the paper's memory-efficient schedule)."""
+        from torch.utils.checkpoint import checkpoint
+        z = self.trunk_without_last(idx, doc_ids)  # (B, T, C)
+        blocks = [self.transformer.h[-1], *self.mtp]
+        mask = self._mask(idx.shape[0], idx.shape[1], 0, doc_ids, None, None, idx.device)
+        rope = self.rope_for(idx)
+        losses = []
+        for i, block in enumerate(blocks):
+            shifted = torch.full_like(targets, -1)
+            shifted[:, :targets.shape[1] - i] = targets[:, i:]
+
+            def head_loss(z, block=block, shifted=shifted):
+                return cross_entropy(self.head(block(z, rope, mask)), shifted)
+
+            if memory_efficient and torch.is_grad_enabled():
+                losses.append(checkpoint(head_loss, z, use_reentrant=False))
+            else:
+                losses.append(head_loss(z))
+        return losses
 
     # -- accounting
 
@@ -349,9 +416,10 @@ class GPT(nn.Module):
         plus 12 * n_layer * C * T for the attention scores and weighted sum at length T."""
         c = self.config
         T = seq_len or c.block_size
-        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and ".h." in f".{n}")
-        matmul += c.padded_vocab * c.n_embd
-        return 6 * matmul + 12 * c.n_layer * c.n_embd * T
+        blocks = [n for n, p in self.named_parameters() if p.dim() == 2 and (".h." in f".{n}" or n.startswith("mtp."))]
+        matmul = sum(self.get_parameter(n).numel() for n in blocks)
+        matmul += c.padded_vocab * c.n_embd * c.mtp_heads  # every head runs the unembedding
+        return 6 * matmul + 12 * (c.n_layer + c.mtp_heads - 1) * c.n_embd * T
 
     # -- 4. generation
 
@@ -409,6 +477,11 @@ class GPT(nn.Module):
             if all(done):
                 break
         return out
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token loss in float32; targets of -1 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):

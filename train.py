@@ -216,15 +216,19 @@ def estimate_loss(model, cfg, dist, autocast, eot_id=None, splits=("train", "val
     for split in splits:
         loader = TokenLoader(os.path.join(cfg.data_dir, f"{split}.bin"), cfg.batch_size, cfg.block_size,
                              cfg.eval_iters, dist["world"], dist["rank"], seed=cfg.seed + 1, device=dist["device"])
-        total = torch.zeros((), device=dist["device"])
+        raw = unwrap(model)
+        total = torch.zeros(raw.config.mtp_heads, device=dist["device"])  # one loss per head
         for _ in range(cfg.eval_iters):
             x, y = loader.next()
             with autocast:
-                _, loss = model(x, y, doc_ids=document_ids(x, eot_id) if eot_id is not None else None)
-            total += loss.float()
+                losses = raw.head_losses(x, y, document_ids(x, eot_id) if eot_id is not None else None)
+            total += torch.stack(losses).float()
         if dist["world"] > 1:
             torch_dist.all_reduce(total)
-        out[split] = total.item() / (cfg.eval_iters * dist["world"])
+        means = (total / (cfg.eval_iters * dist["world"])).tolist()
+        out[split] = means[0]  # the next-token loss: comparable whatever mtp_heads is
+        if split == "val" and len(means) > 1:
+            out.update({f"val_head{i + 1}": m for i, m in enumerate(means)})
     model.train()
     return out
 
@@ -412,6 +416,13 @@ def model_from_checkpoint(ckpt, merge=True):
         add_lora(model, **ft["lora"])
     model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
     return merge_lora(model) if merge else model
+
+
+def unwrap(model):
+    """The plain module inside DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def strip_wrapper_prefixes(state_dict):

@@ -1,0 +1,107 @@
+"""Multi-token prediction (Gloeckle et al. 2024): heads, targets, memory-efficient backward."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train as T
+from conftest import ROOT, make_cfg, stop_after_steps
+from model import GPT, GPTConfig
+
+
+def mtp_model(n, **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**dict(vocab_size=97, block_size=32, n_layer=3, n_head=4, n_embd=32, mtp_heads=n), **kw}))
+
+
+def test_one_head_is_the_plain_model():
+    plain, one = mtp_model(1), mtp_model(1)
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.roll(x, -1, 1)
+    assert plain(x, y)[1].item() == one.head_losses(x, y, memory_efficient=False)[0].item()
+    assert not list(one.mtp.parameters())
+
+
+def test_head_i_predicts_token_t_plus_i():
+    m = mtp_model(3).eval()
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.roll(x, -1, 1)
+    losses = m.head_losses(x, y, memory_efficient=False)
+    z = m.trunk_without_last(x)
+    for i, block in enumerate([m.transformer.h[-1], *m.mtp]):
+        logits = m.head(block(z, None, "causal"))
+        # head i+1 at position t predicts x[t + i + 1] = y[t + i]; the last i positions have no target
+        expected = F.cross_entropy(logits[:, :32 - i].flatten(0, 1), y[:, i:].flatten())
+        assert losses[i].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert m(x, y)[1].item() == pytest.approx(sum(losses).item() / 3, rel=1e-6)
+    w = mtp_model(3, mtp_weights="1,0.5,0.25")
+    lw = w.head_losses(x, y, memory_efficient=False)
+    assert w(x, y)[1].item() == pytest.approx((lw[0] + 0.5 * lw[1] + 0.25 * lw[2]).item() / 1.75, rel=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2), dict(attn_window=5)])
+def test_memory_efficient_gradients_equal_naive(kw):
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.roll(x, -1, 1)
+    grads = []
+    for efficient in (True, False):
+        m = mtp_model(4, **kw)
+        losses = m.head_losses(x, y, memory_efficient=efficient)
+        (sum(losses) / 4).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=0), name
+
+
+PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from model import GPT, GPTConfig
+torch.manual_seed(0)
+n, efficient = {n}, {efficient}
+m = GPT(GPTConfig(vocab_size=32768, block_size=512, n_layer=3, n_head=2, n_embd=32, mtp_heads=n))
+x = torch.randint(0, 32768, (4, 512))
+y = torch.roll(x, -1, 1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sum(m.head_losses(x, y, memory_efficient=efficient)).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # MiB
+"""
+
+
+def peak_mib(n, efficient):
+    out = subprocess.run([sys.executable, "-c", PEAK.format(root=str(ROOT), n=n, efficient=efficient)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+@pytest.mark.slow
+def test_peak_memory_of_the_heads_does_not_grow_with_n():
+    """4 x 512 tokens x 32768 vocabulary: one head's logits are 256 MiB in float32."""
+    one, four, naive = peak_mib(1, True), peak_mib(4, True), peak_mib(4, False)
+    assert four < 1.3 * one + 64, (one, four)
+    # the check can see growth: all-at-once keeps every head's 256 MiB log-probabilities alive
+    assert naive > four + 2 * 256, (four, naive)
+
+
+def test_training_logs_every_head_and_resumes_exactly(char_data, tmp_path, monkeypatch):
+    kw = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
+              warmup_iters=2, device="cpu", dtype="float32", plot=False, data_dir=str(char_data),
+              mtp_heads=3, max_iters=6, eval_interval=3, learning_rate=3e-3)
+    summary = T.train(make_cfg(**kw, out_dir=str(tmp_path / "straight")))
+    evals = [r for r in T.read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert {"val_head1", "val_head2", "val_head3"} <= evals[-1].keys()
+    assert evals[-1]["val_loss"] == evals[-1]["val_head1"] and summary["best"] == evals[-1]["val_head1"]
+    with stop_after_steps(monkeypatch, 2):
+        T.train(make_cfg(**kw, out_dir=str(tmp_path / "split")))
+    T.train(make_cfg(**kw, out_dir=str(tmp_path / "split"), init_from="resume"))
+    a = T.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = T.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    assert any(k.startswith("mtp.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    out = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'straight'}", "--max_new_tokens=5",
+                          "--num_samples=1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    json.dumps(evals)
