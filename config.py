@@ -156,6 +156,8 @@ KEYS = [
     _k("top_k", 200, "keep the k most likely tokens; 0 = off"),
     _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off"),
     _k("stop", "", "stop a sample when this string appears (end-of-text always stops)"),
+    _k("speculative", False, "greedy self-speculative decoding with the multi-token heads (needs mtp_heads > 1, "
+       "temperature=0); reports acceptance and speed against plain decoding"),
     _k("kv_cache", True, "decode with the KV cache (False recomputes the whole sequence each token)"),
     _k("export_hf", "", "sample.py: write the model as a Hugging Face folder here instead of sampling"),
 ]

@@ -284,6 +284,15 @@ class GPT(nn.Module):
         doc_ids (B, T): keep attention inside documents. cache: a KVCache to read and extend.
         valid (B, Tcache + T) bool: False marks left padding (batched prompts of unequal length).
         """
+        x, rope, mask = self.inputs(idx, doc_ids, cache, valid)
+        for block in self.transformer.h:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return x
+
+    def inputs(self, idx, doc_ids=None, cache=None, valid=None):
+        """What every block needs: embedded tokens (B, T, C), RoPE tables, the attention mask."""
         c = self.config
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -299,33 +308,19 @@ class GPT(nn.Module):
         rope = None
         if c.pos == "rope":
             rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B|1, T, 1, hd/2)
-        x = self.transformer.drop(x)
         mask = self._mask(B, T, start, doc_ids, valid, cache, idx.device)
-        for block in self.transformer.h:
-            x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.length += T
-        return x
+        return self.transformer.drop(x), rope, mask
 
-    def trunk_without_last(self, idx, doc_ids=None):
-        """The shared trunk of multi-token prediction: every block but the last. (B, T, C)."""
-        c = self.config
-        x = self.transformer.wte(idx)
-        pos = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
-        if c.pos == "learned":
-            x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)
-        mask = self._mask(idx.shape[0], idx.shape[1], 0, doc_ids, None, None, idx.device)
-        rope = self.rope_for(idx)
+    def multi_head_logits(self, idx, cache=None, doc_ids=None):
+        """Every head's logits at every position: a list of n tensors (B, T, V); head i's row t
+        predicts token t+i. With a cache, the extra heads' blocks read and extend it too."""
+        x, rope, mask = self.inputs(idx, doc_ids, cache)
         for block in self.transformer.h[:-1]:
-            x = block(x, rope, mask)
-        return x
-
-    def rope_for(self, idx):
-        if self.config.pos != "rope":
-            return None
-        T = idx.shape[1]
-        return self.rope_cos[:T][None, :, None], self.rope_sin[:T][None, :, None]  # (1, T, 1, hd/2)
+            x = block(x, rope, mask, cache)
+        out = [self.head(block(x, rope, mask, cache)) for block in [self.transformer.h[-1], *self.mtp]]
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return out
 
     def _mask(self, B, T, start, doc_ids, valid, cache, device):
         c = self.config
@@ -380,10 +375,10 @@ class GPT(nn.Module):
         gradients add up at the trunk output, and the trunk is back-propagated once. Peak logit
         memory is one head's instead of n heads' (the paper's memory-efficient schedule)."""
         from torch.utils.checkpoint import checkpoint
-        z = self.trunk_without_last(idx, doc_ids)  # (B, T, C)
+        z, rope, mask = self.inputs(idx, doc_ids)
+        for block in self.transformer.h[:-1]:  # the shared trunk
+            z = block(z, rope, mask)
         blocks = [self.transformer.h[-1], *self.mtp]
-        mask = self._mask(idx.shape[0], idx.shape[1], 0, doc_ids, None, None, idx.device)
-        rope = self.rope_for(idx)
         losses = []
         for i, block in enumerate(blocks):
             shifted = torch.full_like(targets, -1)
@@ -479,6 +474,63 @@ class GPT(nn.Module):
         return out
 
 
+@torch.no_grad()
+def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_stop=None):
+    """Greedy self-speculative decoding with the multi-token heads (Stern et al. 2018's blockwise
+    parallel decoding, as in Gloeckle et al. 2024). Returns (one list of new ids per prompt,
+    accepted drafts, proposed drafts); the ids equal model.generate(..., temperature=0).
+
+    Each round feeds [the token head 1 chose, the drafts of heads 2..n] through the model in one
+    cached forward. Head 1's prediction after each fed token verifies the next draft; the longest
+    agreeing prefix is kept, plus head 1's own next token, and the cache is rolled back past the
+    rejected drafts. The heads' outputs at the last kept position are the next round's drafts.
+    Rows are decoded one after another (each keeps its own cache and rollback point); a row
+    whose context would pass block_size finishes with plain generate()."""
+    c = model.config
+    outputs, accepted, proposed = [], 0, 0
+    device = model.transformer.wte.weight.device
+    for prompt in prompts:
+        prompt = prompt[-(c.block_size - 1):]
+        cache = KVCache(model, 1, c.block_size)
+        heads = model.multi_head_logits(torch.tensor([prompt], device=device), cache)
+        feed = [int(h[0, -1].argmax()) for h in heads]  # head 1's token, then the drafts
+        out = []
+        while True:
+            done = False
+            for t in feed[:1]:  # the verified token of this round is always kept
+                out.append(t)
+                done = t in stop_ids or (should_stop is not None and should_stop(out)) or len(out) >= max_new_tokens
+            if done:
+                break
+            if cache.length + len(feed) > c.block_size:
+                context = prompt + out  # what plain decoding holds now; a full window keeps its newer half
+                context = context[-(c.block_size // 2):] if len(context) >= c.block_size else context
+                rest = model.generate([context], max_new_tokens - len(out), temperature=0,
+                                      stop_ids=stop_ids, should_stop=lambda ids: should_stop(out + ids)
+                                      if should_stop is not None else False)[0]
+                out += rest
+                break
+            start = cache.length
+            heads = model.multi_head_logits(torch.tensor([feed], device=device), cache)
+            verified = heads[0][0].argmax(dim=-1).tolist()  # head 1 after each fed token
+            k = 0  # drafts that agree with head 1
+            while k < len(feed) - 1 and feed[k + 1] == verified[k]:
+                k += 1
+            proposed += len(feed) - 1
+            accepted += k
+            for t in feed[1:k + 1]:
+                out.append(t)
+                done = t in stop_ids or (should_stop is not None and should_stop(out)) or len(out) >= max_new_tokens
+                if done:
+                    break
+            if done:
+                break
+            cache.length = start + k + 1  # keep the fed token and the accepted drafts
+            feed = [verified[k]] + [int(h[0, k].argmax()) for h in heads[1:]]
+        outputs.append(out)
+    return outputs, accepted, proposed
+
+
 def cross_entropy(logits, targets):
     """Mean next-token loss in float32; targets of -1 are ignored."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -502,13 +554,14 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: (n_layer, B, nkv, max_len, hd).
-    `length` is how many positions are filled; setting it back rolls the cache back."""
+    """Keys and values of every layer for the tokens seen so far: (layers, B, nkv, max_len, hd),
+    the extra multi-token heads' blocks included. `length` is how many positions are filled;
+    setting it back rolls the cache back (speculative decoding drops rejected drafts so)."""
 
     def __init__(self, model, batch_size, max_len):
         c = model.config
         w = model.transformer.wte.weight
-        shape = (c.n_layer, batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head)
+        shape = (c.n_layer + c.mtp_heads - 1, batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head)
         self.k = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.length = 0

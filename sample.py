@@ -4,6 +4,7 @@ Sample from a trained model, or from GPT-2 weights.
     python sample.py --out_dir=out/shakespeare_char_cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=hf:path/to/gpt2 --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out/run --export_hf=exported/    # write a Hugging Face folder instead
+    python sample.py --out_dir=out/mtp --speculative=True --temperature=0   # multi-token heads draft
 
 The model comes from out_dir's checkpoint (ckpt_best.pt, or ckpt_last.pt with checkpoint=last),
 or from init_from=hf:PATH / a GPT-2 name. Text is decoded with the run's own tokenizer (rebuilt
@@ -17,7 +18,7 @@ import time
 import torch
 
 from config import cli_config
-from model import export_hf, from_hf
+from model import export_hf, from_hf, speculative_generate
 from prepare.common import DataError, load_meta
 from tokenizer import GPT2_META, from_meta
 from train import GPT2_NAMES, autocast_context, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
@@ -64,6 +65,27 @@ def read_prompt(start):
     return start
 
 
+def compare_speculative(model, tok, prompt, cfg, autocast):
+    """Greedy decoding twice, plain (KV cache) and self-speculative; the texts must agree."""
+    if model.config.mtp_heads < 2 or cfg.temperature != 0:
+        raise SystemExit("error: --speculative=True needs a model trained with mtp_heads > 1 and --temperature=0")
+    timings = {}
+    for name in ("plain", "speculative"):
+        t0 = time.time()
+        with autocast:
+            if name == "plain":
+                out = model.generate([prompt], cfg.max_new_tokens, 0, stop_ids={tok.eot_id})[0]
+            else:
+                (out,), accepted, proposed = speculative_generate(model, [prompt], cfg.max_new_tokens, {tok.eot_id})
+        timings[name] = (out, time.time() - t0)
+    (plain, t_plain), (spec, t_spec) = timings["plain"], timings["speculative"]
+    print(tok.decode(prompt + spec))
+    assert spec == plain, "speculative decoding must reproduce greedy decoding"
+    print(f"plain: {len(plain) / t_plain:.1f} tokens/s; speculative: {len(spec) / t_spec:.1f} tokens/s "
+          f"({t_plain / t_spec:.2f}x); drafts accepted {accepted}/{proposed} "
+          f"({accepted / max(1, proposed):.0%}) with {model.config.mtp_heads} heads", file=sys.stderr)
+
+
 def main():
     cfg = cli_config()
     torch.manual_seed(cfg.seed)
@@ -79,6 +101,8 @@ def main():
     stop_text = cfg.stop
     should_stop = (lambda ids: stop_text in tok.decode(ids)) if stop_text else None
     autocast = autocast_context(device, pick_dtype(cfg.dtype, device))
+    if cfg.speculative:
+        return compare_speculative(model, tok, prompt, cfg, autocast)
     generated, seconds = 0, 0.0
     for i in range(cfg.num_samples):
         t0 = time.time()

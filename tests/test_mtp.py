@@ -31,9 +31,13 @@ def test_head_i_predicts_token_t_plus_i():
     x = torch.randint(0, 97, (2, 32))
     y = torch.roll(x, -1, 1)
     losses = m.head_losses(x, y, memory_efficient=False)
-    z = m.trunk_without_last(x)
+    z, rope, mask = m.inputs(x)
+    for block in m.transformer.h[:-1]:
+        z = block(z, rope, mask)
+    all_heads = m.multi_head_logits(x)
     for i, block in enumerate([m.transformer.h[-1], *m.mtp]):
         logits = m.head(block(z, None, "causal"))
+        assert torch.allclose(all_heads[i], logits, atol=1e-6)
         # head i+1 at position t predicts x[t + i + 1] = y[t + i]; the last i positions have no target
         expected = F.cross_entropy(logits[:, :32 - i].flatten(0, 1), y[:, i:].flatten())
         assert losses[i].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -105,3 +109,31 @@ def test_training_logs_every_head_and_resumes_exactly(char_data, tmp_path, monke
                           "--num_samples=1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     json.dumps(evals)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2)])
+def test_self_speculative_decoding_equals_greedy(kw):
+    from model import speculative_generate
+    torch.manual_seed(1)
+    m = mtp_model(4, **kw).eval()
+    # train the extra heads briefly on a repetitive stream so that some drafts are right
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.arange(64).remainder(7).view(2, 32)
+    for _ in range(60):
+        loss = m(x, torch.roll(x, -1, 1))[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    prompts = [[1, 2, 3], [5], [6, 0, 1, 2, 3, 4]]
+    greedy = m.generate(prompts, 40, temperature=0)  # runs past block_size=32 too
+    spec, accepted, proposed = speculative_generate(m, prompts, 40)
+    assert spec == greedy
+    assert proposed > 0 and accepted > 0  # the heads learned something: drafts get accepted
+    stop = greedy[0][5]
+    spec, _, _ = speculative_generate(m, prompts[:1], 40, stop_ids={stop})
+    assert spec[0] == greedy[0][:greedy[0].index(stop) + 1]
+    spec, _, _ = speculative_generate(m, prompts[:1], 40, should_stop=lambda ids: len(ids) == 7)
+    assert spec[0] == greedy[0][:7]
+    spec, _, _ = speculative_generate(m, prompts[:1], 3)
+    assert spec[0] == greedy[0][:3]
