@@ -502,7 +502,9 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
                 done = t in stop_ids or (should_stop is not None and should_stop(out)) or len(out) >= max_new_tokens
             if done:
                 break
-            if cache.length + len(feed) > c.block_size:
+            # plain decoding never predicts from a full window (it slides first), so a round may
+            # only verify from contexts of at most block_size - 1 tokens
+            if cache.length + len(feed) >= c.block_size:
                 context = prompt + out  # what plain decoding holds now; a full window keeps its newer half
                 context = context[-(c.block_size // 2):] if len(context) >= c.block_size else context
                 rest = model.generate([context], max_new_tokens - len(out), temperature=0,
