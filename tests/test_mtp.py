@@ -137,3 +137,26 @@ def test_self_speculative_decoding_equals_greedy(kw):
     assert spec[0] == greedy[0][:7]
     spec, _, _ = speculative_generate(m, prompts[:1], 3)
     assert spec[0] == greedy[0][:3]
+
+
+def test_speculative_rounds_never_see_a_full_window(monkeypatch):
+    """Plain decoding slides its window before it would predict from block_size tokens; a
+    speculative round must not verify from such a window either (a bug found on a real model)."""
+    from model import GPT as GPTClass
+    from model import speculative_generate
+    m = mtp_model(3).eval()
+    seen = []
+    real = GPTClass.multi_head_logits
+
+    def spy(self, idx, cache=None, doc_ids=None):
+        seen.append(cache.length + idx.shape[1])
+        return real(self, idx, cache, doc_ids)
+
+    monkeypatch.setattr(GPTClass, "multi_head_logits", spy)
+    # the draft heads copy head 1 here, so every draft is accepted and rounds run up to the edge
+    for head in m.mtp:
+        head.load_state_dict(m.transformer.h[-1].state_dict())
+    for n_prompt in range(1, 31):
+        out, _, _ = speculative_generate(m, [list(range(1, n_prompt + 1))], 40)
+        assert out == m.generate([list(range(1, n_prompt + 1))], 40, temperature=0)
+    assert seen and max(seen) <= m.config.block_size - 1
