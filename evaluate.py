@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from config import cli_config
-from prepare.common import DataError, read_tokens
+from prepare.common import DataError, read_tokens, task_dir_of
 from train import plot_losses, read_metrics
 
 
@@ -130,8 +130,7 @@ def read_jsonl(path, fields, max_examples=0):
 
 
 def task_path(cfg, default_task):
-    return cfg.task_file or os.path.join(cfg.task_dir or os.path.join("data", f"shakespeare_{default_task}"),
-                                         f"{cfg.eval_split}.jsonl")
+    return cfg.task_file or os.path.join(task_dir_of(cfg, default_task), f"{cfg.eval_split}.jsonl")
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ is particular to fine-tuning. Read it in order:
   4. finetune()         puts them together and calls fit()
 """
 
+import importlib
 import os
 import re
 
@@ -23,10 +24,11 @@ import torch
 
 from config import cli_config
 from evaluate import classification_report, read_jsonl
-from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids, from_hf
-from prepare.common import DataError, load_meta
+from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids
+from prepare.common import DataError, load_meta, task_dir_of
 from tokenizer import GPT2_META, from_meta
-from train import GPT2_NAMES, LMTask, RandomBatches, fit, load_checkpoint, model_from_checkpoint, setup
+from train import (LMTask, RandomBatches, fit, gpt2_weights, is_gpt2_source, load_checkpoint, model_from_checkpoint,
+                   setup)
 
 # ----------------------------------------------------------------------------- 1. the base model
 
@@ -34,11 +36,8 @@ from train import GPT2_NAMES, LMTask, RandomBatches, fit, load_checkpoint, model
 def load_base(cfg):
     """(GPT with the starting weights, tokenizer meta) from init_from."""
     source = cfg.init_from
-    if source.startswith("hf:") or source in GPT2_NAMES:
-        try:
-            return from_hf(source.removeprefix("hf:"), dropout=cfg.dropout, attn_backend=cfg.attn_backend), GPT2_META
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: init_from={source}: {e}") from None
+    if is_gpt2_source(source):
+        return gpt2_weights(cfg), GPT2_META
     if source == "scratch":  # the no-transfer baseline: same task, fresh weights, data_dir's tokenizer
         from train import ensure_data
         meta = ensure_data(cfg, master=True)
@@ -340,22 +339,13 @@ def make_task(cfg, dist, tok, tok_meta):
                             f"with the same tokenizer")
         return LMTask(cfg, dist, meta)
     name = "folio" if cfg.task == "sft" else "genre"
-    task_dir = cfg.task_dir or os.path.join("data", f"shakespeare_{name}")
+    task_dir = task_dir_of(cfg, name)
     if not cfg.task_dir and not os.path.isfile(os.path.join(task_dir, "train.jsonl")) and dist["rank"] == 0:
         print(f"{task_dir} is empty: preparing the {name} task set")
-        prepare_task_set(name, cfg.cache_dir, task_dir)
+        importlib.import_module(f"prepare.{name}").prepare(cfg)
     if dist["world"] > 1:
         torch.distributed.barrier()
     return (SFTTask if cfg.task == "sft" else ClassifyTask)(cfg, dist, tok, task_dir)
-
-
-def prepare_task_set(name, cache_dir, task_dir):
-    from prepare.common import write_jsonl_splits
-    if name == "folio":
-        from prepare.folio import folio_splits as make
-    else:
-        from prepare.genre import genre_splits as make
-    write_jsonl_splits(task_dir, *make(cache_dir))
 
 
 if __name__ == "__main__":

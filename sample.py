@@ -18,21 +18,19 @@ import time
 import torch
 
 from config import cli_config
-from model import export_hf, from_hf, speculative_generate
+from model import export_hf, speculative_generate
 from prepare.common import DataError, load_meta
 from tokenizer import GPT2_META, from_meta
-from train import GPT2_NAMES, autocast_context, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+from train import (autocast_context, gpt2_weights, is_gpt2_source, load_checkpoint, model_from_checkpoint, pick_device,
+                   pick_dtype)
 
 
 def load_model_and_tokenizer(cfg, device):
     """(model in eval mode, tokenizer, tokenizer meta, source) for sample.py and evaluate.py.
     source: {"checkpoint": what was loaded, "data_dir": the run's data folder or None,
              "labels": a fine-tuned classifier's label set, else None}."""
-    if cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_NAMES:
-        try:
-            model = from_hf(cfg.init_from.removeprefix("hf:"), attn_backend=cfg.attn_backend)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
+    if is_gpt2_source(cfg.init_from):
+        model = gpt2_weights(cfg)
         tok_meta = GPT2_META
         source = {"checkpoint": cfg.init_from, "data_dir": None, "labels": None}
     else:

@@ -103,6 +103,11 @@ def fit(cfg, dist, model, task, ckpt=None, lr_scale=None, grad_filter=None, extr
         print(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {dist['world']} "
               f"processes = {tokens_per_iter:,} token slots of {cfg.block_size}; "
               f"max_iters {max_iters} = {max_iters * task.items_per_iter / task.train_size:.2f} epochs")
+    def save(is_best):  # every process builds the state (it gathers RNG states); the master writes
+        state = checkpoint_state(raw_model, optimizer, scaler, loader, it, best, since_best, cfg, dist,
+                                 **(extra_state or {}))
+        save_run(state, cfg.out_dir, is_best, master)
+
     log = MetricsLogger(cfg, master, start_iter)
     stop = GracefulStop()
     pbar = progress_bar(max_iters, start_iter, master)
@@ -130,18 +135,16 @@ def fit(cfg, dist, model, task, ckpt=None, lr_scale=None, grad_filter=None, extr
             if value is None:
                 raise SystemExit(f"error: best_metric={cfg.best_metric!r} is not reported by this task "
                                  f"(it reports val_loss, {', '.join(k for k in results if k not in ('train', 'val'))})")
-            improved = best is None or (best - value if cfg.best_metric == "val_loss" else value - best) > cfg.min_delta
-            is_best = best is None or (value < best if cfg.best_metric == "val_loss" else value > best)
-            since_best = 0 if improved else since_best + 1
-            best = value if is_best else best
-            log.eval(it, results, is_best)
+            # how much better than the best so far (loss: lower is better; task metrics: higher)
+            gain = math.inf if best is None else (best - value if cfg.best_metric == "val_loss" else value - best)
+            since_best = 0 if gain > cfg.min_delta else since_best + 1
+            best = value if gain > 0 else best
+            log.eval(it, results, gain > 0)
             early = cfg.patience > 0 and since_best >= cfg.patience
-            save_run(checkpoint_state(raw_model, optimizer, scaler, loader, it, best, since_best, cfg, dist,
-                                      **(extra_state or {})), cfg.out_dir, is_best, master)
+            save(gain > 0)
             t0 = time.time()  # evaluation time is not training throughput
         elif stop_now:
-            save_run(checkpoint_state(raw_model, optimizer, scaler, loader, it, best, since_best, cfg, dist,
-                                      **(extra_state or {})), cfg.out_dir, False, master)
+            save(False)
         if stop_now:
             pbar.write(f"stopped by signal at iteration {it}; saved {cfg.out_dir}/ckpt_last.pt "
                        f"(continue with init_from=resume)")
@@ -381,12 +384,8 @@ def build_model(cfg, meta, ckpt=None):
     """A fresh GPT (init_from=scratch), the checkpoint's (resume), or GPT-2 weights (hf:PATH / a name)."""
     if ckpt is not None:
         model = model_from_checkpoint(ckpt)
-    elif cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_NAMES:
-        try:
-            model = from_hf(cfg.init_from.removeprefix("hf:"), dropout=cfg.dropout,
-                            attn_backend=cfg.attn_backend, pad_vocab_to=cfg.pad_vocab_to)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
+    elif is_gpt2_source(cfg.init_from):
+        model = gpt2_weights(cfg)
         if meta["vocab_size"] != model.config.vocab_size:
             raise SystemExit(f"error: init_from={cfg.init_from} has a {model.config.vocab_size}-token vocabulary "
                              f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; "
@@ -401,6 +400,20 @@ def build_model(cfg, meta, ckpt=None):
     if cfg.block_size > model.config.block_size:
         raise SystemExit(f"error: block_size={cfg.block_size} exceeds the model's {model.config.block_size}")
     return model
+
+
+def is_gpt2_source(init_from):
+    return init_from.startswith("hf:") or init_from in GPT2_NAMES
+
+
+def gpt2_weights(cfg):
+    """The GPT-2 model named by init_from (hf:PATH or a GPT-2 name), with this run's dropout,
+    attention backend and vocabulary padding; a bad source ends the program with one line."""
+    try:
+        return from_hf(cfg.init_from.removeprefix("hf:"), dropout=cfg.dropout, attn_backend=cfg.attn_backend,
+                       pad_vocab_to=cfg.pad_vocab_to)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: init_from={cfg.init_from}: {e}") from None
 
 
 def model_from_checkpoint(ckpt, merge=True):

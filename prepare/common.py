@@ -254,6 +254,11 @@ def write_dataset(splits, cfg, source, cleaning_stats=None):
     return meta
 
 
+def task_dir_of(cfg, name):
+    """Where task set `name` lives: cfg.task_dir, or data/shakespeare_{name} when unset."""
+    return cfg.task_dir or os.path.join("data", f"shakespeare_{name}")
+
+
 def write_jsonl_splits(out_dir, splits, stats):
     """{split: [record, ...]} -> out_dir/{split}.jsonl plus stats.json, each written atomically."""
     os.makedirs(out_dir, exist_ok=True)

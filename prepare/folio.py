@@ -26,7 +26,7 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import run_main, write_jsonl_splits  # noqa: E402
+from prepare.common import run_main, task_dir_of, write_jsonl_splits  # noqa: E402
 from prepare.shakespeare import WORKS, read_texts, split_of  # noqa: E402
 
 MIN_COVER = 0.5
@@ -116,11 +116,13 @@ def folio_splits(cache_dir):
     return splits, stats
 
 
+def prepare(cfg):
+    write_jsonl_splits(task_dir_of(cfg, "folio"), *folio_splits(cfg.cache_dir))
+
+
 def main():
     from config import cli_config
-    cfg = cli_config()
-    splits, stats = folio_splits(cfg.cache_dir)
-    write_jsonl_splits(cfg.task_dir or os.path.join("data", "shakespeare_folio"), splits, stats)
+    prepare(cli_config())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import DataError, run_main, write_jsonl_splits  # noqa: E402
+from prepare.common import DataError, run_main, task_dir_of, write_jsonl_splits  # noqa: E402
 from prepare.shakespeare import WORKS, read_texts, split_of  # noqa: E402
 
 PASSAGE_LINES = 20
@@ -48,11 +48,13 @@ def genre_splits(cache_dir):
     return splits, {"class_counts": stats, "passage_lines": PASSAGE_LINES, "labels": list(LABELS)}
 
 
+def prepare(cfg):
+    write_jsonl_splits(task_dir_of(cfg, "genre"), *genre_splits(cfg.cache_dir))
+
+
 def main():
     from config import cli_config
-    cfg = cli_config()
-    splits, stats = genre_splits(cfg.cache_dir)
-    write_jsonl_splits(cfg.task_dir or os.path.join("data", "shakespeare_genre"), splits, stats)
+    prepare(cli_config())
 
 
 if __name__ == "__main__":
