@@ -311,10 +311,11 @@ class GPT(nn.Module):
         mask = self._mask(B, T, start, doc_ids, valid, cache, idx.device)
         return self.transformer.drop(x), rope, mask
 
-    def multi_head_logits(self, idx, cache=None, doc_ids=None):
+    def multi_head_logits(self, idx, cache=None, doc_ids=None, valid=None):
         """Every head's logits at every position: a list of n tensors (B, T, V); head i's row t
-        predicts token t+i. With a cache, the extra heads' blocks read and extend it too."""
-        x, rope, mask = self.inputs(idx, doc_ids, cache)
+        predicts token t+i. With a cache, the extra heads' blocks read and extend it too; valid
+        as in trunk()."""
+        x, rope, mask = self.inputs(idx, doc_ids, cache, valid)
         for block in self.transformer.h[:-1]:
             x = block(x, rope, mask, cache)
         out = [self.head(block(x, rope, mask, cache)) for block in [self.transformer.h[-1], *self.mtp]]
@@ -361,6 +362,11 @@ class GPT(nn.Module):
     #    Multi-token Prediction"): a shared trunk (all blocks but the last), n head blocks on its
     #    output (head 1 is the last block, so one head is exactly the plain model), one shared
     #    final norm and unembedding. Head i at position t predicts token t+i.
+
+    def drop_mtp_heads(self):
+        """Keep head 1 only: the plain next-token model (same outputs, no extra blocks)."""
+        self.mtp = nn.ModuleList()
+        self.config.mtp_heads, self.config.mtp_weights = 1, ""
 
     def mtp_weights(self):
         w = self.config.mtp_weights
@@ -440,12 +446,8 @@ class GPT(nn.Module):
             prompts = [p[-(limit - 1):] for p in prompts]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: give at least one token (e.g. the end-of-text id)")
-        B, L = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # left-padded window
-        valid = torch.zeros(B, L, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, L - len(p):] = torch.tensor(p, device=device)
-            valid[b, L - len(p):] = True
+        B = len(prompts)
+        tokens, valid = left_pad(prompts, device)  # (B, L) window
         padded = not bool(valid.all())
         out = [[] for _ in range(B)]
         done = [False] * B
@@ -480,57 +482,79 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
     parallel decoding, as in Gloeckle et al. 2024). Returns (one list of new ids per prompt,
     accepted drafts, proposed drafts); the ids equal model.generate(..., temperature=0).
 
-    Each round feeds [the token head 1 chose, the drafts of heads 2..n] through the model in one
-    cached forward. Head 1's prediction after each fed token verifies the next draft; the longest
-    agreeing prefix is kept, plus head 1's own next token, and the cache is rolled back past the
-    rejected drafts. The heads' outputs at the last kept position are the next round's drafts.
-    Rows are decoded one after another (each keeps its own cache and rollback point); a row
-    whose context would pass block_size finishes with plain generate()."""
-    c = model.config
-    outputs, accepted, proposed = [], 0, 0
+    Each round feeds every row's [token head 1 chose, drafts of heads 2..n] through the model in
+    one batched, cached forward. Head 1's prediction after each fed token verifies the next
+    draft; each row keeps its longest agreeing prefix plus head 1's own next token. Rows accept
+    different numbers of drafts, so rejected drafts are not cut from the cache but marked
+    invalid, like left padding: they are never attended to and positions skip them. When holes
+    fill the cache it is compacted (valid entries gathered to the right). A row whose context
+    would reach block_size finishes alone with plain generate()."""
+    c, n = model.config, model.config.mtp_heads
     device = model.transformer.wte.weight.device
-    for prompt in prompts:
-        prompt = prompt[-(c.block_size - 1):]
-        cache = KVCache(model, 1, c.block_size)
-        heads = model.multi_head_logits(torch.tensor([prompt], device=device), cache)
-        feed = [int(h[0, -1].argmax()) for h in heads]  # head 1's token, then the drafts
-        out = []
-        while True:
-            done = False
-            for t in feed[:1]:  # the verified token of this round is always kept
-                out.append(t)
-                done = t in stop_ids or (should_stop is not None and should_stop(out)) or len(out) >= max_new_tokens
-            if done:
-                break
-            # plain decoding never predicts from a full window (it slides first), so a round may
-            # only verify from contexts of at most block_size - 1 tokens
-            if cache.length + len(feed) >= c.block_size:
-                context = prompt + out  # what plain decoding holds now; a full window keeps its newer half
+    prompts = [p[-(c.block_size - 1):] for p in prompts]
+    B = len(prompts)
+    out, done = [[] for _ in prompts], [False] * B
+    accepted = proposed = 0
+
+    def keep(b, t):  # append a token to row b's output; True when the row is finished
+        out[b].append(t)
+        done[b] = t in stop_ids or (should_stop is not None and should_stop(out[b])) or len(out[b]) >= max_new_tokens
+        return done[b]
+
+    tokens, valid = left_pad(prompts, device)
+    cache = KVCache(model, B, c.block_size)
+    heads = model.multi_head_logits(tokens, cache, valid=valid)
+    feed = [[int(h[b, -1].argmax()) for h in heads] for b in range(B)]  # head 1's token, then the drafts
+    while True:
+        for b in range(B):  # the verified token of each round is always kept
+            if not done[b]:
+                keep(b, feed[b][0])
+        if all(done):
+            break
+        # plain decoding never predicts from a full window (it slides first), so a round may
+        # only verify from contexts of at most block_size - 1 tokens: a row that would goes plain
+        for b in range(B):
+            if not done[b] and int(valid[b].sum()) + n >= c.block_size:
+                context = prompts[b] + out[b]  # what plain decoding holds now; a full window keeps its newer half
                 context = context[-(c.block_size // 2):] if len(context) >= c.block_size else context
-                rest = model.generate([context], max_new_tokens - len(out), temperature=0,
-                                      stop_ids=stop_ids, should_stop=lambda ids: should_stop(out + ids)
-                                      if should_stop is not None else False)[0]
-                out += rest
-                break
-            start = cache.length
-            heads = model.multi_head_logits(torch.tensor([feed], device=device), cache)
-            verified = heads[0][0].argmax(dim=-1).tolist()  # head 1 after each fed token
+                then = None if should_stop is None else lambda ids, b=b: should_stop(out[b] + ids)
+                out[b] += model.generate([context], max_new_tokens - len(out[b]), temperature=0,
+                                         stop_ids=stop_ids, should_stop=then)[0]
+                done[b] = True
+        running = [b for b in range(B) if not done[b]]
+        if not running:
+            break
+        valid[[b for b in range(B) if done[b]]] = False  # finished rows take no room when compacting
+        if cache.length + n > c.block_size:
+            valid = cache.compact(valid)
+        start = cache.length
+        fed = torch.tensor(feed, device=device)  # (B, n)
+        live = torch.tensor([not d for d in done], device=device)[:, None].expand(B, n)  # finished rows: ignored
+        valid = torch.cat([valid, live], dim=1)
+        heads = model.multi_head_logits(fed, cache, valid=valid)
+        verified = heads[0].argmax(dim=-1).tolist()  # (B, n): head 1 after each fed token
+        for b in running:
             k = 0  # drafts that agree with head 1
-            while k < len(feed) - 1 and feed[k + 1] == verified[k]:
+            while k < n - 1 and feed[b][k + 1] == verified[b][k]:
                 k += 1
-            proposed += len(feed) - 1
+            proposed += n - 1
             accepted += k
-            for t in feed[1:k + 1]:
-                out.append(t)
-                done = t in stop_ids or (should_stop is not None and should_stop(out)) or len(out) >= max_new_tokens
-                if done:
-                    break
-            if done:
-                break
-            cache.length = start + k + 1  # keep the fed token and the accepted drafts
-            feed = [verified[k]] + [int(h[0, k].argmax()) for h in heads[1:]]
-        outputs.append(out)
-    return outputs, accepted, proposed
+            if any(keep(b, t) for t in feed[b][1:k + 1]):
+                continue
+            valid[b, start + k + 1:] = False  # rejected drafts become holes
+            feed[b] = [verified[b][k]] + [int(h[b, k].argmax()) for h in heads[1:]]
+    return out, accepted, proposed
+
+
+def left_pad(prompts, device):
+    """Token lists of any lengths -> (tokens (B, L) left-padded with 0, valid (B, L) bool)."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+    valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, L - len(p):] = torch.tensor(p, device=device)
+        valid[b, L - len(p):] = True
+    return tokens, valid
 
 
 def cross_entropy(logits, targets):
@@ -574,6 +598,20 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def compact(self, valid):
+        """Gather each row's valid entries (valid: (B, length) bool) to the right end, dropping
+        holes; returns the new valid mask. Keys are stored after RoPE and positions count valid
+        entries only, so the model sees exactly the same context afterwards."""
+        counts = valid.sum(dim=1)
+        L = int(counts.max())
+        new_valid = torch.arange(L, device=valid.device)[None, :] >= (L - counts)[:, None]  # (B, L)
+        for b in range(valid.shape[0]):
+            keep = valid[b].nonzero().squeeze(1)
+            self.k[:, b, :, L - len(keep):L] = self.k[:, b, :, keep].clone()
+            self.v[:, b, :, L - len(keep):L] = self.v[:, b, :, keep].clone()
+        self.length = L
+        return new_valid
 
 
 # ----------------------------------------------------------------------------- 5. GPT-2 weights

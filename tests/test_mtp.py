@@ -111,12 +111,10 @@ def test_training_logs_every_head_and_resumes_exactly(char_data, tmp_path, monke
     json.dumps(evals)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2)])
-def test_self_speculative_decoding_equals_greedy(kw):
-    from model import speculative_generate
+def drafting_model(**kw):
+    """Four heads trained briefly on a repetitive stream, so that some drafts are right."""
     torch.manual_seed(1)
-    m = mtp_model(4, **kw).eval()
-    # train the extra heads briefly on a repetitive stream so that some drafts are right
+    m = mtp_model(4, **kw)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     x = torch.arange(64).remainder(7).view(2, 32)
     for _ in range(60):
@@ -124,7 +122,13 @@ def test_self_speculative_decoding_equals_greedy(kw):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    m.eval()
+    return m.eval()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2)])
+def test_self_speculative_decoding_equals_greedy(kw):
+    from model import speculative_generate
+    m = drafting_model(**kw)
     prompts = [[1, 2, 3], [5], [6, 0, 1, 2, 3, 4]]
     greedy = m.generate(prompts, 40, temperature=0)  # runs past block_size=32 too
     spec, accepted, proposed = speculative_generate(m, prompts, 40)
@@ -148,9 +152,9 @@ def test_speculative_rounds_never_see_a_full_window(monkeypatch):
     seen = []
     real = GPTClass.multi_head_logits
 
-    def spy(self, idx, cache=None, doc_ids=None):
-        seen.append(cache.length + idx.shape[1])
-        return real(self, idx, cache, doc_ids)
+    def spy(self, idx, cache=None, doc_ids=None, valid=None):
+        seen.append(int(valid.sum(dim=1).max()))  # the longest context a prediction is made from
+        return real(self, idx, cache, doc_ids, valid)
 
     monkeypatch.setattr(GPTClass, "multi_head_logits", spy)
     # the draft heads copy head 1 here, so every draft is accepted and rounds run up to the edge
@@ -160,3 +164,39 @@ def test_speculative_rounds_never_see_a_full_window(monkeypatch):
         out, _, _ = speculative_generate(m, [list(range(1, n_prompt + 1))], 40)
         assert out == m.generate([list(range(1, n_prompt + 1))], 40, temperature=0)
     assert seen and max(seen) <= m.config.block_size - 1
+
+
+def test_speculative_batch_runs_one_forward_per_round(monkeypatch):
+    """Rows that accept different numbers of drafts share each forward: rejected drafts become
+    holes in the cache, and compaction squeezes them out, with the same tokens as row by row."""
+    from model import KVCache, speculative_generate
+    m = drafting_model(pos="rope")
+    prompts = [[1, 2, 3], [50, 9, 77, 3], [6, 0, 1, 2, 3, 4], [88]]
+    row_by_row = [speculative_generate(m, [p], 24)[0][0] for p in prompts]
+    calls, compactions = [], []
+    real_forward, real_compact = GPT.multi_head_logits, KVCache.compact
+    monkeypatch.setattr(GPT, "multi_head_logits", lambda self, idx, *a, **k: calls.append(idx.shape[0])
+                        or real_forward(self, idx, *a, **k))
+    monkeypatch.setattr(KVCache, "compact", lambda self, valid: compactions.append(1) or real_compact(self, valid))
+    out, accepted, proposed = speculative_generate(m, prompts, 24)
+    assert out == row_by_row == m.generate(prompts, 24, temperature=0)
+    assert 0 < accepted < proposed  # rows disagree with some drafts, so holes appear
+    assert set(calls) == {len(prompts)}  # every forward carries the whole batch
+    assert compactions
+
+
+@pytest.mark.slow
+def test_compiled_multi_token_loss_and_gradients_equal_eager():
+    """torch.compile traces the checkpointed heads (non-reentrant checkpointing)."""
+    m = mtp_model(3)
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.roll(x, -1, 1)
+    eager_loss = m(x, y)[1]
+    eager_loss.backward()
+    eager = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    compiled_loss = torch.compile(m)(x, y)[1]
+    compiled_loss.backward()
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, eager[n], atol=1e-5), n
