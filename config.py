@@ -132,6 +132,8 @@ KEYS = [
     _k("classify_pool", "last", "classify: the hidden state the head reads", ["last", "mean"]),
     _k("skip_long", False, "sft: skip (and count) examples whose prompt does not fit block_size instead of "
        "stopping with an error"),
+    _k("keep_mtp_heads", True, "a multi-token base model keeps its extra heads (they train on the task too); "
+       "False drops them and fine-tunes the plain next-token model (classify always drops them)"),
     _k("sft_packing", False, "sft: pack several examples per row (needs doc_mask to keep them apart) "
        "instead of one padded example per row"),
     # ---- evaluation (evaluate.py) ----

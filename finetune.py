@@ -282,6 +282,8 @@ def build_finetune_model(cfg, base, task, ckpt=None):
         model, lora = model_from_checkpoint(ckpt, merge=False), ckpt["finetune"]["lora"]
     else:
         model, lora = base, None
+        if not cfg.keep_mtp_heads or cfg.task == "classify":  # a classifier never uses them
+            model.drop_mtp_heads()
         if cfg.task == "classify":
             model = GPTClassifier(base.config, len(task.labels), cfg.classify_pool)
             missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys

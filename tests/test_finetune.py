@@ -83,6 +83,24 @@ def test_sft_runs_resumes_exactly_and_packs(base_run, sft_dir, tmp_path, monkeyp
     FT.finetune(ft_cfg(base_run, tmp_path / "packed", **kw, sft_packing=True, doc_mask=True))
 
 
+def test_multi_token_base_keeps_or_drops_its_extra_heads(char_data, sft_dir, genre_dir, tmp_path):
+    base = tmp_path / "mtp_base"
+    T.train(make_cfg(**BASE, data_dir=str(char_data), out_dir=str(base), max_iters=2, eval_interval=2,
+                     mtp_heads=2))
+    before = weights(base / "ckpt_last.pt")
+    extra = [k for k in before if k.startswith("mtp.")]
+    assert extra
+    FT.finetune(ft_cfg(base, tmp_path / "keep", task="sft", task_dir=str(sft_dir)))
+    kept = T.load_checkpoint(str(tmp_path / "keep" / "ckpt_last.pt"))
+    assert kept["model_args"]["mtp_heads"] == 2
+    assert any(not torch.equal(before[k], kept["model"][k]) for k in extra)  # the extra head trained too
+    for name, kw in [("drop", dict(task="sft", task_dir=str(sft_dir), keep_mtp_heads=False)),
+                     ("classify", dict(task="classify", task_dir=str(genre_dir)))]:
+        FT.finetune(ft_cfg(base, tmp_path / name, **kw))
+        ckpt = T.load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
+        assert ckpt["model_args"]["mtp_heads"] == 1 and not any(k.startswith("mtp.") for k in ckpt["model"])
+
+
 def test_classification_head_separates_a_tiny_set(base_run, genre_dir, tmp_path):
     cfg = ft_cfg(base_run, tmp_path, task="classify", task_dir=str(genre_dir), max_iters=40, eval_interval=40,
                  learning_rate=3e-3, best_metric="val_macro_f1")
