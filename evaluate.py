@@ -158,8 +158,7 @@ def eval_generate(model, tok, cfg, device, out_dir):
         if "completion" not in r and "references" not in r:
             raise DataError(f"{path}: record {i + 1} has neither 'completion' nor 'references'")
     if cfg.skip_long:  # the same subset fine-tuning trained on: prompts that fit the context
-        fits = [len(tok.encode(cfg.prompt_template.format(prompt=r["prompt"]))) + 1 < model.config.block_size
-                for r in rows]
+        fits = [len(prompt_ids(tok, cfg.prompt_template, r["prompt"])) < model.config.block_size for r in rows]
         print(f"skip_long: scoring the {sum(fits)} of {len(rows)} examples whose prompt fits block_size")
         rows = [r for r, ok in zip(rows, fits) if ok]
     refs = [r["references"] if "references" in r else [r["completion"]] for r in rows]
@@ -181,6 +180,12 @@ def eval_generate(model, tok, cfg, device, out_dir):
     return result
 
 
+def prompt_ids(tok, template, prompt):
+    """What a model reads before its answer, in fine-tuning and evaluation alike: end-of-text
+    (a document starts here, as in pretraining) and the prompt shown through the template."""
+    return [tok.eot_id] + tok.encode(template.format(prompt=prompt))
+
+
 def decoding_name(cfg):
     if cfg.temperature == 0:
         return "greedy"
@@ -191,7 +196,7 @@ def generate_all(model, tok, cfg, prompts, device):
     """Decode every prompt (shown through prompt_template) until end-of-text, in batches of
     similar length. Each answer may run to 2x its prompt's tokens + 16, at most max_new_tokens."""
     from tqdm import tqdm
-    encoded = [tok.encode(cfg.prompt_template.format(prompt=p)) for p in prompts]
+    encoded = [prompt_ids(tok, cfg.prompt_template, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs = [None] * len(prompts)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -23,7 +23,7 @@ import re
 import torch
 
 from config import cli_config
-from evaluate import classification_report, read_jsonl
+from evaluate import classification_report, prompt_ids, read_jsonl
 from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids
 from prepare.common import DataError, load_meta, task_dir_of
 from tokenizer import GPT2_META, from_meta
@@ -72,7 +72,7 @@ def sft_examples(path, tok, cfg):
     rows = read_jsonl(path, ["prompt", "completion"], cfg.max_examples)
     examples, cut, skipped = [], 0, 0
     for i, r in enumerate(rows, 1):
-        prompt = [tok.eot_id] + tok.encode(cfg.prompt_template.format(prompt=r["prompt"]))
+        prompt = prompt_ids(tok, cfg.prompt_template, r["prompt"])
         completion = tok.encode(r["completion"]) + [tok.eot_id]
         if len(prompt) >= cfg.block_size:
             if cfg.skip_long:

@@ -70,6 +70,22 @@ def test_sft_loss_is_on_completion_tokens_only(base_run, sft_dir, tmp_path):
     assert model(xt, unmasked)[1].item() != pytest.approx(loss.item())
 
 
+def test_generation_reads_prompts_as_fine_tuning_did(base_run, sft_dir, tmp_path, monkeypatch):
+    """evaluate.py must show a fine-tuned model the prompt exactly as training did (a missing
+    leading end-of-text once cost the Folio demo most of its BLEU)."""
+    import evaluate
+    cfg = ft_cfg(base_run, tmp_path, task="sft", task_dir=str(sft_dir), prompt_template="{prompt}\n>\n")
+    model, meta = FT.load_base(cfg)
+    tok = FT.from_meta(meta)
+    [(x, y)] = FT.sft_examples(str(sft_dir / "train.jsonl"), tok, make_cfg(**{**cfg.to_dict(), "max_examples": 1}))
+    n_prompt = y.index(next(t for t in y if t != -1)) + 1
+    seen = []
+    monkeypatch.setattr(model, "generate",
+                        lambda prompts, *a, **k: seen.extend(prompts) or [[tok.eot_id]] * len(prompts))
+    evaluate.generate_all(model, tok, cfg, ["thou art"], torch.device("cpu"))
+    assert seen == [x[:n_prompt]]
+
+
 def test_sft_runs_resumes_exactly_and_packs(base_run, sft_dir, tmp_path, monkeypatch):
     kw = dict(task="sft", task_dir=str(sft_dir), dropout=0.1)
     FT.finetune(ft_cfg(base_run, tmp_path / "straight", **kw))
