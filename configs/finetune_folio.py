@@ -2,10 +2,16 @@
 # The bar: the copy baseline (output = input) scores BLEU ~40 on the test plays.
 #   python train.py configs/shakespeare_char.py && python finetune.py configs/finetune_folio.py
 #   python evaluate.py configs/finetune_folio.py --eval_task=generate --temperature=0
-# CPU (minutes): from the quick-start model; only speeches short enough for its 64-character
-# context take part (skip_long), in training and in evaluation alike:
-#   python finetune.py configs/finetune_folio.py --init_from=out/shakespeare_char_cpu --block_size=64 \
-#       --device=cpu --batch_size=32 --max_iters=1500 --out_dir=out/finetune_folio_cpu
+# CPU (about 10 + 25 minutes on 2 cores): a quick-start-sized modern model with a 128-character
+# context, then fine-tuning with Muon; only speeches whose prompt fits the context take part
+# (skip_long), in training and in evaluation alike:
+#   python train.py configs/shakespeare_modern_cpu.py --block_size=128 --muon_lr=0.02 \
+#       --out_dir=out/shakespeare_char_cpu128
+#   python finetune.py configs/finetune_folio.py --init_from=out/shakespeare_char_cpu128 --block_size=128 \
+#       --device=cpu --batch_size=32 --optimizer=muon --muon_lr=0.01 --learning_rate=1e-3 --min_lr=1e-4 \
+#       --dropout=0.0 --eval_interval=200 --out_dir=out/finetune_folio_cpu128
+#   python evaluate.py configs/finetune_folio.py --out_dir=out/finetune_folio_cpu128 --block_size=128 \
+#       --device=cpu --eval_task=generate --temperature=0 --batch_size=32
 task = "sft"
 init_from = "out/shakespeare_char"
 out_dir = "out/finetune_folio"
