@@ -74,7 +74,8 @@ class EchoModel:
         self.tok, self.answers = tok, answers
 
     def generate(self, prompts, max_new_tokens, *args, **kw):
-        return [self.tok.encode(self.answers[self.tok.decode(p)]) + [self.tok.eot_id] for p in prompts]
+        assert all(p[0] == self.tok.eot_id for p in prompts)  # a prompt starts a document, as in fine-tuning
+        return [self.tok.encode(self.answers[self.tok.decode(p[1:])]) + [self.tok.eot_id] for p in prompts]
 
 
 def test_bleu_matches_sacrebleu(tmp_path):
