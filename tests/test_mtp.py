@@ -200,3 +200,22 @@ def test_compiled_multi_token_loss_and_gradients_equal_eager():
     assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, eager[n], atol=1e-5), n
+
+
+def test_multi_token_loss_under_bf16_autocast():
+    """Mixed precision: the checkpointed heads recompute under the same autocast state, so the
+    bf16 loss and gradients track float32's."""
+    m = mtp_model(3)
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.roll(x, -1, 1)
+    fp32_loss = m(x, y)[1]
+    fp32_loss.backward()
+    fp32 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss = m(x, y)[1]
+    bf16_loss.backward()
+    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=2e-2)
+    for n, p in m.named_parameters():
+        cos = F.cosine_similarity(p.grad.flatten(), fp32[n].flatten(), dim=0)
+        assert p.grad.dtype == torch.float32 and cos > 0.95, n
