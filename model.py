@@ -209,8 +209,9 @@ class MLP(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.kind = c.mlp
-        # SwiGLU has three matrices: a hidden width of 8C/3 keeps the parameter count of 4C
-        hidden = 4 * c.n_embd if c.mlp != "swiglu" else -(-8 * c.n_embd // 3 // 64) * 64
+        # SwiGLU has three matrices: a hidden width of 8C/3 (rounded down to a multiple of 16)
+        # keeps the parameter count at most that of a 4C two-matrix MLP
+        hidden = 4 * c.n_embd if c.mlp != "swiglu" else 8 * c.n_embd // 3 // 16 * 16
         self.c_fc = nn.Linear(c.n_embd, hidden * (2 if c.mlp == "swiglu" else 1), bias=c.bias)
         self.c_proj = nn.Linear(hidden, c.n_embd, bias=c.bias)
         self.c_proj.residual = True
