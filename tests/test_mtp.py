@@ -1,5 +1,6 @@
 """Multi-token prediction (Gloeckle et al. 2024): heads, targets, memory-efficient backward."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -185,37 +186,34 @@ def test_speculative_batch_runs_one_forward_per_round(monkeypatch):
     assert compactions
 
 
+def loss_and_grads(model, run, autocast=contextlib.nullcontext()):
+    """The 3-head model's loss on a fixed batch through run (model or a wrapper), and every gradient."""
+    x = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    model.zero_grad()
+    with autocast:
+        loss = run(x, torch.roll(x, -1, 1))[1]
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.slow
 def test_compiled_multi_token_loss_and_gradients_equal_eager():
     """torch.compile traces the checkpointed heads (non-reentrant checkpointing)."""
     m = mtp_model(3)
-    x = torch.randint(0, 97, (2, 32))
-    y = torch.roll(x, -1, 1)
-    eager_loss = m(x, y)[1]
-    eager_loss.backward()
-    eager = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    compiled_loss = torch.compile(m)(x, y)[1]
-    compiled_loss.backward()
-    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
-    for n, p in m.named_parameters():
-        assert torch.allclose(p.grad, eager[n], atol=1e-5), n
+    eager_loss, eager = loss_and_grads(m, m)
+    compiled_loss, compiled = loss_and_grads(m, torch.compile(m))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for n in eager:
+        assert torch.allclose(compiled[n], eager[n], atol=1e-5), n
 
 
 def test_multi_token_loss_under_bf16_autocast():
     """Mixed precision: the checkpointed heads recompute under the same autocast state, so the
     bf16 loss and gradients track float32's."""
     m = mtp_model(3)
-    x = torch.randint(0, 97, (2, 32))
-    y = torch.roll(x, -1, 1)
-    fp32_loss = m(x, y)[1]
-    fp32_loss.backward()
-    fp32 = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_loss = m(x, y)[1]
-    bf16_loss.backward()
-    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=2e-2)
-    for n, p in m.named_parameters():
-        cos = F.cosine_similarity(p.grad.flatten(), fp32[n].flatten(), dim=0)
-        assert p.grad.dtype == torch.float32 and cos > 0.95, n
+    fp32_loss, fp32 = loss_and_grads(m, m)
+    bf16_loss, bf16 = loss_and_grads(m, m, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2)
+    for n in fp32:
+        cos = F.cosine_similarity(bf16[n].flatten(), fp32[n].flatten(), dim=0)
+        assert bf16[n].dtype == torch.float32 and cos > 0.95, n
