@@ -220,16 +220,16 @@ def estimate_loss(model, cfg, dist, autocast, eot_id=None, splits=("train", "val
         loader = TokenLoader(os.path.join(cfg.data_dir, f"{split}.bin"), cfg.batch_size, cfg.block_size,
                              cfg.eval_iters, dist["world"], dist["rank"], seed=cfg.seed + 1, device=dist["device"])
         raw = unwrap(model)
-        # one head: the compiled model's own forward (without DDP, whose forward is for training);
-        # several: head_losses, a method, so it runs uncompiled
-        compiled = model.module if isinstance(model, DDP) else model
+        # one head: the model's own forward, compiled when compile=True (DDP's wrapper skipped: its
+        # forward prepares gradient reduction); several heads: head_losses, which runs uncompiled
+        module = model.module if isinstance(model, DDP) else model
         total = torch.zeros(raw.config.mtp_heads, device=dist["device"])  # one loss per head
         for _ in range(cfg.eval_iters):
             x, y = loader.next()
             doc_ids = document_ids(x, eot_id) if eot_id is not None else None
             with autocast:
                 if raw.config.mtp_heads == 1:
-                    losses = [compiled(x, y, doc_ids=doc_ids)[1]]
+                    losses = [module(x, y, doc_ids=doc_ids)[1]]
                 else:
                     losses = raw.head_losses(x, y, doc_ids)
             total += torch.stack(losses).float()
