@@ -47,7 +47,9 @@ from train import plot_losses, read_metrics
 @torch.no_grad()
 def lm_metrics(model, ids, block_size, stride, batch_size, device, progress=True):
     """Total and mean negative log-likelihood of ids[1:] given everything before, with a sliding
-    window of block_size tokens that advances by stride. Returns (total nats, tokens scored)."""
+    window of block_size tokens that advances by stride. Returns (total nats, tokens scored,
+    mean loss of each multi-token head): head i is scored at the same positions as head 1, for
+    token t+i where the window holds it ([] for a one-head model)."""
     from tqdm import tqdm
     n = len(ids)
     if n < 2:
@@ -62,6 +64,8 @@ def lm_metrics(model, ids, block_size, stride, batch_size, device, progress=True
         if end == n - 1:
             break
     total, count = 0.0, 0
+    n_heads = getattr(model.config, "mtp_heads", 1)
+    head_total, head_count = [0.0] * n_heads, [0] * n_heads
     for i in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
         batch = windows[i:i + batch_size]
         width = max(end - begin for begin, end, _ in batch)
@@ -71,12 +75,19 @@ def lm_metrics(model, ids, block_size, stride, batch_size, device, progress=True
             chunk = torch.from_numpy(ids[begin:end + 1].astype("int64"))
             x[row, :end - begin] = chunk[:-1]
             y[row, first:end - begin] = chunk[1 + first:]
-        logits, _ = model(x.to(device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
-        total += loss.item()
-        count += int((y >= 0).sum())
+        heads = model.multi_head_logits(x.to(device)) if n_heads > 1 else [model(x.to(device))[0]]
+        for h, logits in enumerate(heads):
+            target = y.clone()
+            if h:  # head h+1 at a scored position t predicts y[t + h]
+                target[:, :-h] = torch.where(y[:, :-h] >= 0, y[:, h:], -1)
+                target[:, -h:] = -1
+            loss = F.cross_entropy(logits.float().flatten(0, 1), target.to(device).flatten(), ignore_index=-1,
+                                   reduction="sum")
+            head_total[h] += loss.item()
+            head_count[h] += int((target >= 0).sum())
+    total, count = head_total[0], head_count[0]
     assert count == n - 1, "every token after the first is scored exactly once"
-    return total, count
+    return total, count, ([t / c for t, c in zip(head_total, head_count)] if n_heads > 1 else [])
 
 
 def text_length(tok, ids):
@@ -94,13 +105,14 @@ def eval_lm(model, tok, cfg, data_dir, device):
     ids = read_tokens(path)
     stride = cfg.eval_stride or max(1, model.config.block_size // 2)
     t0 = time.time()
-    total, count = lm_metrics(model, ids, model.config.block_size, stride, cfg.batch_size, device)
+    total, count, heads = lm_metrics(model, ids, model.config.block_size, stride, cfg.batch_size, device)
     seconds = time.time() - t0
     chars, nbytes = text_length(tok, ids[1:])
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": total / math.log(2) / chars,
-            "bits_per_byte": total / math.log(2) / nbytes, "tokens": count, "characters": chars,
-            "stride": stride, "context": model.config.block_size, "tokens_per_s": count / seconds}
+            "bits_per_byte": total / math.log(2) / nbytes, **{f"loss_head{i + 1}": h for i, h in enumerate(heads)},
+            "tokens": count, "characters": chars, "stride": stride, "context": model.config.block_size,
+            "tokens_per_s": count / seconds}
 
 
 # ----------------------------------------------------------------------------- task files

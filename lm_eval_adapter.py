@@ -34,7 +34,7 @@ class HarnessLM(LM):
         for (text,) in (r.args for r in requests):
             ids = np.array(self._context(text), dtype=np.int64)
             block = self.model.config.block_size
-            total, _ = lm_metrics(self.model, ids, block, max(1, block // 2), self.batch_size, self._device,
+            total, _, _ = lm_metrics(self.model, ids, block, max(1, block // 2), self.batch_size, self._device,
                                   progress=False)
             out.append(-total)
         return out

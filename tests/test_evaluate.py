@@ -27,7 +27,7 @@ def test_perplexity_equals_exp_of_independent_mean_loss(n, stride):
     known without any windowing: computed here in float64 straight from the weights."""
     m = model_of(n_layer=0, pos="rope")
     ids = np.random.default_rng(0).integers(0, 50, n).astype(np.uint16)
-    total, count = E.lm_metrics(m, ids, 16, stride, 4, torch.device("cpu"), progress=False)
+    total, count, _ = E.lm_metrics(m, ids, 16, stride, 4, torch.device("cpu"), progress=False)
     w = m.transformer.wte.weight.double()
     h = F.layer_norm(w[torch.from_numpy(ids[:-1].astype(np.int64))], (16,),
                      m.transformer.ln_f.weight.double(), m.transformer.ln_f.bias.double())
@@ -36,10 +36,30 @@ def test_perplexity_equals_exp_of_independent_mean_loss(n, stride):
     assert math.exp(total / count) == pytest.approx(math.exp(ref), rel=1e-5)
 
 
+def test_each_multi_token_head_is_scored():
+    """Head h (1-based) at every scored position predicts the token h steps ahead, where the
+    window holds it; with stride = block the windows are independent chunks, computed by hand."""
+    m = model_of(mtp_heads=3)
+    ids = np.random.default_rng(2).integers(0, 50, 40).astype(np.uint16)
+    total, count, heads = E.lm_metrics(m, ids, 16, 16, 2, torch.device("cpu"), progress=False)
+    sums, counts = [0.0] * 3, [0] * 3
+    for begin in range(0, 39, 16):
+        end = min(begin + 16, 39)
+        x = torch.from_numpy(ids[begin:end].astype(np.int64))[None]
+        y = torch.from_numpy(ids[begin + 1:end + 1].astype(np.int64))
+        for h, logits in enumerate(m.multi_head_logits(x)):
+            n = end - begin - h
+            sums[h] += F.cross_entropy(logits[0, :n], y[h:], reduction="sum").item()
+            counts[h] += n
+    assert heads == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-5)
+    assert total / count == pytest.approx(heads[0]) and count == 39
+    assert E.lm_metrics(model_of(), ids, 16, 16, 2, torch.device("cpu"), progress=False)[2] == []
+
+
 def test_stride_equal_to_block_and_short_text():
     m = model_of()
     ids = np.random.default_rng(1).integers(0, 50, 40).astype(np.uint16)
-    total, count = E.lm_metrics(m, ids, 16, 16, 2, torch.device("cpu"), progress=False)
+    total, count, _ = E.lm_metrics(m, ids, 16, 16, 2, torch.device("cpu"), progress=False)
     expected = 0.0
     for begin in range(0, 39, 16):  # independent chunks of 16 targets
         end = min(begin + 16, 39)
@@ -48,7 +68,7 @@ def test_stride_equal_to_block_and_short_text():
         expected += F.cross_entropy(m(x)[0][0], y, reduction="sum").item()
     assert count == 39 and total == pytest.approx(expected, rel=1e-5)
     short = ids[:10]  # shorter than one window: a single forward pass
-    total, count = E.lm_metrics(m, short, 16, 8, 2, torch.device("cpu"), progress=False)
+    total, count, _ = E.lm_metrics(m, short, 16, 8, 2, torch.device("cpu"), progress=False)
     x = torch.from_numpy(short[:-1].astype(np.int64))[None]
     ref = F.cross_entropy(m(x)[0][0], torch.from_numpy(short[1:].astype(np.int64)), reduction="sum").item()
     assert count == 9 and total == pytest.approx(ref, rel=1e-5)
