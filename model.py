@@ -505,7 +505,8 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
     tokens, valid = left_pad(prompts, device)
     cache = KVCache(model, B, c.block_size)
     heads = model.multi_head_logits(tokens, cache, valid=valid)
-    feed = [[int(h[b, -1].argmax()) for h in heads] for b in range(B)]  # head 1's token, then the drafts
+    last = [h[:, -1].argmax(dim=-1).tolist() for h in heads]  # n lists of B ids: one host sync per head
+    feed = [[ids[b] for ids in last] for b in range(B)]  # per row: head 1's token, then the drafts
     while True:
         for b in range(B):  # the verified token of each round is always kept
             if not done[b]:
@@ -514,8 +515,9 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
             break
         # plain decoding never predicts from a full window (it slides first), so a round may
         # only verify from contexts of at most block_size - 1 tokens: a row that would goes plain
+        context_lengths = valid.sum(dim=1).tolist()
         for b in range(B):
-            if not done[b] and int(valid[b].sum()) + n >= c.block_size:
+            if not done[b] and context_lengths[b] + n >= c.block_size:
                 context = prompts[b] + out[b]  # what plain decoding holds now; a full window keeps its newer half
                 context = context[-(c.block_size // 2):] if len(context) >= c.block_size else context
                 then = None if should_stop is None else lambda ids, b=b: should_stop(out[b] + ids)
@@ -533,7 +535,7 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
         live = torch.tensor([not d for d in done], device=device)[:, None].expand(B, n)  # finished rows: ignored
         valid = torch.cat([valid, live], dim=1)
         heads = model.multi_head_logits(fed, cache, valid=valid)
-        verified = heads[0].argmax(dim=-1).tolist()  # (B, n): head 1 after each fed token
+        verified, *drafts = [h.argmax(dim=-1).tolist() for h in heads]  # each (B, n); verified: head 1
         for b in running:
             k = 0  # drafts that agree with head 1
             while k < n - 1 and feed[b][k + 1] == verified[b][k]:
@@ -543,7 +545,7 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
             if any(keep(b, t) for t in feed[b][1:k + 1]):
                 continue
             valid[b, start + k + 1:] = False  # rejected drafts become holes
-            feed[b] = [verified[b][k]] + [int(h[b, k].argmax()) for h in heads[1:]]
+            feed[b] = [verified[b][k]] + [d[b][k] for d in drafts]
     return out, accepted, proposed
 
 
