@@ -79,6 +79,8 @@ KEYS = [
     _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding"),
     _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"]),
     _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal"),
+    _k("x0_mix", False, "each block reads a learned blend a*x + b*x0 of the residual stream and the token "
+       "embeddings (a=1, b=0 at init)"),
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences"),
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json"),

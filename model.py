@@ -51,6 +51,7 @@ class GPTConfig:
     pad_vocab_to: int = 64
     attn_backend: str = "sdpa"
     attn_window: int = 0
+    x0_mix: bool = False         # each block reads a learned blend of the residual stream and the embeddings
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -234,8 +235,15 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = make_norm(c), CausalSelfAttention(c, layer_idx)
         self.ln_2, self.mlp = make_norm(c), MLP(c)
+        # x0_mix: the block's input is a * x + b * x0, a blend of the residual stream and the token
+        # embeddings, so every layer can reach the token's identity directly (modded-nanogpt).
+        # a = 1, b = 0 at init: the plain residual stream.
+        self.x0_weights = nn.Parameter(torch.tensor([1.0, 0.0])) if c.x0_mix else None
 
-    def forward(self, x, rope=None, mask=CAUSAL, cache=None):
+    def forward(self, x, x0, rope=None, mask=CAUSAL, cache=None):
+        """x: the residual stream (B, T, C); x0: the embedded tokens (B, T, C), read with x0_mix."""
+        if self.x0_weights is not None:
+            x = self.x0_weights[0] * x + self.x0_weights[1] * x0
         x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -285,9 +293,10 @@ class GPT(nn.Module):
         doc_ids (B, T): keep attention inside documents. cache: a KVCache to read and extend.
         valid (B, Tcache + T) bool: False marks left padding (batched prompts of unequal length).
         """
-        x, rope, mask = self.inputs(idx, doc_ids, cache, valid)
+        x0, rope, mask = self.inputs(idx, doc_ids, cache, valid)
+        x = x0
         for block in self.transformer.h:
-            x = block(x, rope, mask, cache)
+            x = block(x, x0, rope, mask, cache)
         if cache is not None:
             cache.length += idx.shape[1]
         return x
@@ -316,10 +325,11 @@ class GPT(nn.Module):
         """Every head's logits at every position: a list of n tensors (B, T, V); head i's row t
         predicts token t+i. With a cache, the extra heads' blocks read and extend it too; valid
         as in trunk()."""
-        x, rope, mask = self.inputs(idx, doc_ids, cache, valid)
+        x0, rope, mask = self.inputs(idx, doc_ids, cache, valid)
+        x = x0
         for block in self.transformer.h[:-1]:
-            x = block(x, rope, mask, cache)
-        out = [self.head(block(x, rope, mask, cache)) for block in [self.transformer.h[-1], *self.mtp]]
+            x = block(x, x0, rope, mask, cache)
+        out = [self.head(block(x, x0, rope, mask, cache)) for block in [self.transformer.h[-1], *self.mtp]]
         if cache is not None:
             cache.length += idx.shape[1]
         return out
@@ -382,9 +392,10 @@ class GPT(nn.Module):
         gradients add up at the trunk output, and the trunk is back-propagated once. Peak logit
         memory is one head's instead of n heads' (the paper's memory-efficient schedule)."""
         from torch.utils.checkpoint import checkpoint
-        z, rope, mask = self.inputs(idx, doc_ids)
+        x0, rope, mask = self.inputs(idx, doc_ids)
+        z = x0
         for block in self.transformer.h[:-1]:  # the shared trunk
-            z = block(z, rope, mask)
+            z = block(z, x0, rope, mask)
         blocks = [self.transformer.h[-1], *self.mtp]
         losses = []
         for i, block in enumerate(blocks):
@@ -392,7 +403,7 @@ class GPT(nn.Module):
             shifted[:, :targets.shape[1] - i] = targets[:, i:]
 
             def head_loss(z, block=block, shifted=shifted):
-                return cross_entropy(self.head(block(z, rope, mask)), shifted)
+                return cross_entropy(self.head(block(z, x0, rope, mask)), shifted)
 
             if memory_efficient and torch.is_grad_enabled():
                 losses.append(checkpoint(head_loss, z, use_reentrant=False))

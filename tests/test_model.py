@@ -200,6 +200,25 @@ def test_every_option_combination_overfits_one_batch(n_kv_head):
         assert loss.item() < 0.25 * first, (kw, first, loss.item())
 
 
+def test_x0_mix_starts_as_the_plain_model_then_blends_in_the_embeddings():
+    plain = seeded_model(tiny(pos="rope"))
+    mixed = GPT(tiny(pos="rope", x0_mix=True)).eval()
+    missing = mixed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["transformer.h.0.x0_weights", "transformer.h.1.x0_weights"]
+    x = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(mixed(x)[0], plain(x)[0])  # a = 1, b = 0: the plain residual stream
+    _, loss = mixed(x, torch.roll(x, -1, 1))
+    loss.backward()
+    assert all(b.x0_weights.grad[1].abs() > 0 for b in mixed.transformer.h)  # b learns from the start
+    with torch.no_grad():
+        for b in mixed.transformer.h:
+            b.x0_weights.copy_(torch.tensor([0.7, 0.5]))
+        assert not torch.allclose(mixed(x)[0], plain(x)[0])
+    prompts = [[3, 4, 5], [9]]  # each position's x0 is its own token's embedding: caching still holds
+    assert mixed.generate(prompts, 40, temperature=0) == mixed.generate(prompts, 40, temperature=0, use_cache=False)
+
+
 def test_flex_forward_runs_without_grad_on_cpu():
     m = seeded_model(tiny(attn_backend="flex", attn_window=8))
     with torch.no_grad():

@@ -32,12 +32,13 @@ def test_head_i_predicts_token_t_plus_i():
     x = torch.randint(0, 97, (2, 32))
     y = torch.roll(x, -1, 1)
     losses = m.head_losses(x, y, memory_efficient=False)
-    z, rope, mask = m.inputs(x)
+    x0, rope, mask = m.inputs(x)
+    z = x0
     for block in m.transformer.h[:-1]:
-        z = block(z, rope, mask)
+        z = block(z, x0, rope, mask)
     all_heads = m.multi_head_logits(x)
     for i, block in enumerate([m.transformer.h[-1], *m.mtp]):
-        logits = m.head(block(z, None, "causal"))
+        logits = m.head(block(z, x0, None, "causal"))
         assert torch.allclose(all_heads[i], logits, atol=1e-6)
         # head i+1 at position t predicts x[t + i + 1] = y[t + i]; the last i positions have no target
         expected = F.cross_entropy(logits[:, :32 - i].flatten(0, 1), y[:, i:].flatten())
