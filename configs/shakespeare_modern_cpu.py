@@ -1,7 +1,7 @@
 # The quick-start budget (4 layers x 128, batch 12 x 64, 2000 steps on a 2-core CPU) with the
-# modern block, a SwiGLU MLP and Muon: val 1.561 against the classic quick start's 1.77, with
-# fewer parameters (812k vs 818k). Aimed at val 1.87 instead, 350 steps get there in a third of
-# the classic's time (docs/benchmarks.md):
+# modern block, a SwiGLU MLP, x0 mixing and Muon: val 1.536 against the classic quick start's
+# 1.759 (whole val split), with fewer parameters (812k vs 818k). Aimed at val 1.87 instead, 350
+# steps get there in 0.40-0.43 of the classic's time (docs/benchmarks.md):
 #   python train.py configs/shakespeare_modern_cpu.py
 #   python train.py configs/shakespeare_modern_cpu.py --max_iters=350 --warmup_iters=50 --eval_interval=50
 out_dir = "out/shakespeare_modern_cpu"
@@ -10,7 +10,8 @@ tokenizer = "char"
 device = "cpu"
 preset = "modern"
 optimizer = "muon"
-mlp = "swiglu"          # ReLU2 (the preset's): val 1.567
+mlp = "swiglu"          # ReLU2 (the preset's): val 1.567 (20-batch estimates, docs/LOG.md)
+x0_mix = True           # blocks blend in the token embeddings: val 1.537 vs 1.544 without (3 seeds)
 
 n_layer = 4
 n_head = 4
