@@ -49,13 +49,16 @@ def test_head_i_predicts_token_t_plus_i():
     assert w(x, y)[1].item() == pytest.approx((lw[0] + 0.5 * lw[1] + 0.25 * lw[2]).item() / 1.75, rel=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2), dict(attn_window=5)])
+@pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2), dict(attn_window=5), dict(x0_mix=True)])
 def test_memory_efficient_gradients_equal_naive(kw):
     x = torch.randint(0, 97, (2, 32))
     y = torch.roll(x, -1, 1)
     grads = []
     for efficient in (True, False):
         m = mtp_model(4, **kw)
+        for block in [*m.transformer.h, *m.mtp]:
+            if block.x0_weights is not None:  # away from the identity, so x0 carries gradient
+                block.x0_weights.data = torch.tensor([0.8, 0.3])
         losses = m.head_losses(x, y, memory_efficient=efficient)
         (sum(losses) / 4).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
