@@ -14,8 +14,8 @@ import time
 import torch
 
 from config import cli_config
-from train import (LMTask, autocast_context, build_model, configure_optimizer, ensure_data, peak_flops,
-                   pick_device, pick_dtype, train_step)
+from train import (LMTask, autocast_context, build_model, configure_optimizer, ensure_data, keep_freed_memory,
+                   peak_flops, pick_device, pick_dtype, train_step)
 
 WARMUP, TIMED = 5, 20
 
@@ -23,6 +23,8 @@ WARMUP, TIMED = 5, 20
 def measure(cfg, compile_model):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as train.setup() does
     meta = ensure_data(cfg, master=True)
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, meta).to(device)
