@@ -179,14 +179,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, mask, cache):
         c, B, T = self.c, x.shape[0], x.shape[1]
-        q, k, v = self.c_attn(x).split([c.n_head * self.hd, c.n_kv_head * self.hd, c.n_kv_head * self.hd], dim=-1)
-        q = q.view(B, T, c.n_head, self.hd)     # (B, T, nh, hd)
-        k = k.view(B, T, c.n_kv_head, self.hd)  # (B, T, nkv, hd)
-        v = v.view(B, T, c.n_kv_head, self.hd)
+        qk, v = self.c_attn(x).split([(c.n_head + c.n_kv_head) * self.hd, c.n_kv_head * self.hd], dim=-1)
+        # q and k heads side by side (B, T, nh + nkv, hd): one norm and one rotation serve both
+        qk = qk.view(B, T, c.n_head + c.n_kv_head, self.hd)
         if c.qk_norm:
-            q, k = F.rms_norm(q, (self.hd,)), F.rms_norm(k, (self.hd,))
+            qk = F.rms_norm(qk, (self.hd,))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([c.n_head, c.n_kv_head], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
+        v = v.view(B, T, c.n_kv_head, self.hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         backend = c.attn_backend
         if cache is not None:
