@@ -50,7 +50,7 @@ def newton_schulz(G, steps=5, dtype=None, eps=1e-7):
     for _ in range(steps):
         A = X @ X.mT
         # baddbmm(M, P, Q, beta, alpha) = beta M + alpha P Q in one kernel: no separate
-        # elementwise passes, which cost as much as the matmuls at this size in bf16 on a CPU
+        # elementwise passes (a quarter of the iteration's time in bf16 on a CPU, docs/LOG.md)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         X = torch.baddbmm(X, B, X, beta=a)           # a X + B X
     if tall:

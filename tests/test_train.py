@@ -1,4 +1,6 @@
 import os
+import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -187,12 +189,11 @@ def test_quick_start_end_to_end(tmp_path):
     assert time.time() - t0 < 120
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="keep_freed_memory tunes glibc's malloc")
 def test_keep_freed_memory_stops_refaulting_freed_buffers():
     """Without it glibc gives 40 MiB of freed tensors back to the OS and the next step faults all
     of it in again (5 rounds x 10 x 1024 pages = 51,200 faults); with it the memory is reused."""
-    import resource
     T.keep_freed_memory()
 
     def step():
