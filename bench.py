@@ -14,26 +14,24 @@ import time
 import torch
 
 from config import cli_config
-from train import (LMTask, autocast_context, build_model, configure_optimizer, ensure_data, keep_freed_memory,
-                   peak_flops, pick_device, pick_dtype, train_step)
+from plumbing import Processes, ensure_data, load_model, peak_flops, setup_compute
+from train import LMTask, configure_optimizer, train_step
 
 WARMUP, TIMED = 5, 20
 
 
 def measure(cfg, compile_model):
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as train.setup() does
+    """One process: the model, optimizer and batches training would use, timed step by step."""
+    compute = setup_compute(cfg)  # the same device, dtype, autocast and TF32 setting as training
+    device, dtype, autocast = compute.device, compute.dtype, compute.autocast
     meta = ensure_data(cfg, master=True)
     torch.manual_seed(cfg.seed)
-    raw = build_model(cfg, meta).to(device)
+    raw = load_model(cfg, "scratch", meta).model.to(device)
     model = torch.compile(raw) if compile_model else raw
     optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    task = LMTask(cfg, {"world": 1, "rank": 0, "device": device}, meta)
+    task = LMTask(cfg, Processes(0, 1, device), meta)
     loader = task.loader
-    autocast = autocast_context(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

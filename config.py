@@ -9,7 +9,8 @@ A run's config is built in three layers, later layers winning:
 Config files and overrides are applied in the order they appear on the command line, so
 `python train.py configs/a.py --lr=1e-3 configs/b.py` lets b.py override the learning rate again.
 An unknown key is an error that suggests the closest known key; a value of the wrong type is an
-error that names the key, the expected type and what was given. `--help` lists every key.
+error that names the key, the expected type and what was given. Each key also records which
+scripts read it, so `python X.py --help` lists the keys X reads (then only the names of the rest).
 
 Read it as: KEYS (the table), then load_config() (how argv becomes a Config).
 """
@@ -28,142 +29,184 @@ class Key:
     default: object
     help: str
     choices: tuple = ()
+    scripts: tuple = ()  # the scripts that read it: train, finetune, evaluate, sample, bench, prepare
 
     @property
     def type(self):
         return type(self.default)
 
 
-def _k(name, default, help, choices=()):
-    return Key(name, default, help, tuple(choices))
+# who reads what: the groups of scripts the table below names
+EVERY = ("prepare", "train", "finetune", "evaluate", "sample", "bench")
+PREPARE = ("prepare",)
+MAKES_DATA = ("prepare", "train", "finetune", "bench")  # train & co. prepare the built-in data when missing
+FRESH_MODEL = ("train", "finetune", "bench")           # a fresh model's shape (a loaded one brings its own)
+LOADS_MODEL = ("train", "finetune", "evaluate", "sample", "bench")
+TRAINS = ("train", "finetune")
+STEPS = ("train", "finetune", "bench")                 # one optimizer step
+FINETUNE = ("finetune",)
+EVALUATE = ("evaluate",)
+SAMPLE = ("sample",)
+DECODES = ("evaluate", "sample")
+
+
+def _k(name, default, help, choices=(), scripts=EVERY):
+    return Key(name, default, help, tuple(choices), tuple(scripts))
 
 
 KEYS = [
     # ---- data & tokenizers (prepare/*.py, and every script that reads token files) ----
-    _k("data_dir", "", "folder with train/val/test.bin and meta.json; empty = data/{dataset}_{tokenizer}"),
+    _k("data_dir", "", "folder with train/val/test.bin and meta.json; empty = data/{dataset}_{tokenizer}",
+       scripts=("prepare", "train", "finetune", "evaluate", "bench")),
     _k("dataset", "shakespeare", "what train.py prepares when data_dir is empty: 'shakespeare' or 'none'",
-       ["shakespeare", "none"]),
-    _k("tokenizer", "char", "tokenizer used when preparing data", ["char", "gpt2", "sentencepiece"]),
-    _k("sp_vocab_size", 4096, "sentencepiece vocabulary size to train"),
-    _k("sp_model_type", "bpe", "sentencepiece algorithm", ["bpe", "unigram"]),
+       ["shakespeare", "none"], MAKES_DATA),
+    _k("tokenizer", "char", "tokenizer used when preparing data", ["char", "gpt2", "sentencepiece"], MAKES_DATA),
+    _k("sp_vocab_size", 4096, "sentencepiece vocabulary size to train", scripts=MAKES_DATA),
+    _k("sp_model_type", "bpe", "sentencepiece algorithm", ["bpe", "unigram"], MAKES_DATA),
     _k("gpt2_bpe_path", "", "a local gpt2.tiktoken ranks file; wins over every other source"),
     _k("cache_dir", "data/cache", "where downloaded source archives are kept for offline reruns"),
-    _k("input", "", "prepare/text.py: comma-separated text files or folders (each file is a document)"),
-    _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation"),
-    _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split"),
-    _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders"),
-    _k("task_dir", "", "folder of a task set's train/val/test.jsonl; empty = data/shakespeare_{task}"),
+    _k("input", "", "prepare/text.py: comma-separated text files or folders (each file is a document)",
+       scripts=PREPARE),
+    _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation", scripts=PREPARE),
+    _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split", scripts=PREPARE),
+    _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders", scripts=PREPARE),
+    _k("task_dir", "", "folder of a task set's train/val/test.jsonl; empty = data/shakespeare_{task}",
+       scripts=("prepare", "finetune", "evaluate")),
     _k("token_dtype", "auto", "dtype of token files; auto = uint16 when the vocabulary fits",
-       ["auto", "uint16", "uint32"]),
+       ["auto", "uint16", "uint32"], MAKES_DATA),
     # ---- model (model.GPTConfig) ----
     _k("preset", "", "set the architecture keys at once: gpt2 (the classic) or modern (see PRESETS); applied "
-       "where it appears, so later keys still override", ["", "gpt2", "modern"]),
-    _k("n_layer", 6, "transformer blocks"),
-    _k("n_head", 6, "attention (query) heads"),
-    _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)"),
-    _k("n_embd", 384, "residual stream width"),
-    _k("block_size", 256, "context length in tokens"),
-    _k("dropout", 0.0, "dropout on embeddings, attention and residual branches"),
-    _k("bias", True, "biases in linear layers and LayerNorm (GPT-2 has them)"),
-    _k("norm", "layernorm", "normalisation layer", ["layernorm", "rmsnorm"]),
-    _k("pos", "learned", "position encoding", ["learned", "rope"]),
-    _k("rope_theta", 10000.0, "RoPE base frequency"),
-    _k("mlp", "gelu", "MLP type", ["gelu", "swiglu", "relu2"]),
-    _k("qk_norm", False, "RMS-normalise queries and keys per head before attention"),
-    _k("tie_embeddings", True, "share the token embedding with the output head"),
-    _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off"),
+       "where it appears, so later keys still override", ["", "gpt2", "modern"], FRESH_MODEL),
+    _k("n_layer", 6, "transformer blocks", scripts=FRESH_MODEL),
+    _k("n_head", 6, "attention (query) heads", scripts=FRESH_MODEL),
+    _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)", scripts=FRESH_MODEL),
+    _k("n_embd", 384, "residual stream width", scripts=FRESH_MODEL),
+    _k("block_size", 256, "context length in tokens (fine-tuning: at most the base model's)", scripts=FRESH_MODEL),
+    _k("dropout", 0.0, "dropout on embeddings, attention and residual branches", scripts=FRESH_MODEL),
+    _k("bias", True, "biases in linear layers and LayerNorm (GPT-2 has them)", scripts=FRESH_MODEL),
+    _k("norm", "layernorm", "normalisation layer", ["layernorm", "rmsnorm"], FRESH_MODEL),
+    _k("pos", "learned", "position encoding", ["learned", "rope"], FRESH_MODEL),
+    _k("rope_theta", 10000.0, "RoPE base frequency", scripts=FRESH_MODEL),
+    _k("mlp", "gelu", "MLP type", ["gelu", "swiglu", "relu2"], FRESH_MODEL),
+    _k("qk_norm", False, "RMS-normalise queries and keys per head before attention", scripts=FRESH_MODEL),
+    _k("tie_embeddings", True, "share the token embedding with the output head", scripts=FRESH_MODEL),
+    _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off", scripts=FRESH_MODEL),
     _k("mtp_heads", 1, "multi-token prediction: heads for tokens t+1..t+n, each one block on the shared "
-       "trunk; 1 = off"),
-    _k("mtp_weights", "", "comma-separated loss weight per multi-token head; empty = equal weights"),
-    _k("zero_init_proj", False, "initialise the projections into the residual stream (attn and MLP c_proj) to zero"),
-    _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding"),
-    _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"]),
-    _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal"),
+       "trunk; 1 = off", scripts=FRESH_MODEL),
+    _k("mtp_weights", "", "comma-separated loss weight per multi-token head; empty = equal weights",
+       scripts=FRESH_MODEL),
+    _k("zero_init_proj", False, "initialise the projections into the residual stream (attn and MLP c_proj) "
+       "to zero", scripts=FRESH_MODEL),
+    _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding",
+       scripts=LOADS_MODEL),
+    _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"], LOADS_MODEL),
+    _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal", scripts=FRESH_MODEL),
     _k("x0_mix", False, "each block reads a learned blend a*x + b*x0 of the residual stream and the token "
-       "embeddings (a=1, b=0 at init)"),
-    _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences"),
+       "embeddings (a=1, b=0 at init)", scripts=FRESH_MODEL),
+    _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences", scripts=STEPS),
     # ---- training (train.py, shared by finetune.py) ----
-    _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json"),
-    _k("init_from", "scratch", "scratch | resume (out_dir/ckpt_last.pt) | hf:PATH | gpt2[-medium|-large|-xl]; "
-       "finetune.py also takes a run folder or checkpoint file"),
-    _k("seed", 1337, "random seed for init, data order and dropout"),
-    _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"),
-    _k("dtype", "auto", "compute dtype; auto = bfloat16 on GPUs that support it, else float32",
-       ["auto", "float32", "bfloat16", "float16"]),
-    _k("compile", False, "torch.compile the model"),
-    _k("batch_size", 12, "sequences per micro-batch per process"),
-    _k("gradient_accumulation_steps", 1, "micro-batches per optimizer step per process"),
-    _k("max_iters", 5000, "optimizer steps (ignored when epochs > 0)"),
-    _k("epochs", 0.0, "passes over the training tokens; > 0 sets max_iters from it"),
-    _k("optimizer", "adamw", "adamw, or muon: Muon for the blocks' 2-D weights, AdamW for the rest", ["adamw", "muon"]),
-    _k("muon_lr", 0.02, "Muon's peak learning rate (the schedule scales it like learning_rate)"),
-    _k("muon_momentum", 0.95, "Muon's Nesterov momentum"),
-    _k("ns_steps", 5, "Newton-Schulz iterations per Muon step"),
-    _k("learning_rate", 6e-4, "peak learning rate (AdamW)"),
-    _k("min_lr", 6e-5, "learning rate at the end of the decay"),
-    _k("lr_schedule", "cosine", "warmup then cosine decay, or warmup-stable-decay", ["cosine", "wsd", "constant"]),
-    _k("warmup_iters", 100, "linear warmup steps"),
-    _k("decay_frac", 0.2, "wsd: fraction of max_iters spent in the final linear decay"),
-    _k("weight_decay", 0.1, "AdamW weight decay, applied to 2-D weights only"),
-    _k("beta1", 0.9, "AdamW beta1"),
-    _k("beta2", 0.95, "AdamW beta2"),
-    _k("grad_clip", 1.0, "clip the global gradient norm to this; 0 = off"),
-    _k("eval_interval", 250, "steps between evaluations and checkpoints"),
-    _k("eval_iters", 20, "batches averaged for each train/val loss estimate"),
-    _k("log_interval", 10, "steps between loss log lines"),
-    _k("overfit_patience", 3, "warn when val loss rose this many evals in a row while train loss fell"),
-    _k("wandb_log", False, "log to Weights & Biases (offline unless WANDB_MODE is set)"),
-    _k("wandb_project", "gpt", "wandb project name"),
-    _k("wandb_run_name", "run", "wandb run name"),
-    _k("plot", True, "refresh out_dir/loss.png at each evaluation"),
+    _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json; evaluate.py and "
+       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample")),
+    _k("init_from", "scratch", "scratch | resume (out_dir/ckpt_last.pt) | hf:PATH | gpt2[-medium|-large|-xl] "
+       "| a run folder or checkpoint file", scripts=("train", "finetune", "evaluate", "sample")),
+    _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL),
+    _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps", scripts=LOADS_MODEL),
+    _k("dtype", "auto", "compute dtype (autocast); auto = bfloat16 on GPUs that support it, else float32",
+       ["auto", "float32", "bfloat16", "float16"], LOADS_MODEL),
+    _k("compile", False, "torch.compile the model (bench.py measures both)", scripts=TRAINS),
+    _k("batch_size", 12, "sequences per micro-batch per process (evaluate.py: per scoring batch)",
+       scripts=("train", "finetune", "bench", "evaluate")),
+    _k("gradient_accumulation_steps", 1, "micro-batches per optimizer step in all, shared by the processes: "
+       "the global batch does not change with their number (must divide by it)", scripts=STEPS),
+    _k("max_iters", 5000, "optimizer steps (ignored when epochs > 0)", scripts=TRAINS),
+    _k("epochs", 0.0, "passes over the training tokens; > 0 sets max_iters from it", scripts=TRAINS),
+    _k("optimizer", "adamw", "adamw, or muon: Muon for the hidden matrices (the blocks' 2-D weights), AdamW for "
+       "the rest", ["adamw", "muon"], STEPS),
+    _k("muon_lr", 0.02, "Muon's peak learning rate (the schedule scales it like learning_rate)", scripts=STEPS),
+    _k("muon_momentum", 0.95, "Muon's Nesterov momentum", scripts=STEPS),
+    _k("muon_weight_decay", 0.0, "Muon's decoupled weight decay: each step multiplies its matrices by "
+       "1 - muon_lr_t * muon_weight_decay", scripts=STEPS),
+    _k("ns_steps", 5, "Newton-Schulz iterations per Muon step", scripts=STEPS),
+    _k("learning_rate", 6e-4, "peak learning rate (AdamW)", scripts=STEPS),
+    _k("min_lr", 6e-5, "learning rate at the end of the decay", scripts=TRAINS),
+    _k("lr_schedule", "cosine", "warmup then cosine decay, or warmup-stable-decay", ["cosine", "wsd", "constant"],
+       TRAINS),
+    _k("warmup_iters", 100, "linear warmup steps", scripts=TRAINS),
+    _k("decay_frac", 0.2, "wsd: fraction of max_iters spent in the final linear decay", scripts=TRAINS),
+    _k("weight_decay", 0.1, "AdamW's decoupled weight decay of 2-D weights: each step multiplies them by "
+       "1 - lr_t * weight_decay (Muon's matrices: muon_weight_decay)", scripts=STEPS),
+    _k("beta1", 0.9, "AdamW beta1", scripts=STEPS),
+    _k("beta2", 0.95, "AdamW beta2", scripts=STEPS),
+    _k("grad_clip", 1.0, "clip the global gradient norm to this; 0 = off", scripts=STEPS),
+    _k("eval_interval", 250, "steps between evaluations and checkpoints", scripts=TRAINS),
+    _k("eval_iters", 20, "batches averaged for each train/val loss estimate", scripts=TRAINS),
+    _k("log_interval", 10, "steps between loss log lines (and, under torchrun, checks for a stop signal)",
+       scripts=TRAINS),
+    _k("overfit_patience", 3, "warn when val loss rose this many evals in a row while train loss fell",
+       scripts=TRAINS),
+    _k("wandb_log", False, "log to Weights & Biases (offline unless WANDB_MODE is set)", scripts=TRAINS),
+    _k("wandb_project", "gpt", "wandb project name", scripts=TRAINS),
+    _k("wandb_run_name", "run", "wandb run name", scripts=TRAINS),
+    _k("plot", True, "refresh out_dir/loss.png at each evaluation", scripts=TRAINS),
     _k("best_metric", "val_loss", "metric that picks ckpt_best.pt and drives early stopping (val_loss: lower "
-       "is better; a task metric such as val_macro_f1: higher is better)"),
-    _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off"),
-    _k("min_delta", 0.0, "early stopping: smallest change of best_metric that counts as improvement"),
+       "is better; a task metric such as val_macro_f1: higher is better)", scripts=TRAINS),
+    _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off", scripts=TRAINS),
+    _k("min_delta", 0.0, "early stopping: smallest change of best_metric that counts as improvement",
+       scripts=TRAINS),
     # ---- fine-tuning (finetune.py) ----
     _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "
-       "completion only; classify: a classification head on text -> label JSONL", ["lm", "sft", "classify"]),
-    _k("lr_layer_decay", 1.0, "layer-wise LR: block i gets lr * decay^(n_layer - i), embeddings the lowest; 1 = off"),
+       "completion only; classify: a classification head on text -> label JSONL", ["lm", "sft", "classify"],
+       FINETUNE),
+    _k("lr_layer_decay", 1.0, "layer-wise LR: block i gets lr * decay^(n_layer - i), embeddings the lowest; "
+       "1 = off", scripts=FINETUNE),
     _k("unfreeze_every", 0, "gradual unfreezing: head + last block first, one more block from the top every N "
-       "steps, embeddings last; 0 = everything trains from the start"),
-    _k("freeze", "", "comma-separated regular expressions of parameter names to keep frozen (e.g. 'wte,wpe')"),
-    _k("lora_rank", 0, "LoRA adapters of this rank on lora_targets (base weights frozen); 0 = off"),
-    _k("lora_alpha", 16.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A"),
-    _k("lora_dropout", 0.0, "dropout on the LoRA branch's input"),
-    _k("lora_targets", "c_attn,c_proj,c_fc", "comma-separated names of the linear layers that get adapters"),
-    _k("classify_pool", "last", "classify: the hidden state the head reads", ["last", "mean"]),
-    _k("skip_long", False, "sft: skip (and count) examples whose prompt does not fit block_size instead of "
-       "stopping with an error"),
+       "steps, embeddings last; 0 = everything trains from the start", scripts=FINETUNE),
+    _k("freeze", "", "comma-separated regular expressions of parameter names to keep frozen (e.g. 'wte,wpe')",
+       scripts=FINETUNE),
+    _k("lora_rank", 0, "LoRA adapters of this rank on lora_targets (base weights frozen); 0 = off",
+       scripts=FINETUNE),
+    _k("lora_alpha", 16.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A", scripts=FINETUNE),
+    _k("lora_dropout", 0.0, "dropout on the LoRA branch's input", scripts=FINETUNE),
+    _k("lora_targets", "c_attn,c_proj,c_fc", "comma-separated names of the linear layers that get adapters",
+       scripts=FINETUNE),
+    _k("classify_pool", "last", "classify: the hidden state the head reads", ["last", "mean"], FINETUNE),
+    _k("skip_long", False, "sft (and evaluate.py generate): skip (and count) examples whose prompt does not fit "
+       "block_size instead of stopping with an error", scripts=("finetune", "evaluate")),
     _k("keep_mtp_heads", True, "a multi-token base model keeps its extra heads (they train on the task too); "
-       "False drops them and fine-tunes the plain next-token model (classify always drops them)"),
+       "False drops them and fine-tunes the plain next-token model (classify always drops them)",
+       scripts=FINETUNE),
     _k("sft_packing", False, "sft: pack several examples per row (needs doc_mask to keep them apart) "
-       "instead of one padded example per row"),
+       "instead of one padded example per row", scripts=FINETUNE),
     # ---- evaluation (evaluate.py) ----
     _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple "
-       "choice; harness: lm-evaluation-harness tasks", ["lm", "generate", "classify", "choice", "harness"]),
-    _k("harness_tasks", "", "harness: comma-separated lm-evaluation-harness task names"),
-    _k("harness_include", "", "harness: a folder of your own YAML task definitions (offline, local data)"),
-    _k("eval_split", "test", "which split to evaluate", ["train", "val", "test"]),
+       "choice; harness: lm-evaluation-harness tasks", ["lm", "generate", "classify", "choice", "harness"],
+       EVALUATE),
+    _k("harness_tasks", "", "harness: comma-separated lm-evaluation-harness task names", scripts=EVALUATE),
+    _k("harness_include", "", "harness: a folder of your own YAML task definitions (offline, local data)",
+       scripts=EVALUATE),
+    _k("eval_split", "test", "which split to evaluate", ["train", "val", "test"], EVALUATE),
     _k("eval_stride", 0, "lm: sliding-window stride in tokens; each token keeps block_size-stride context; "
-       "0 = block_size//2"),
-    _k("task_file", "", "a JSONL task file; empty = task_dir/{eval_split}.jsonl"),
-    _k("max_examples", 0, "evaluate only the first N examples of a task file; 0 = all"),
-    _k("prompt_template", "{prompt}\n### Response:\n", "how a prompt is shown to the model (generate, sft)"),
+       "0 = block_size//2", scripts=EVALUATE),
+    _k("task_file", "", "a JSONL task file; empty = task_dir/{eval_split}.jsonl", scripts=EVALUATE),
+    _k("max_examples", 0, "use only the first N examples of a task file; 0 = all", scripts=("finetune", "evaluate")),
+    _k("prompt_template", "{prompt}\n### Response:\n", "how a prompt is shown to the model (sft, generate)",
+       scripts=("finetune", "evaluate")),
     _k("classify_template", "{text}\nLabel:",
-       "zero-shot classify: context before each label's verbalisation ' {label}'"),
+       "zero-shot classify: context before each label's verbalisation ' {label}'", scripts=EVALUATE),
     # ---- sampling (sample.py) ----
-    _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"]),
-    _k("start", "\n", "prompt text, or FILE:path to read it from a file"),
-    _k("num_samples", 3, "samples to draw"),
-    _k("max_new_tokens", 500, "tokens to generate per sample"),
-    _k("temperature", 0.8, "sampling temperature; 0 = greedy"),
-    _k("top_k", 200, "keep the k most likely tokens; 0 = off"),
-    _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off"),
-    _k("stop", "", "stop a sample when this string appears (end-of-text always stops)"),
+    _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"], DECODES),
+    _k("start", "\n", "prompt text, or FILE:path to read it from a file", scripts=SAMPLE),
+    _k("num_samples", 3, "samples to draw", scripts=SAMPLE),
+    _k("max_new_tokens", 500, "tokens to generate per sample (evaluate.py: at most, per answer)", scripts=DECODES),
+    _k("temperature", 0.8, "sampling temperature; 0 = greedy", scripts=DECODES),
+    _k("top_k", 200, "keep the k most likely tokens; 0 = off", scripts=DECODES),
+    _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off", scripts=DECODES),
+    _k("stop", "", "stop a sample when this string appears (end-of-text always stops)", scripts=SAMPLE),
     _k("speculative", False, "greedy self-speculative decoding with the multi-token heads (needs mtp_heads > 1, "
-       "temperature=0); reports acceptance and speed against plain decoding"),
-    _k("kv_cache", True, "decode with the KV cache (False recomputes the whole sequence each token)"),
-    _k("export_hf", "", "sample.py: write the model as a Hugging Face folder here instead of sampling"),
+       "temperature=0); reports acceptance and speed against plain decoding", scripts=SAMPLE),
+    _k("kv_cache", True, "decode with the KV cache (False recomputes the whole sequence each token)",
+       scripts=SAMPLE),
+    _k("export_hf", "", "write the model as a Hugging Face folder here instead of sampling", scripts=SAMPLE),
 ]
 KEY_BY_NAME = {k.name: k for k in KEYS}
 
@@ -260,11 +303,26 @@ def read_config_file(path):
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def help_text(script):
-    lines = [f"usage: python {script} [config.py ...] [--key=value ...]", "", "keys (default: meaning):"]
+def script_name(path):
+    """'train' for train.py, 'prepare' for any prepare/*.py."""
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) == "prepare":
+        return "prepare"
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def help_text(script_path):
+    """The keys this script reads, each with its default and meaning; then the other keys' names
+    (valid everywhere, since a config file may be shared between scripts, but unused here)."""
+    script = script_name(script_path)
+    lines = [f"usage: python {script_path} [config.py ...] [--key=value ...]", "",
+             f"keys {script}.py reads (default: meaning):"]
     for k in KEYS:
-        choices = f" {{{'|'.join(map(str, k.choices))}}}" if k.choices else ""
-        lines.append(f"  --{k.name}={k.default!r}{choices}\n      {k.help}")
+        if script in k.scripts:
+            choices = f" {{{'|'.join(map(str, k.choices))}}}" if k.choices else ""
+            lines.append(f"  --{k.name}={k.default!r}{choices}\n      {k.help}")
+    others = [k.name for k in KEYS if script not in k.scripts]
+    if others:
+        lines += ["", f"other scripts' keys (accepted, unused by {script}.py): {', '.join(others)}"]
     return "\n".join(lines)
 
 

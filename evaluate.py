@@ -25,6 +25,9 @@ Tasks (eval_task):
             in lm_eval_adapter.py: harness_tasks names them, harness_include adds a folder of
             local YAML tasks, so it runs fully offline on local data.
 
+Every task runs under the same device, dtype and autocast as training (plumbing.setup_compute).
+Scoring helpers shared with fine-tuning and the harness adapter live in tasks.py.
+
 Results are merged into out_dir/eval.json (each with dataset, split, checkpoint, tokenizer and
 config), appended as a markdown table to out_dir/eval.md, and loss curves from metrics.jsonl are
 redrawn to out_dir/loss.png.
@@ -37,57 +40,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from config import cli_config
-from prepare.common import DataError, read_tokens, task_dir_of
-from train import plot_losses, read_metrics
-
-
-@torch.no_grad()
-def lm_metrics(model, ids, block_size, stride, batch_size, device, progress=True):
-    """Total and mean negative log-likelihood of ids[1:] given everything before, with a sliding
-    window of block_size tokens that advances by stride. Returns (total nats, tokens scored,
-    mean loss of each multi-token head): head i is scored at the same positions as head 1, for
-    token t+i where the window holds it ([] for a one-head model)."""
-    from tqdm import tqdm
-    n = len(ids)
-    if n < 2:
-        raise DataError("the split has fewer than 2 tokens: nothing to score")
-    stride = min(stride, block_size)
-    windows = []  # (begin, end, first scored target index within the window)
-    scored_until = 0  # targets ids[1 .. scored_until] are done
-    for begin in range(0, n - 1, stride):
-        end = min(begin + block_size, n - 1)  # inputs ids[begin:end], targets ids[begin+1:end+1]
-        windows.append((begin, end, scored_until - begin))
-        scored_until = end
-        if end == n - 1:
-            break
-    total, count = 0.0, 0
-    n_heads = getattr(model.config, "mtp_heads", 1)
-    head_total, head_count = [0.0] * n_heads, [0] * n_heads
-    for i in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
-        batch = windows[i:i + batch_size]
-        width = max(end - begin for begin, end, _ in batch)
-        x = torch.zeros(len(batch), width, dtype=torch.long)
-        y = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: not scored here
-        for row, (begin, end, first) in enumerate(batch):
-            chunk = torch.from_numpy(ids[begin:end + 1].astype("int64"))
-            x[row, :end - begin] = chunk[:-1]
-            y[row, first:end - begin] = chunk[1 + first:]
-        heads = model.multi_head_logits(x.to(device)) if n_heads > 1 else [model(x.to(device))[0]]
-        for h, logits in enumerate(heads):
-            target = y.clone()
-            if h:  # head h+1 at a scored position t predicts y[t + h]
-                target[:, :-h] = torch.where(y[:, :-h] >= 0, y[:, h:], -1)
-                target[:, -h:] = -1
-            loss = F.cross_entropy(logits.float().flatten(0, 1), target.to(device).flatten(), ignore_index=-1,
-                                   reduction="sum")
-            head_total[h] += loss.item()
-            head_count[h] += int((target >= 0).sum())
-    total, count = head_total[0], head_count[0]
-    assert count == n - 1, "every token after the first is scored exactly once"
-    return total, count, ([t / c for t, c in zip(head_total, head_count)] if n_heads > 1 else [])
+from generate import generate
+from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
+from prepare.common import DataError, read_tokens
+from tasks import (classification_report, keep_last, lm_metrics, prompt_ids, read_jsonl, sequence_logprob,
+                   task_path)
 
 
 def text_length(tok, ids):
@@ -105,7 +64,7 @@ def eval_lm(model, tok, cfg, data_dir, device):
     ids = read_tokens(path)
     stride = cfg.eval_stride or max(1, model.config.block_size // 2)
     t0 = time.time()
-    total, count, heads = lm_metrics(model, ids, model.config.block_size, stride, cfg.batch_size, device)
+    total, count, heads = lm_metrics(model, ids, stride, cfg.batch_size, device)
     seconds = time.time() - t0
     chars, nbytes = text_length(tok, ids[1:])
     mean = total / count
@@ -116,51 +75,6 @@ def eval_lm(model, tok, cfg, data_dir, device):
 
 
 # ----------------------------------------------------------------------------- task files
-
-def read_jsonl(path, fields, max_examples=0):
-    """Records of a JSONL file, each checked for `fields`; errors name the line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such task file (set task_file or task_dir)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (needs {', '.join(fields)})")
-            rows.append(row)
-            if max_examples and len(rows) == max_examples:
-                break
-    if not rows:
-        raise DataError(f"{path}: empty task file")
-    return rows
-
-
-def task_path(cfg, default_task):
-    return cfg.task_file or os.path.join(task_dir_of(cfg, default_task), f"{cfg.eval_split}.jsonl")
-
-
-@torch.no_grad()
-def continuation_score(model, context, continuation, device):
-    """(log p(continuation | context) summed over its tokens, whether greedy decoding would
-    produce exactly this continuation). The context is cropped on the left to fit block_size."""
-    ids = (context + continuation)[-(model.config.block_size + 1):]
-    x = torch.tensor([ids[:-1]], device=device)
-    logits, _ = model(x)
-    logp = F.log_softmax(logits[0].float(), dim=-1)[-len(continuation):]  # (n, V)
-    targets = torch.tensor(ids[-len(continuation):], device=device)
-    greedy = bool((logp.argmax(dim=-1) == targets).all())
-    return logp.gather(1, targets[:, None]).sum().item(), greedy
-
-
-def sequence_logprob(model, context, continuation, device):
-    return continuation_score(model, context, continuation, device)[0]
-
 
 def eval_generate(model, tok, cfg, device, out_dir):
     import sacrebleu
@@ -192,12 +106,6 @@ def eval_generate(model, tok, cfg, device, out_dir):
     return result
 
 
-def prompt_ids(tok, template, prompt):
-    """What a model reads before its answer, in fine-tuning and evaluation alike: end-of-text
-    (a document starts here, as in pretraining) and the prompt shown through the template."""
-    return [tok.eot_id] + tok.encode(template.format(prompt=prompt))
-
-
 def decoding_name(cfg):
     if cfg.temperature == 0:
         return "greedy"
@@ -215,66 +123,56 @@ def generate_all(model, tok, cfg, prompts, device):
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generating", unit="batch"):
         idx = order[start:start + cfg.batch_size]
         budget = min(cfg.max_new_tokens, 2 * max(len(encoded[i]) for i in idx) + 16)
-        new = model.generate([encoded[i] for i in idx], budget, cfg.temperature, cfg.top_k, cfg.top_p,
-                             stop_ids={tok.eot_id}, generator=gen)
+        new = generate(model, [encoded[i] for i in idx], budget, cfg.temperature, cfg.top_k, cfg.top_p,
+                       stop_ids={tok.eot_id}, generator=gen)
         for i, ids in zip(idx, new):
             outputs[i] = tok.decode([t for t in ids if t != tok.eot_id]).strip()
     return outputs
 
 
-def classification_report(gold, pred, labels):
-    """Accuracy, per-class and macro precision/recall/F1, confusion matrix (rows gold, cols pred).
-    A class never predicted has precision 0 (no true positives), as in scikit-learn's default."""
-    index = {label: i for i, label in enumerate(labels)}
-    confusion = [[0] * len(labels) for _ in labels]
-    for g, p in zip(gold, pred):
-        confusion[index[g]][index[p]] += 1
-    per_class = {}
-    for label, i in index.items():
-        tp = confusion[i][i]
-        predicted = sum(row[i] for row in confusion)
-        actual = sum(confusion[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    macro = {k: sum(c[k] for c in per_class.values()) / len(labels) for k in ("precision", "recall", "f1")}
-    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
-    return {"accuracy": accuracy, "macro_precision": macro["precision"], "macro_recall": macro["recall"],
-            "macro_f1": macro["f1"], "per_class": per_class, "labels": list(labels), "confusion": confusion}
-
-
-def eval_classify(model, tok, cfg, device, out_dir, classify_fn=None, labels=None):
-    """classify_fn(text) -> label replaces zero-shot scoring (a fine-tuned classification head)."""
+def eval_classify(model, tok, cfg, device, out_dir, classifier=None, labels=None):
+    """classifier (text -> (label, was the text cut to fit)) replaces zero-shot scoring: a
+    fine-tuned classification head (head_classifier)."""
     from tqdm import tqdm
     path = task_path(cfg, "genre")
     rows = read_jsonl(path, ["text", "label"], cfg.max_examples)
     labels = labels or sorted({r["label"] for r in rows})
-    method = "zero-shot label likelihood" if classify_fn is None else "classification head"
+    method = "zero-shot label likelihood" if classifier is None else "classification head"
     for i, r in enumerate(rows):
         if r["label"] not in labels:
             raise DataError(f"{path}: record {i + 1} has label {r['label']!r}, not in the label set {labels}")
-    if classify_fn is None:
-        verbal = {label: tok.encode(f" {label}") for label in labels}
-
-        def classify_fn(text):
-            context = tok.encode(cfg.classify_template.format(text=text))
-            return max(labels, key=lambda label: sequence_logprob(model, context, verbal[label], device))
-    pred = [classify_fn(r["text"]) for r in tqdm(rows, desc="classifying", unit="example")]
-    report = classification_report([r["label"] for r in rows], pred, labels)
+    classifier = classifier or zero_shot_classifier(model, tok, labels, cfg, device)
+    pred, cut = zip(*[classifier(r["text"]) for r in tqdm(rows, desc="classifying", unit="example")])
+    report = classification_report([r["label"] for r in rows], list(pred), labels)
     report["method"] = method
+    report["truncated"] = sum(cut)  # texts the model could not read whole
+    if report["truncated"]:
+        print(f"warning: {path}: {report['truncated']} of {len(rows)} texts are longer than the model's context "
+              f"({model.config.block_size} tokens); it read only their last tokens")
     print_confusion(report)
     plot_confusion(report, os.path.join(out_dir, f"confusion_{cfg.eval_split}.png"))
     return report
 
 
-def head_classifier(model, tok, labels, cfg, device):
-    """classify_fn for a fine-tuned GPTClassifier: text -> its predicted label."""
+def zero_shot_classifier(model, tok, labels, cfg, device):
+    """text -> (the label whose verbalisation ' {label}' is likeliest after classify_template,
+    whether the text had to be cut on the left to leave room for the longest label)."""
+    verbal = {label: tok.encode(f" {label}") for label in labels}
+    room = model.config.block_size - max(map(len, verbal.values()))
+
+    def classify(text):
+        context, cut = keep_last(tok.encode(cfg.classify_template.format(text=text)), room)
+        return max(labels, key=lambda label: sequence_logprob(model, context, verbal[label], device)), cut
+    return classify
+
+
+def head_classifier(model, tok, labels, device):
+    """text -> (a fine-tuned GPTClassifier's label, whether the text was cut to fit the context)."""
     @torch.no_grad()
     def classify(text):
-        ids = ([tok.eot_id] + tok.encode(text))[-model.config.block_size:]
+        ids, cut = keep_last([tok.eot_id] + tok.encode(text), model.config.block_size)
         logits, _ = model(torch.tensor([ids], device=device), torch.tensor([len(ids)], device=device))
-        return labels[logits.argmax().item()]
+        return labels[logits.argmax().item()], cut
     return classify
 
 
@@ -286,7 +184,7 @@ def eval_choice(model, tok, cfg, device):
     for i, r in enumerate(tqdm(rows, desc="choosing", unit="example")):
         if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
             raise DataError(f"{path}: record {i + 1}: answer {r['answer']!r} is not an index into its choices")
-        context = tok.encode(r["context"])
+        context = [tok.eot_id] + tok.encode(r["context"])  # a document starts at end-of-text
         scores = [sequence_logprob(model, context, tok.encode(c), device) for c in r["choices"]]
         raw += max(range(len(scores)), key=scores.__getitem__) == r["answer"]
         normed = [s / max(1, len(c)) for s, c in zip(scores, r["choices"])]
@@ -383,31 +281,18 @@ def main(argv=None):
         if len(argv) < i + 3:
             raise SystemExit("error: --compare needs two run folders: --compare DIR_A DIR_B")
         return compare(argv[i + 1], argv[i + 2])
-    from sample import load_model_and_tokenizer
-    from train import pick_device
     cfg = cli_config(argv)
-    device = pick_device(cfg.device)
-    model, tok, tok_meta, source = load_model_and_tokenizer(cfg, device)
-    data_dir = source["data_dir"] or cfg.data_dir
+    compute = setup_compute(cfg)
+    model, tok, loaded = load_for_inference(cfg, compute.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        if cfg.eval_task == "lm":
-            metrics, dataset = eval_lm(model, tok, cfg, data_dir, device), data_dir
-        elif cfg.eval_task == "generate":
-            metrics, dataset = eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")
-        elif cfg.eval_task == "classify":
-            head = head_classifier(model, tok, source["labels"], cfg, device) if source["labels"] else None
-            metrics = eval_classify(model, tok, cfg, device, cfg.out_dir, head, source["labels"])
-            dataset = task_path(cfg, "genre")
-        elif cfg.eval_task == "choice":
-            metrics, dataset = eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
-        else:
-            from lm_eval_adapter import run_harness
-            metrics, dataset = run_harness(model, tok, cfg, device), cfg.harness_tasks
+        with compute.autocast:
+            metrics, dataset = run_task(model, tok, cfg, compute.device, loaded)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
-    entry = {"task": cfg.eval_task, "dataset": dataset, "split": cfg.eval_split, "checkpoint": source["checkpoint"],
-             "tokenizer": tok_meta["kind"], "metrics": metrics, "config": cfg.to_dict()}
+    entry = {"task": cfg.eval_task, "dataset": dataset, "split": cfg.eval_split, "checkpoint": loaded.source,
+             "tokenizer": loaded.tokenizer["kind"], "dtype": str(compute.dtype).removeprefix("torch."),
+             "metrics": metrics, "config": cfg.to_dict()}
     save_result(cfg.out_dir, f"{cfg.eval_task}:{dataset_name(dataset, cfg.eval_split)}:{cfg.eval_split}", entry)
     for k, v in flat_numbers(metrics).items():
         print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
@@ -415,6 +300,22 @@ def main(argv=None):
     if os.path.isfile(metrics_path) and read_metrics(metrics_path):
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
     print(f"saved {cfg.out_dir}/eval.json and eval.md")
+
+
+def run_task(model, tok, cfg, device, loaded):
+    """(metrics, dataset name) of cfg.eval_task."""
+    if cfg.eval_task == "lm":
+        data_dir = loaded.data_dir or cfg.data_dir
+        return eval_lm(model, tok, cfg, data_dir, device), data_dir
+    if cfg.eval_task == "generate":
+        return eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")
+    if cfg.eval_task == "classify":
+        head = head_classifier(model, tok, loaded.labels, device) if loaded.labels else None
+        return eval_classify(model, tok, cfg, device, cfg.out_dir, head, loaded.labels), task_path(cfg, "genre")
+    if cfg.eval_task == "choice":
+        return eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
+    from lm_eval_adapter import run_harness
+    return run_harness(model, tok, cfg, device), cfg.harness_tasks
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ regularisation, early stopping, layer-wise learning rates, gradual unfreezing, f
     python finetune.py configs/finetune_genre.py       # classify: comedy / history / tragedy
     python finetune.py --task=lm --init_from=out/base --data_dir=data/tragedies --out_dir=out/adapted
 
-The loop, checkpoints, logging and resume are train.py's own (fit()); this file only adds what
-is particular to fine-tuning. Read it in order:
+The loop, checkpoints, logging and resume are train.py's own (fit()); the starting weights
+come from plumbing.load_model like every script's. This file only adds what is particular to
+fine-tuning. Read it in order:
   1. load_base()        the starting weights (init_from=DIR of a run, a .pt file, hf:PATH, gpt2
-                        names) and their tokenizer, which every task reuses
+                        names, or scratch) and their tokenizer, which every task reuses
   2. the three tasks    lm (token files), sft (prompt -> completion, loss on the completion
                         only), classify (a head on the trunk); each has loader, loss and evaluate
   3. techniques         dropout, freezing by name, LoRA, layer-wise LR decay, gradual unfreezing
@@ -22,42 +23,32 @@ import re
 
 import torch
 
+from adapters import GPTClassifier, add_lora
 from config import cli_config
-from evaluate import classification_report, prompt_ids, read_jsonl
-from model import GPT, GPTClassifier, GPTConfig, add_lora, document_ids
-from prepare.common import DataError, load_meta, task_dir_of
-from tokenizer import GPT2_META, from_meta
-from train import (LMTask, RandomBatches, fit, gpt2_weights, is_gpt2_source, load_checkpoint, model_from_checkpoint,
-                   setup)
+from model import check_flex_dropout, document_ids
+from plumbing import RandomBatches, load_model, micro_batches_per_process, read_meta, setup_processes
+from prepare.common import DataError, task_dir_of
+from tasks import classification_report, keep_last, prompt_ids, read_jsonl
+from tokenizer import from_meta
+from train import LMTask, fit, heldout_losses
 
 # ----------------------------------------------------------------------------- 1. the base model
 
 
 def load_base(cfg):
     """(GPT with the starting weights, tokenizer meta) from init_from."""
-    source = cfg.init_from
-    if is_gpt2_source(source):
-        return gpt2_weights(cfg), GPT2_META
-    if source == "scratch":  # the no-transfer baseline: same task, fresh weights, data_dir's tokenizer
-        from train import ensure_data
-        meta = ensure_data(cfg, master=True)
-        return GPT(GPTConfig.from_config(cfg, meta["vocab_size"])), meta["tokenizer"]
-    path = source
-    if os.path.isdir(path):
-        path = next((p for p in (os.path.join(source, "ckpt_best.pt"), os.path.join(source, "ckpt_last.pt"))
-                     if os.path.isfile(p)), os.path.join(source, "ckpt_best.pt"))
-    if not os.path.exists(path):
-        raise SystemExit(f"error: init_from={source}: no such run folder or checkpoint file; give one, hf:PATH, "
-                         f"a GPT-2 name, or scratch (fresh weights, the no-transfer baseline)")
-    ckpt = load_checkpoint(path)
-    if "finetune" in ckpt and ckpt["finetune"].get("task") == "classify":
-        raise SystemExit(f"error: init_from={source} is a classifier; start from a language model")
-    tok_meta = ckpt.get("tokenizer") or load_meta(ckpt["config"]["data_dir"])["tokenizer"]
-    return model_from_checkpoint(ckpt), tok_meta
+    loaded = load_model(cfg)
+    if loaded.labels:
+        raise SystemExit(f"error: init_from={cfg.init_from} is a classifier; start from a language model")
+    return loaded.model, loaded.tokenizer
 
 
 def set_dropout(model, p):
     """Fine-tuning often wants more dropout than pretraining had: set every dropout layer to p."""
+    try:
+        check_flex_dropout(model.config.attn_backend, p)
+    except ValueError as e:
+        raise SystemExit(f"error: dropout={p}: {e}") from None
     model.config.dropout = p
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -92,7 +83,7 @@ def sft_examples(path, tok, cfg):
     return examples
 
 
-def pack(examples, block_size, pad_id):
+def pack(examples, block_size):
     """Greedily concatenate examples into rows of at most block_size tokens."""
     rows, x, y = [], [], []
     for ex_x, ex_y in examples:
@@ -116,53 +107,52 @@ def pad_batch(rows, pad_id):
 class ExampleLoader(RandomBatches):
     """Random batches of whole examples, padded per batch."""
 
-    def __init__(self, rows, pad_id, cfg, dist):
+    def __init__(self, rows, pad_id, cfg, procs):
         self.rows, self.pad_id = rows, pad_id
-        super().__init__(len(rows), cfg.batch_size, cfg.gradient_accumulation_steps, dist["world"], dist["rank"],
-                         cfg.seed, dist["device"])
+        super().__init__(len(rows), cfg.batch_size, micro_batches_per_process(cfg, procs.world), procs.world,
+                         procs.rank, cfg.seed, procs.device)
 
     def make_batch(self, picks):
         return self.to_device(*pad_batch([self.rows[i] for i in picks], self.pad_id))
+
+    def count_tokens(self, picks):
+        return sum(len(self.rows[i][0]) for i in picks)
 
 
 class SFTTask:
     """Supervised fine-tuning: next-token loss on completion tokens only."""
 
-    def __init__(self, cfg, dist, tok, task_dir):
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs = cfg, procs
         self.doc_eot = tok.eot_id if cfg.doc_mask else None
         self.splits = {}
         for split in ("train", "val"):
             examples = sft_examples(os.path.join(task_dir, f"{split}.jsonl"), tok, cfg)
-            self.splits[split] = pack(examples, cfg.block_size, tok.eot_id) if cfg.sft_packing else examples
+            self.splits[split] = pack(examples, cfg.block_size) if cfg.sft_packing else examples
         if cfg.sft_packing and not cfg.doc_mask:
             print("warning: sft_packing without doc_mask lets packed examples attend to each other")
         self.pad_id = tok.eot_id
-        self.loader = ExampleLoader(self.splits["train"], tok.eot_id, cfg, dist)
+        self.loader = ExampleLoader(self.splits["train"], tok.eot_id, cfg, procs)
         self.train_size = len(self.splits["train"])
-        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * dist["world"]
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
 
     def loss(self, model, batch):
         x, y = batch
         return model(x, y, doc_ids=document_ids(x, self.doc_eot) if self.doc_eot is not None else None)[1]
 
-    @torch.no_grad()
     def evaluate(self, model, autocast):
-        """Mean completion-token loss over the whole val split and as many train rows."""
-        model.eval()
+        """Mean completion-token loss of head 1 (and of every head of a multi-token model) over
+        the whole val split and as many train rows, the rows shared among the processes."""
         out = {}
+        B, rank, world = self.cfg.batch_size, self.procs.rank, self.procs.world
         for split in ("train", "val"):
             rows = self.splits[split][:len(self.splits["val"])]
-            total = count = 0
-            for i in range(0, len(rows), self.cfg.batch_size):
-                x, y = pad_batch(rows[i:i + self.cfg.batch_size], self.pad_id)
-                x, y = x.to(self.dist["device"]), y.to(self.dist["device"])
-                with autocast:
-                    n = int((y >= 0).sum())
-                    total += self.loss(model, (x, y)).item() * n
-                    count += n
-            out[split] = total / count
-        model.train()
+            batches = (self.loader.to_device(*pad_batch(rows[i:i + B], self.pad_id))
+                       for i in range(rank * B, len(rows), world * B))
+            losses = heldout_losses(model, batches, autocast, self.procs, self.doc_eot)
+            out[split] = losses[0]
+            if split == "val" and len(losses) > 1:
+                out.update({f"val_head{i + 1}": m for i, m in enumerate(losses)})
         return out
 
 
@@ -180,20 +170,26 @@ class ClassifyLoader(ExampleLoader):
 class ClassifyTask:
     """text -> label with GPTClassifier; the label set comes from the train split."""
 
-    def __init__(self, cfg, dist, tok, task_dir):
-        self.cfg, self.dist, self.tok = cfg, dist, tok
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs, self.tok = cfg, procs, tok
         data = {s: read_jsonl(os.path.join(task_dir, f"{s}.jsonl"), ["text", "label"], cfg.max_examples)
                 for s in ("train", "val")}
         self.labels = sorted({r["label"] for r in data["train"]})
         unknown = sorted({r["label"] for r in data["val"]} - set(self.labels))
         if unknown:
             raise DataError(f"label sets differ between splits: val has {unknown}, train only {self.labels}")
-        # keep a passage's end when it is too long: 'last' pooling reads the final token
-        self.splits = {s: [(([tok.eot_id] + tok.encode(r["text"]))[-cfg.block_size:], self.labels.index(r["label"]))
-                           for r in rows] for s, rows in data.items()}
-        self.loader = ClassifyLoader(self.splits["train"], tok.eot_id, cfg, dist)
+        self.splits, self.truncated = {}, {}
+        for split, rows in data.items():
+            # keep a passage's end when it is too long: 'last' pooling reads the final token
+            cut = [keep_last([tok.eot_id] + tok.encode(r["text"]), cfg.block_size) for r in rows]
+            self.splits[split] = [(ids, self.labels.index(r["label"])) for (ids, _), r in zip(cut, rows)]
+            self.truncated[split] = sum(was_cut for _, was_cut in cut)
+            if self.truncated[split] and procs.master:
+                print(f"warning: {task_dir}/{split}.jsonl: {self.truncated[split]} of {len(rows)} texts are longer "
+                      f"than block_size={cfg.block_size} tokens; the model reads only their last {cfg.block_size}")
+        self.loader = ClassifyLoader(self.splits["train"], tok.eot_id, cfg, procs)
         self.train_size = len(self.splits["train"])
-        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * dist["world"]
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
 
     def loss(self, model, batch):
         return model(*batch)[1]
@@ -205,7 +201,7 @@ class ClassifyTask:
         preds, total = [], 0.0
         for i in range(0, len(rows), self.cfg.batch_size):
             chunk = rows[i:i + self.cfg.batch_size]
-            batch = [t.to(self.dist["device"]) for t in classify_batch(chunk, self.tok.eot_id)]
+            batch = [t.to(self.procs.device) for t in classify_batch(chunk, self.tok.eot_id)]
             with autocast:
                 logits, loss = model(*batch)
             total += loss.item() * len(batch[0])
@@ -227,20 +223,11 @@ class ClassifyTask:
 
 # ----------------------------------------------------------------------------- 3. techniques
 
-def depth_of(name, n_layer):
-    """Where a parameter sits: block i -> i; embeddings -> -1 (lowest); final norm and heads ->
-    n_layer (top). A tied output head is the embedding table, so it counts as an embedding."""
-    m = re.search(r"\.h\.(\d+)\.", f".{name}")
-    if m:
-        return int(m.group(1))
-    if "wte" in name or "wpe" in name:
-        return -1
-    return n_layer
-
-
-def layer_lr_scale(decay, n_layer):
-    """lr_scale for configure_optimizer: the top gets the full LR, each block below decay x less."""
-    return lambda name: decay ** (n_layer - depth_of(name, n_layer))
+def layer_lr_scales(model, decay):
+    """{name: factor} for configure_optimizer: the top (final norm, heads) gets the full LR, each
+    block below decay x less, the embeddings the least (depths from GPT.parameter_depths)."""
+    top = model.config.n_layer
+    return {name: decay ** (top - depth) for name, depth in model.parameter_depths().items()}
 
 
 def unfrozen_depth(it, every, n_layer):
@@ -249,15 +236,18 @@ def unfrozen_depth(it, every, n_layer):
     return max(-1, n_layer - 1 - it // every)
 
 
-def gradual_unfreezing(every, n_layer):
-    """grad_filter for fit(): drop the gradients of parameters still frozen at this step. (Dropping
-    gradients rather than toggling requires_grad keeps DDP's buckets valid; AdamW leaves a
-    parameter without a gradient untouched, weight decay included.)"""
-    def drop_frozen(it, model):
-        lowest = unfrozen_depth(it, every, n_layer)
-        for name, p in model.named_parameters():
-            if depth_of(name, n_layer) < lowest:
-                p.grad = None
+def gradual_unfreezing(every, model):
+    """grad_filter(it) for fit(): drop the gradients of the model's parameters still frozen at
+    step `it`. (Dropping gradients rather than toggling requires_grad keeps DDP's buckets
+    valid; AdamW leaves a parameter without a gradient untouched, weight decay included.)"""
+    depths = model.parameter_depths()
+    params = dict(model.named_parameters())
+
+    def drop_frozen(it):
+        lowest = unfrozen_depth(it, every, model.config.n_layer)
+        for name, depth in depths.items():
+            if depth < lowest:
+                params[name].grad = None
     return drop_frozen
 
 
@@ -275,39 +265,41 @@ def freeze_by_pattern(model, patterns):
 
 # ----------------------------------------------------------------------------- 4. putting it together
 
-def build_finetune_model(cfg, base, task, ckpt=None):
-    """The model fit() trains: the base weights in the task's model with LoRA adapters if asked,
-    or, when resuming, the run's own model. Freezing applies either way. Returns (model, lora)."""
-    if ckpt is not None:
-        model, lora = model_from_checkpoint(ckpt, merge=False), ckpt["finetune"]["lora"]
-    else:
-        model, lora = base, None
-        if not cfg.keep_mtp_heads or cfg.task == "classify":  # a classifier never uses them
-            model.drop_mtp_heads()
-        if cfg.task == "classify":
-            model = GPTClassifier(base.config, len(task.labels), cfg.classify_pool)
-            missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
-            assert all(k.startswith("cls_head.") for k in missing), missing
-        if cfg.lora_rank > 0:
-            lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                    "targets": [t for t in cfg.lora_targets.split(",") if t]}
-            if add_lora(model, **lora) == 0:
-                raise SystemExit(f"error: lora_targets={cfg.lora_targets!r} names no linear layer in the blocks")
-    if lora:
-        for name, p in model.named_parameters():  # only the adapters (and a new head) train
-            p.requires_grad_("lora_" in name or name.startswith("cls_head."))
-    freeze_by_pattern(model, cfg.freeze)
+def build_finetune_model(cfg, base, task):
+    """The model fit() trains: the base weights in the task's model, with LoRA adapters if
+    asked, and freezing applied. Returns (model, lora settings or None)."""
+    model, lora = base, None
+    if not cfg.keep_mtp_heads or cfg.task == "classify":  # a classifier never uses them
+        model.drop_mtp_heads()
+    if cfg.task == "classify":
+        model = GPTClassifier(base.config, len(task.labels), cfg.classify_pool)
+        missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+        assert all(k.startswith("cls_head.") for k in missing), missing
+    if cfg.lora_rank > 0:
+        lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                "targets": [t for t in cfg.lora_targets.split(",") if t]}
+        if add_lora(model, **lora) == 0:
+            raise SystemExit(f"error: lora_targets={cfg.lora_targets!r} names no linear layer in the blocks")
+    apply_freezing(model, cfg, lora)
     return model, lora
 
 
+def apply_freezing(model, cfg, lora):
+    """With LoRA only the adapters (and a new head) train; freeze= patterns freeze more."""
+    if lora:
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name or name.startswith("cls_head."))
+    freeze_by_pattern(model, cfg.freeze)
+
+
 def finetune(cfg):
-    dist = setup(cfg)
+    procs = setup_processes(cfg)
     ckpt, base = None, None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt"))
+        loaded = load_model(cfg)
+        ckpt, model_to_resume, tok_meta = loaded.checkpoint, loaded.model, loaded.tokenizer
         if "finetune" not in ckpt or ckpt["finetune"]["task"] != cfg.task:
             raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt is not a task={cfg.task} fine-tuning run")
-        tok_meta = ckpt["tokenizer"]
     else:
         base, tok_meta = load_base(cfg)
         set_dropout(base, cfg.dropout)
@@ -315,39 +307,42 @@ def finetune(cfg):
             raise SystemExit(f"error: block_size={cfg.block_size} exceeds the base model's {base.config.block_size}")
     try:
         tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
-        task = make_task(cfg, dist, tok, tok_meta)
+        task = make_task(cfg, procs, tok, tok_meta)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
-    model, lora = build_finetune_model(cfg, base, task, ckpt)
+    if ckpt is not None:
+        model, lora = model_to_resume, ckpt["finetune"]["lora"]
+        apply_freezing(model, cfg, lora)
+    else:
+        model, lora = build_finetune_model(cfg, base, task)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if dist["rank"] == 0:
+    if procs.master:
         print(f"fine-tuning {cfg.task}: {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
-    n_layer = model.config.n_layer
     extra = {"tokenizer": tok_meta, "finetune": {"task": cfg.task, "labels": getattr(task, "labels", None),
                                                  "classify_pool": cfg.classify_pool, "lora": lora}}
-    return fit(cfg, dist, model, task, ckpt,
-               lr_scale=layer_lr_scale(cfg.lr_layer_decay, n_layer) if cfg.lr_layer_decay != 1.0 else None,
-               grad_filter=gradual_unfreezing(cfg.unfreeze_every, n_layer) if cfg.unfreeze_every > 0 else None,
+    return fit(cfg, procs, model, task, ckpt,
+               lr_scales=layer_lr_scales(model, cfg.lr_layer_decay) if cfg.lr_layer_decay != 1.0 else None,
+               grad_filter=gradual_unfreezing(cfg.unfreeze_every, model) if cfg.unfreeze_every > 0 else None,
                extra_state=extra)
 
 
-def make_task(cfg, dist, tok, tok_meta):
+def make_task(cfg, procs, tok, tok_meta):
     """The task object fit() trains; its data must be in the base model's tokenizer."""
     if cfg.task == "lm":
-        meta = load_meta(cfg.data_dir)
+        meta = read_meta(cfg.data_dir)
         if meta["tokenizer"] != tok_meta:
             raise DataError(f"{cfg.data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
                             f"{meta['vocab_size']}), not the base model's {tok_meta['kind']} tokenizer; prepare it "
                             f"with the same tokenizer")
-        return LMTask(cfg, dist, meta)
+        return LMTask(cfg, procs, meta)
     name = "folio" if cfg.task == "sft" else "genre"
     task_dir = task_dir_of(cfg, name)
-    if not cfg.task_dir and not os.path.isfile(os.path.join(task_dir, "train.jsonl")) and dist["rank"] == 0:
+    if not cfg.task_dir and not os.path.isfile(os.path.join(task_dir, "train.jsonl")) and procs.master:
         print(f"{task_dir} is empty: preparing the {name} task set")
         importlib.import_module(f"prepare.{name}").prepare(cfg)
-    if dist["world"] > 1:
+    if procs.world > 1:
         torch.distributed.barrier()
-    return (SFTTask if cfg.task == "sft" else ClassifyTask)(cfg, dist, tok, task_dir)
+    return (SFTTask if cfg.task == "sft" else ClassifyTask)(cfg, procs, tok, task_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ Our checkpoints inside EleutherAI's lm-evaluation-harness (optional dependency: 
 
     python evaluate.py --out_dir=out/run --eval_task=harness --harness_tasks=my_task --harness_include=tasks/
 
-HarnessLM implements the harness's three requests on top of evaluate.py's scoring:
+HarnessLM implements the harness's three requests on top of the scoring in tasks.py:
   loglikelihood          log p(continuation | context) and whether greedy decoding yields it
   loglikelihood_rolling  a whole document's log-likelihood, sliding window as in eval_task=lm
   generate_until         KV-cache decoding until a stop string, end-of-text or max_gen_toks
@@ -13,7 +13,8 @@ An empty context is the end-of-text token, which opens every document in our tra
 import numpy as np
 from lm_eval.api.model import LM
 
-from evaluate import continuation_score, lm_metrics
+from generate import generate
+from tasks import continuation_score, lm_metrics
 
 
 class HarnessLM(LM):
@@ -33,9 +34,8 @@ class HarnessLM(LM):
         out = []
         for (text,) in (r.args for r in requests):
             ids = np.array(self._context(text), dtype=np.int64)
-            block = self.model.config.block_size
-            total, _, _ = lm_metrics(self.model, ids, block, max(1, block // 2), self.batch_size, self._device,
-                                  progress=False)
+            stride = max(1, self.model.config.block_size // 2)
+            total, _, _ = lm_metrics(self.model, ids, stride, self.batch_size, self._device, progress=False)
             out.append(-total)
         return out
 
@@ -45,9 +45,9 @@ class HarnessLM(LM):
             until = kw.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
             temperature = kw.get("temperature", 0.0) if kw.get("do_sample", False) else 0.0
-            new = self.model.generate([self._context(context)], kw.get("max_gen_toks", self.max_gen_toks), temperature,
-                                      stop_ids={self.tok.eot_id},
-                                      should_stop=lambda ids: any(u in self.tok.decode(ids) for u in until))[0]
+            new = generate(self.model, [self._context(context)], kw.get("max_gen_toks", self.max_gen_toks),
+                           temperature, stop_ids={self.tok.eot_id},
+                           should_stop=lambda ids: any(u in self.tok.decode(ids) for u in until))[0]
             text = self.tok.decode([t for t in new if t != self.tok.eot_id])
             for u in until:
                 text = text.split(u)[0]

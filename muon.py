@@ -5,9 +5,11 @@ step is W -= lr * scale * orth(M), where orth(M) keeps M's singular vectors and 
 singular values towards 1: every direction of the update gets a similar size, instead of a few
 dominant directions taking all of it.
 
-Muon is for 2-D hidden weights (the matmuls inside the blocks). Embeddings, the output head,
-norms and biases stay with AdamW: train.configure_optimizer() splits them and CombinedOptimizer
-steps both. Under DDP gradients are all-reduced before step(), so every process computes the
+Muon is for 2-D hidden weights (the matmuls inside the blocks, as GPT.hidden_matrices() names
+them). Embeddings, the output head, norms and biases stay with AdamW: train.configure_optimizer()
+splits them and CombinedOptimizer steps both. Weight decay is decoupled, as in AdamW: each step
+multiplies a matrix by 1 - lr * weight_decay, with Muon's own learning rate and decay
+(muon_weight_decay), so the two optimizers' decays are set independently. Under DDP gradients are all-reduced before step(), so every process computes the
 same update (redundantly; simple and exact).
 
 Read: newton_schulz() (the maths), Muon (momentum + orthogonalised step, same-shape matrices
@@ -98,10 +100,6 @@ class CombinedOptimizer:
     @property
     def param_groups(self):
         return [g for opt in self.optimizers for g in opt.param_groups]
-
-    @property
-    def state(self):
-        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
 
     def step(self):
         for opt in self.optimizers:

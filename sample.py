@@ -11,45 +11,15 @@ or from init_from=hf:PATH / a GPT-2 name. Text is decoded with the run's own tok
 from the checkpoint's data_dir meta.json); GPT-2 weights use GPT-2 BPE.
 """
 
-import os
 import sys
 import time
 
 import torch
 
 from config import cli_config
-from model import export_hf, speculative_generate
-from prepare.common import DataError, load_meta
-from tokenizer import GPT2_META, from_meta
-from train import (autocast_context, gpt2_weights, is_gpt2_source, load_checkpoint, model_from_checkpoint, pick_device,
-                   pick_dtype)
-
-
-def load_model_and_tokenizer(cfg, device):
-    """(model in eval mode, tokenizer, tokenizer meta, source) for sample.py and evaluate.py.
-    source: {"checkpoint": what was loaded, "data_dir": the run's data folder or None,
-             "labels": a fine-tuned classifier's label set, else None}."""
-    if is_gpt2_source(cfg.init_from):
-        model = gpt2_weights(cfg)
-        tok_meta = GPT2_META
-        source = {"checkpoint": cfg.init_from, "data_dir": None, "labels": None}
-    else:
-        path = os.path.join(cfg.out_dir, f"ckpt_{cfg.checkpoint}.pt")
-        if cfg.checkpoint == "best" and not os.path.isfile(path):
-            path = os.path.join(cfg.out_dir, "ckpt_last.pt")
-        ckpt = load_checkpoint(path)
-        try:  # checkpoints carry their tokenizer; older ones point at their data folder
-            tok_meta = ckpt.get("tokenizer") or load_meta(ckpt["config"]["data_dir"])["tokenizer"]
-        except DataError as e:
-            raise SystemExit(f"error: the tokenizer of {path}: {e}") from None
-        model = model_from_checkpoint(ckpt)
-        source = {"checkpoint": path, "data_dir": ckpt["config"]["data_dir"],
-                  "labels": (ckpt.get("finetune") or {}).get("labels")}
-    try:
-        tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load the tokenizer: {e}") from None
-    return model.to(device).eval(), tok, tok_meta, source
+from generate import generate, speculative_generate
+from hf import export_hf
+from plumbing import load_for_inference, setup_compute
 
 
 def read_prompt(start):
@@ -72,7 +42,7 @@ def compare_speculative(model, tok, prompt, cfg, autocast):
         t0 = time.time()
         with autocast:
             if name == "plain":
-                out = model.generate([prompt], cfg.max_new_tokens, 0, stop_ids={tok.eot_id})[0]
+                out = generate(model, [prompt], cfg.max_new_tokens, 0, stop_ids={tok.eot_id})[0]
             else:
                 (out,), accepted, proposed = speculative_generate(model, [prompt], cfg.max_new_tokens, {tok.eot_id})
         timings[name] = (out, time.time() - t0)
@@ -87,26 +57,25 @@ def compare_speculative(model, tok, prompt, cfg, autocast):
 def main():
     cfg = cli_config()
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    model, tok, tok_meta, source = load_model_and_tokenizer(cfg, device)
-    if source["labels"]:
-        raise SystemExit(f"error: {source['checkpoint']} is a classifier (labels {source['labels']}); "
+    compute = setup_compute(cfg)
+    model, tok, loaded = load_for_inference(cfg, compute.device)
+    if loaded.labels:
+        raise SystemExit(f"error: {loaded.source} is a classifier (labels {loaded.labels}); "
                          f"it does not generate text. Use evaluate.py --eval_task=classify")
     if cfg.export_hf:
-        print(export_hf(model, cfg.export_hf, tok_meta))
+        print(export_hf(model, cfg.export_hf, loaded.tokenizer))
         return
     prompt = tok.encode(read_prompt(cfg.start)) or [tok.eot_id]  # an empty prompt starts a new document
     stop_text = cfg.stop
     should_stop = (lambda ids: stop_text in tok.decode(ids)) if stop_text else None
-    autocast = autocast_context(device, pick_dtype(cfg.dtype, device))
     if cfg.speculative:
-        return compare_speculative(model, tok, prompt, cfg, autocast)
+        return compare_speculative(model, tok, prompt, cfg, compute.autocast)
     generated, seconds = 0, 0.0
     for i in range(cfg.num_samples):
         t0 = time.time()
-        with autocast:
-            out = model.generate([prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                 stop_ids={tok.eot_id}, should_stop=should_stop, use_cache=cfg.kv_cache)[0]
+        with compute.autocast:
+            out = generate(model, [prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                           stop_ids={tok.eot_id}, should_stop=should_stop, use_cache=cfg.kv_cache)[0]
         seconds += time.time() - t0
         generated += len(out)
         text = tok.decode(prompt + out)
@@ -116,7 +85,7 @@ def main():
         print(text)
         print("-" * 40 if i + 1 < cfg.num_samples else "")
     print(f"{generated} tokens in {seconds:.2f}s: {generated / max(seconds, 1e-9):.1f} tokens/s "
-          f"({'KV cache' if cfg.kv_cache else 'no cache'}, {device.type})", file=sys.stderr)
+          f"({'KV cache' if cfg.kv_cache else 'no cache'}, {compute.device.type})", file=sys.stderr)
 
 
 if __name__ == "__main__":

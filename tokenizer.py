@@ -11,10 +11,19 @@ from which from_meta() rebuilds the same tokenizer without the source data.
   copy shipped inside the openai-whisper sdist on PyPI (fetched once, sha256-checked, cached).
 - sentencepiece: BPE or unigram trained on the training split, with byte fallback so any text is
   encodable; the trained model is stored inside meta.json (base64 of its protobuf).
+
+build_tokenizer() makes the one named by the config (training char and sentencepiece on the
+training documents); write_gpt2_tokenizer_files() rebuilds transformers' vocab.json and
+merges.txt from tiktoken's ranks for a Hugging Face export.
 """
 
 import base64
+import io
+import json
+import math
 import os
+
+from prepare.common import DataError, fetch_sdist_member
 
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
@@ -86,12 +95,12 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train(cls, lines, vocab_size=4096, model_type="bpe"):
-        """Train on an iterable of text lines (the training split only)."""
-        import io
+        """Train on an iterable of text lines (the training split only), each at most
+        SP_MAX_LINE_BYTES of UTF-8 (see sentencepiece_lines)."""
         import sentencepiece as spm
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model,
+            sentence_iterator=iter(lines), model_writer=model, max_sentence_length=SP_MAX_LINE_BYTES,
             vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True,                 # any byte is encodable: no <unk> ever
             normalization_rule_name="identity",  # keep text exactly as given (we NFC it ourselves)
@@ -124,6 +133,51 @@ class SentencePieceTokenizer:
                 "model_b64": base64.b64encode(self.proto).decode("ascii")}
 
 
+# sentencepiece's trainer silently skips every line longer than max_sentence_length bytes: a
+# corpus with one long paragraph or speech per line would train on nothing at all
+SP_MAX_LINE_BYTES = 4192
+
+
+def sentencepiece_lines(texts, max_bytes=SP_MAX_LINE_BYTES):
+    """The lines of texts, each ending in a newline, with any line longer than max_bytes of UTF-8
+    cut into pieces that fit (at the last space of a piece where there is one)."""
+    for text in texts:
+        for line in text.split("\n"):
+            line += "\n"
+            while len(line.encode("utf-8")) > max_bytes:
+                piece = line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")  # whole characters
+                space = piece.rfind(" ")
+                piece = piece[:space + 1] if space > 0 else piece
+                yield piece
+                line = line[len(piece):]
+            yield line
+
+
+def build_tokenizer(cfg, train_texts):
+    """The tokenizer named by cfg.tokenizer; char and sentencepiece learn from train_texts (a
+    list of documents, the training split only) and record in .trained_on how much they read."""
+    if cfg.tokenizer == "gpt2":
+        return GPT2Tokenizer(cfg.gpt2_bpe_path, cfg.cache_dir)
+    if cfg.tokenizer == "char":
+        tok = CharTokenizer.train("".join(train_texts))
+        tok.trained_on = {"documents": len(train_texts), "characters": sum(map(len, train_texts))}
+        return tok
+    counted = {"lines": 0, "characters": 0}
+
+    def counting(lines):
+        for line in lines:
+            counted["lines"] += 1
+            counted["characters"] += len(line)
+            yield line
+    try:
+        tok = SentencePieceTokenizer.train(counting(sentencepiece_lines(train_texts)), cfg.sp_vocab_size,
+                                           cfg.sp_model_type)
+    except RuntimeError as e:  # e.g. a vocabulary larger than the text allows
+        raise DataError(f"sentencepiece could not train on the training split: {e}") from None
+    tok.trained_on = {"documents": len(train_texts), **counted}
+    return tok
+
+
 def from_meta(meta, bpe_path="", cache_dir="data/cache"):
     """Rebuild a tokenizer from the dict its meta() wrote (meta.json['tokenizer'])."""
     kind = meta["kind"]
@@ -149,7 +203,6 @@ def load_gpt2_encoding(bpe_path="", cache_dir="data/cache"):
         pass
     cached = os.path.join(cache_dir, "gpt2.tiktoken")
     if not os.path.isfile(cached):
-        from prepare.common import fetch_sdist_member
         fetch_sdist_member(*WHISPER_SDIST, GPT2_RANKS_MEMBER, GPT2_RANKS_SHA256, cached, cache_dir)
     return _gpt2_from_ranks_file(cached)
 
@@ -162,3 +215,53 @@ def _gpt2_from_ranks_file(path):
         raise ValueError(f"{path}: has {len(ranks)} BPE ranks, GPT-2 has {GPT2_EOT_ID}; wrong file?")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: GPT2_EOT_ID}, explicit_n_vocab=GPT2_EOT_ID + 1)
+
+
+# ----------------------------------------------------------------------------- GPT-2 files for transformers
+
+def write_gpt2_tokenizer_files(out_dir):
+    """vocab.json + merges.txt (transformers' GPT2Tokenizer format) from tiktoken's ranks."""
+    enc = load_gpt2_encoding()
+    ranks = enc._mergeable_ranks  # bytes -> rank; tiktoken keeps the table here
+    byte_char = gpt2_byte_to_unicode()
+
+    def as_text(token):
+        return "".join(byte_char[b] for b in token)
+    vocab = {as_text(tok): rank for tok, rank in ranks.items()}
+    vocab[EOT] = GPT2_EOT_ID
+    merges = [" ".join(as_text(p) for p in split_by_ranks(tok, ranks))
+              for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]) if len(tok) > 1]
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+                   "model_max_length": 1024}, f)
+
+
+def split_by_ranks(token, ranks):
+    """The two pieces BPE merged last to make `token`: replay BPE on its bytes using only merges
+    ranked below the token's own rank."""
+    parts = [bytes([b]) for b in token]
+    limit = ranks[token]
+    while len(parts) > 2:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
+        if ranks.get(parts[best] + parts[best + 1], math.inf) >= limit:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def gpt2_byte_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters:
+    printable latin-1 bytes map to themselves, the rest to code points from 256 upward."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping

@@ -8,8 +8,8 @@
 #   python train.py configs/shakespeare_modern_cpu.py --block_size=128 --muon_lr=0.02 \
 #       --out_dir=out/shakespeare_char_cpu128
 #   python finetune.py configs/finetune_folio.py --init_from=out/shakespeare_char_cpu128 --block_size=128 \
-#       --device=cpu --batch_size=32 --optimizer=muon --muon_lr=0.01 --learning_rate=1e-3 --min_lr=1e-4 \
-#       --dropout=0.0 --eval_interval=200 --out_dir=out/finetune_folio_cpu128
+#       --device=cpu --batch_size=32 --optimizer=muon --muon_lr=0.01 --muon_weight_decay=0.1 \
+#       --learning_rate=1e-3 --min_lr=1e-4 --dropout=0.0 --eval_interval=200 --out_dir=out/finetune_folio_cpu128
 #   python evaluate.py configs/finetune_folio.py --out_dir=out/finetune_folio_cpu128 --block_size=128 \
 #       --device=cpu --eval_task=generate --temperature=0 --batch_size=32
 task = "sft"

@@ -25,6 +25,7 @@ batch_size = 12
 max_iters = 2000
 learning_rate = 3e-3   # AdamW: embeddings, head, norms
 muon_lr = 0.005        # 0.02 reached 1.595, 0.01 1.576, 0.005 1.567, 0.0025 1.568 (docs/LOG.md)
+muon_weight_decay = 0.1  # each step x (1 - muon_lr_t * 0.1): what the figures above were measured with
 min_lr = 3e-4
 warmup_iters = 100
 eval_interval = 250

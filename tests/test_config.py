@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from config import KEYS, ConfigError, load_config
-from conftest import ROOT
 
 
 def test_defaults_and_types():
@@ -57,11 +57,31 @@ def test_bad_config_file(tmp_path):
         load_config([str(tmp_path / "missing.py")])
 
 
-def test_cli_help_and_one_line_errors():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "prepare/text.py"])
+def test_help_lists_the_keys_the_script_reads_first(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
+    name = "prepare" if script.startswith("prepare/") else script.removesuffix(".py")
+    mine, rest = out.stdout.split("other scripts' keys")
     for k in KEYS:
-        assert f"--{k.name}=" in out.stdout
+        assert (f"--{k.name}=" in mine) == (name in k.scripts), k.name
+        assert (name in k.scripts) or f" {k.name}," in rest or rest.rstrip().endswith(f" {k.name}"), k.name
+    assert "--temperature=" in mine if name == "sample" else "--temperature=" not in mine
+
+
+def test_every_key_is_read_by_the_code():
+    """A key nothing reads is a defect: each is read as cfg.<key>, or is a model field
+    (GPTConfig.from_config picks those by name), or is the preset bundle itself."""
+    from dataclasses import fields
+
+    from model import GPTConfig
+    source = "".join(p.read_text() for p in [*ROOT.glob("*.py"), *ROOT.glob("prepare/*.py")])
+    model_fields = {f.name for f in fields(GPTConfig)}
+    for k in KEYS:
+        assert f"cfg.{k.name}" in source or k.name in model_fields or k.name == "preset", k.name
+
+
+def test_cli_one_line_errors():
     bad = subprocess.run([sys.executable, "train.py", "--n_layr=2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip() == "error: --n_layr: unknown config key 'n_layr'; did you mean 'n_layer'?"

@@ -5,10 +5,18 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import CACHE, ROOT, make_cfg
-from prepare.common import (DataError, clean_text, dedup, read_tokens, scrub_pii, token_dtype, write_dataset,
-                            write_tokens)
+
+from prepare.common import (
+    DataError,
+    clean_text,
+    dedup,
+    read_tokens,
+    scrub_pii,
+    token_dtype,
+    write_dataset,
+    write_tokens,
+)
 from prepare.shakespeare import TEST_WORKS, VAL_WORKS, read_texts
 from tokenizer import CharTokenizer, GPT2Tokenizer, from_meta
 
@@ -189,12 +197,12 @@ def test_failed_prepare_keeps_no_half_output(tmp_path):
     cfg = make_cfg(data_dir=str(tmp_path / "d"), token_dtype="uint16", tokenizer="char")
     splits = {"train": [("a", "abc")], "val": [("b", "abc")], "test": []}
     with pytest.raises(DataError):
-        write_dataset(splits, cfg, {})
+        write_dataset(splits, CharTokenizer.train("abc"), cfg, {})
     assert not (tmp_path / "d" / "meta.json").exists()
     chars = {"train": [("a", "".join(map(chr, range(0x4E00, 0x4E00 + 70000))))], "val": [("b", "x")],
              "test": [("c", "y")]}
     with pytest.raises(DataError, match="uint16 cannot hold"):
-        write_dataset(chars, cfg, {})
+        write_dataset(chars, CharTokenizer.train(chars["train"][0][1]), cfg, {})
     assert not (tmp_path / "d" / "meta.json").exists()
     d = tmp_path / "d"
     assert not d.exists() or os.listdir(d) == []
@@ -203,3 +211,18 @@ def test_failed_prepare_keeps_no_half_output(tmp_path):
 def test_char_tokenizer_is_trained_on_train_split_only():
     tok = CharTokenizer.train("abc")
     assert tok.vocab_size == 5 and tok.encode("abcd")[-1] == tok.unk_id
+
+
+def test_sentencepiece_trains_on_lines_longer_than_its_limit():
+    """sentencepiece skips lines over 4192 bytes; one speech or paragraph per line is common, and
+    a corpus of only such lines used to crash with [!sentences_.empty()]."""
+    import random
+
+    from tokenizer import build_tokenizer
+    words = "thou art more lovely and more temperate rough winds do shake the darling buds of may".split()
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(words) for _ in range(1500)) for _ in range(3)]
+    assert all(len(line.encode()) > 4192 for d in docs for line in d.split("\n"))
+    tok = build_tokenizer(make_cfg(tokenizer="sentencepiece", sp_vocab_size=400), docs)
+    assert tok.trained_on["characters"] == sum(len(d) + 1 for d in docs)  # all of it, newlines included
+    round_trips(tok, docs)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, make_cfg
 
 import evaluate as E
-from conftest import ROOT, make_cfg
 from model import GPT, GPTConfig
 from prepare.common import DataError, write_dataset
+from tasks import classification_report, continuation_score, lm_metrics, read_jsonl, sequence_logprob
 from tokenizer import CharTokenizer
 
 
@@ -21,19 +22,50 @@ def model_of(**kw):
     return GPT(c).eval()
 
 
-@pytest.mark.parametrize("n, stride", [(100, 1), (100, 5), (100, 16), (9, 8), (2, 16)])
-def test_perplexity_equals_exp_of_independent_mean_loss(n, stride):
-    """A model with no blocks predicts from the current token alone, so the true per-token loss is
-    known without any windowing: computed here in float64 straight from the weights."""
-    m = model_of(n_layer=0, pos="rope")
+def last_logprob(model, context, target):
+    """log p(target | context) from one forward over exactly `context`, in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([context]))[0][0, -1].double()
+    return F.log_softmax(logits, dim=-1)[target].item()
+
+
+@pytest.mark.parametrize("n, stride", [(100, 1), (100, 5), (100, 12), (61, 7), (9, 8), (2, 16)])
+def test_sliding_window_equals_per_token_reference(n, stride):
+    """Windows of 16 tokens start at 0, stride, 2*stride, ...; token t is scored once, in the
+    first window that reaches it, given everything from that window's start. The reference
+    runs the model once per token on exactly that context. The model has two layers, so its
+    predictions depend on the context: throwing the windows' overlap away changes the total."""
+    m = model_of()
     ids = np.random.default_rng(0).integers(0, 50, n).astype(np.uint16)
-    total, count, _ = E.lm_metrics(m, ids, 16, stride, 4, torch.device("cpu"), progress=False)
-    w = m.transformer.wte.weight.double()
-    h = F.layer_norm(w[torch.from_numpy(ids[:-1].astype(np.int64))], (16,),
-                     m.transformer.ln_f.weight.double(), m.transformer.ln_f.bias.double())
-    ref = F.cross_entropy((h @ w.T)[:, :50], torch.from_numpy(ids[1:].astype(np.int64)), reduction="mean").item()
+    total, count, _ = lm_metrics(m, ids, stride, 4, torch.device("cpu"), progress=False)
+    reference = 0.0
+    for t in range(1, n):
+        begin = max(0, -(-(t - 16) // stride)) * stride
+        assert t - begin >= min(t, 16 - stride)  # every token keeps block_size - stride tokens of context
+        reference -= last_logprob(m, ids[begin:t].tolist(), int(ids[t]))
     assert count == n - 1
-    assert math.exp(total / count) == pytest.approx(math.exp(ref), rel=1e-5)
+    assert total == pytest.approx(reference, rel=1e-5)
+    assert math.exp(total / count) == pytest.approx(math.exp(reference / (n - 1)), rel=1e-5)
+
+
+def test_continuation_longer_than_the_context_is_scored_in_windows():
+    """A multiple-choice answer of 30 tokens under a 16-token window: each answer token gets at
+    least 8 tokens of context (the window advances by 8), the first one the longest context
+    that leaves it so; greedy is judged on every token."""
+    m = model_of()
+    context, answer = list(range(1, 6)), [int(i) for i in np.random.default_rng(3).integers(0, 50, 30)]
+    score, greedy = continuation_score(m, context, answer, torch.device("cpu"))
+    ids, first = context + answer, len(context)
+    start = max(0, min(first - 1 - 8, len(ids) - 1 - 16))
+    reference = 0.0
+    for t in range(first, len(ids)):
+        begin = start + max(0, -(-(t - 16 - start) // 8)) * 8
+        assert t - begin >= min(t, 8)
+        reference += last_logprob(m, ids[begin:t], ids[t])
+    assert score == pytest.approx(reference, rel=1e-5) and greedy is False
+    short, _ = continuation_score(m, context, answer[:3], torch.device("cpu"))  # fits: one forward, full context
+    assert short == pytest.approx(sum(last_logprob(m, (context + answer)[:t], answer[t - 5]) for t in range(5, 8)),
+                                  rel=1e-5)
 
 
 def test_each_multi_token_head_is_scored():
@@ -41,7 +73,7 @@ def test_each_multi_token_head_is_scored():
     window holds it; with stride = block the windows are independent chunks, computed by hand."""
     m = model_of(mtp_heads=3)
     ids = np.random.default_rng(2).integers(0, 50, 40).astype(np.uint16)
-    total, count, heads = E.lm_metrics(m, ids, 16, 16, 2, torch.device("cpu"), progress=False)
+    total, count, heads = lm_metrics(m, ids, 16, 2, torch.device("cpu"), progress=False)
     sums, counts = [0.0] * 3, [0] * 3
     for begin in range(0, 39, 16):
         end = min(begin + 16, 39)
@@ -53,13 +85,13 @@ def test_each_multi_token_head_is_scored():
             counts[h] += n
     assert heads == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-5)
     assert total / count == pytest.approx(heads[0]) and count == 39
-    assert E.lm_metrics(model_of(), ids, 16, 16, 2, torch.device("cpu"), progress=False)[2] == []
+    assert lm_metrics(model_of(), ids, 16, 2, torch.device("cpu"), progress=False)[2] == []
 
 
 def test_stride_equal_to_block_and_short_text():
     m = model_of()
     ids = np.random.default_rng(1).integers(0, 50, 40).astype(np.uint16)
-    total, count, _ = E.lm_metrics(m, ids, 16, 16, 2, torch.device("cpu"), progress=False)
+    total, count, _ = lm_metrics(m, ids, 16, 2, torch.device("cpu"), progress=False)
     expected = 0.0
     for begin in range(0, 39, 16):  # independent chunks of 16 targets
         end = min(begin + 16, 39)
@@ -68,7 +100,7 @@ def test_stride_equal_to_block_and_short_text():
         expected += F.cross_entropy(m(x)[0][0], y, reduction="sum").item()
     assert count == 39 and total == pytest.approx(expected, rel=1e-5)
     short = ids[:10]  # shorter than one window: a single forward pass
-    total, count, _ = E.lm_metrics(m, short, 16, 8, 2, torch.device("cpu"), progress=False)
+    total, count, _ = lm_metrics(m, short, 8, 2, torch.device("cpu"), progress=False)
     x = torch.from_numpy(short[:-1].astype(np.int64))[None]
     ref = F.cross_entropy(m(x)[0][0], torch.from_numpy(short[1:].astype(np.int64)), reduction="sum").item()
     assert count == 9 and total == pytest.approx(ref, rel=1e-5)
@@ -78,7 +110,8 @@ def test_bits_per_character_on_a_char_model(tmp_path):
     docs = {"train": [("a", "To be, or not to be: that is the question.")],
             "val": [("b", "Whether 'tis nobler in the mind to suffer")], "test": [("c", "The slings and arrows é")]}
     cfg = make_cfg(data_dir=str(tmp_path), tokenizer="char", eval_stride=4, batch_size=4)
-    meta = write_dataset(docs, cfg, {})
+    tok = CharTokenizer.train(docs["train"][0][1])
+    meta = write_dataset(docs, tok, cfg, {})
     tok = CharTokenizer(meta["tokenizer"]["chars"])
     m = model_of(vocab_size=tok.vocab_size)
     r = E.eval_lm(m, tok, cfg, str(tmp_path), torch.device("cpu"))
@@ -98,15 +131,16 @@ class EchoModel:
         return [self.tok.encode(self.answers[self.tok.decode(p[1:])]) + [self.tok.eot_id] for p in prompts]
 
 
-def test_bleu_matches_sacrebleu(tmp_path):
+def test_bleu_matches_sacrebleu(tmp_path, monkeypatch):
     sacrebleu = pytest.importorskip("sacrebleu")
+    monkeypatch.setattr(E, "generate", lambda model, prompts, *a, **k: model.generate(prompts, *a, **k))
     rows = [{"prompt": "thou art", "completion": "you are"}, {"prompt": "good morrow", "completion": "good morning"},
             {"prompt": "what say'st thou", "completion": "what do you say"}]
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = CharTokenizer.train("".join(r["prompt"] + r["completion"] for r in rows) + "\n#: ")
     cfg = make_cfg(task_file=str(task), prompt_template="{prompt}\n", temperature=0.0)
-    show = lambda r: cfg.prompt_template.format(prompt=r["prompt"])  # noqa: E731
+    show = lambda r: cfg.prompt_template.format(prompt=r["prompt"])
     perfect = E.eval_generate(EchoModel(tok, {show(r): r["completion"] for r in rows}), tok, cfg, "cpu", tmp_path)
     assert perfect["bleu"] == pytest.approx(100.0)
     copied = E.eval_generate(EchoModel(tok, {show(r): r["prompt"] for r in rows}), tok, cfg, "cpu", tmp_path)
@@ -121,7 +155,7 @@ def test_bleu_matches_sacrebleu(tmp_path):
 def test_f1_with_a_class_never_predicted():
     gold = ["a", "a", "b", "b", "c", "c"]
     pred = ["a", "b", "b", "b", "a", "a"]
-    r = E.classification_report(gold, pred, ["a", "b", "c"])
+    r = classification_report(gold, pred, ["a", "b", "c"])
     # a: tp 1, predicted 3, actual 2 -> p 1/3, r 1/2, f1 0.4; b: tp 2, pred 3 -> p 2/3, r 1, f1 0.8; c: 0
     assert r["per_class"]["a"]["f1"] == pytest.approx(0.4)
     assert r["per_class"]["b"]["f1"] == pytest.approx(0.8)
@@ -154,7 +188,7 @@ def test_multiple_choice_raw_and_length_normalised(tmp_path):
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg(task_file=str(task))
     r = E.eval_choice(BigramModel(table), tok, cfg, "cpu")
-    scores = {c: E.sequence_logprob(BigramModel(table), [0], tok.encode(c), "cpu") for c in ("bbbbx", "cx")}
+    scores = {c: sequence_logprob(BigramModel(table), [0], tok.encode(c), "cpu") for c in ("bbbbx", "cx")}
     assert scores["cx"] > scores["bbbbx"] and scores["bbbbx"] / 5 > scores["cx"] / 2
     assert r["accuracy"] == 0.5 and r["accuracy_length_normalised"] == 1.0
 
@@ -171,7 +205,7 @@ def test_zero_shot_classification_uses_label_likelihood(tmp_path):
                         "cpu", tmp_path)
     assert r["confusion"] == [[1, 0], [1, 0]] and r["method"] == "zero-shot label likelihood"
     assert (tmp_path / "confusion_test.png").stat().st_size > 1000
-    r = E.eval_classify(None, tok, make_cfg(task_file=str(task)), "cpu", tmp_path, classify_fn=lambda t: "b",
+    r = E.eval_classify(None, tok, make_cfg(task_file=str(task)), "cpu", tmp_path, classifier=lambda t: ("b", False),
                         labels=["a", "b"])
     assert r["method"] == "classification head" and r["accuracy"] == 0.5
 
@@ -180,16 +214,16 @@ def test_task_file_errors_name_the_line(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text('{"text": "x", "label": "a"}\n{"text": "y"}\n')
     with pytest.raises(DataError, match=r"t.jsonl:2: missing field 'label'"):
-        E.read_jsonl(str(f), ["text", "label"])
+        read_jsonl(str(f), ["text", "label"])
     f.write_text('{"text": "x", "label": "a"}\nnot json\n')
     with pytest.raises(DataError, match=r"t.jsonl:2: not valid JSON"):
-        E.read_jsonl(str(f), ["text", "label"])
+        read_jsonl(str(f), ["text", "label"])
     f.write_text("\n")
     with pytest.raises(DataError, match="empty task file"):
-        E.read_jsonl(str(f), ["text"])
+        read_jsonl(str(f), ["text"])
     f.write_text('{"text": "x", "label": "poem"}\n')
     with pytest.raises(DataError, match=r"record 1 has label 'poem', not in the label set"):
-        E.eval_classify(None, None, make_cfg(task_file=str(f)), "cpu", tmp_path, classify_fn=lambda t: "a",
+        E.eval_classify(None, None, make_cfg(task_file=str(f)), "cpu", tmp_path, classifier=lambda t: ("a", False),
                         labels=["a", "b"])
 
 
@@ -238,3 +272,46 @@ def test_end_to_end_report_and_compare(char_data, tmp_path):
     torch.save(ck, tmp_path / "c" / "ckpt_best.pt")
     done = evaluate_cli(f"--out_dir={tmp_path / 'c'}")
     assert done.returncode == 1 and "test.bin: missing" in done.stderr and "re-run the prepare" in done.stderr
+
+
+def test_choices_longer_than_the_context_do_not_crash(tmp_path):
+    tok = CharTokenizer(list("abcdefgh "))
+    m = model_of(vocab_size=tok.vocab_size)  # a 16-token window
+    rows = [{"context": "abc ", "choices": ["abcdefgh" * 4, "hgfedcba" * 3], "answer": 0},
+            {"context": "", "choices": ["a", "b"], "answer": 1}]
+    task = tmp_path / "long.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = E.eval_choice(m, tok, make_cfg(task_file=str(task)), "cpu")
+    assert r["examples"] == 2 and 0 <= r["accuracy"] <= 1
+
+
+def test_classification_reports_truncated_texts(tmp_path):
+    tok = CharTokenizer(list("abc :\n{}texLl"))
+    m = model_of(vocab_size=tok.vocab_size)
+    rows = [{"text": "ab" * 30, "label": "a"}, {"text": "c", "label": "b"}]
+    task = tmp_path / "cls.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = E.eval_classify(m, tok, make_cfg(task_file=str(task)), "cpu", tmp_path)
+    assert r["truncated"] == 1
+    from adapters import GPTClassifier
+    classifier = GPTClassifier(m.config, 2).eval()
+    head = E.head_classifier(classifier, tok, ["a", "b"], "cpu")
+    assert head("ab")[1] is False and head("ab" * 30)[1] is True
+
+
+def test_evaluate_runs_under_the_configured_autocast(char_data, tmp_path, monkeypatch):
+    """Like training, evaluation computes in the configured dtype (bf16 here, on the CPU)."""
+    import train as T
+    T.train(make_cfg(data_dir=str(char_data), out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=16, block_size=32,
+                     batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, device="cpu", plot=False))
+    seen = []
+    real = E.load_for_inference
+
+    def spying(cfg, device):
+        model, tok, loaded = real(cfg, device)
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        return model, tok, loaded
+    monkeypatch.setattr(E, "load_for_inference", spying)
+    E.main([f"--out_dir={tmp_path}", "--dtype=bfloat16", "--eval_stride=32", "--batch_size=256", "--device=cpu"])
+    assert seen and all(seen)
+    assert json.loads((tmp_path / "eval.json").read_text())["lm:" + char_data.name + ":test"]["dtype"] == "bfloat16"

@@ -4,11 +4,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, make_cfg, stop_after_steps
 
 import finetune as FT
+import plumbing as P
 import train as T
-from conftest import ROOT, make_cfg, stop_after_steps
-from model import GPT, GPTConfig, LoRALinear, add_lora, merge_lora
+from adapters import LoRALinear, add_lora, merge_lora
+from model import GPT, GPTConfig
 
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, eval_iters=2, log_interval=1,
             warmup_iters=0, device="cpu", dtype="float32", plot=False)
@@ -50,7 +52,7 @@ def ft_cfg(base_run, out, **kw):
 
 
 def weights(path):
-    return T.load_checkpoint(str(path))["model"]
+    return P.load_checkpoint(str(path))["model"]
 
 
 def test_sft_loss_is_on_completion_tokens_only(base_run, sft_dir, tmp_path):
@@ -80,8 +82,8 @@ def test_generation_reads_prompts_as_fine_tuning_did(base_run, sft_dir, tmp_path
     [(x, y)] = FT.sft_examples(str(sft_dir / "train.jsonl"), tok, make_cfg(**{**cfg.to_dict(), "max_examples": 1}))
     n_prompt = y.index(next(t for t in y if t != -1)) + 1
     seen = []
-    monkeypatch.setattr(model, "generate",
-                        lambda prompts, *a, **k: seen.extend(prompts) or [[tok.eot_id]] * len(prompts))
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda model, prompts, *a, **k: seen.extend(prompts) or [[tok.eot_id]] * len(prompts))
     evaluate.generate_all(model, tok, cfg, ["thou art"], torch.device("cpu"))
     assert seen == [x[:n_prompt]]
 
@@ -94,7 +96,7 @@ def test_sft_runs_resumes_exactly_and_packs(base_run, sft_dir, tmp_path, monkeyp
     FT.finetune(ft_cfg(base_run, tmp_path / "split", **{**kw, "init_from": "resume"}))
     a, b = weights(tmp_path / "straight" / "ckpt_last.pt"), weights(tmp_path / "split" / "ckpt_last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    packed = FT.pack([([1] * 10, [2] * 10)] * 5, 25, 0)
+    packed = FT.pack([([1] * 10, [2] * 10)] * 5, 25)
     assert [len(x) for x, _ in packed] == [20, 20, 10]
     FT.finetune(ft_cfg(base_run, tmp_path / "packed", **kw, sft_packing=True, doc_mask=True))
 
@@ -107,13 +109,13 @@ def test_multi_token_base_keeps_or_drops_its_extra_heads(char_data, sft_dir, gen
     extra = [k for k in before if k.startswith("mtp.")]
     assert extra
     FT.finetune(ft_cfg(base, tmp_path / "keep", task="sft", task_dir=str(sft_dir)))
-    kept = T.load_checkpoint(str(tmp_path / "keep" / "ckpt_last.pt"))
+    kept = P.load_checkpoint(str(tmp_path / "keep" / "ckpt_last.pt"))
     assert kept["model_args"]["mtp_heads"] == 2
     assert any(not torch.equal(before[k], kept["model"][k]) for k in extra)  # the extra head trained too
     for name, kw in [("drop", dict(task="sft", task_dir=str(sft_dir), keep_mtp_heads=False)),
                      ("classify", dict(task="classify", task_dir=str(genre_dir)))]:
         FT.finetune(ft_cfg(base, tmp_path / name, **kw))
-        ckpt = T.load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
+        ckpt = P.load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
         assert ckpt["model_args"]["mtp_heads"] == 1 and not any(k.startswith("mtp.") for k in ckpt["model"])
 
 
@@ -122,9 +124,9 @@ def test_classification_head_separates_a_tiny_set(base_run, genre_dir, tmp_path)
                  learning_rate=3e-3, best_metric="val_macro_f1")
     summary = FT.finetune(cfg)
     model = summary["model"]
-    task = FT.ClassifyTask(cfg, {"world": 1, "rank": 0, "device": torch.device("cpu")},
+    task = FT.ClassifyTask(cfg, P.Processes(0, 1, torch.device("cpu")),
                            FT.from_meta(FT.load_base(cfg)[1]), str(genre_dir))
-    preds, _ = task.predict(model, task.splits["train"], T.autocast_context(torch.device("cpu"), torch.float32))
+    preds, _ = task.predict(model, task.splits["train"], P.autocast_context(torch.device("cpu"), torch.float32))
     assert preds == [label for _, label in task.splits["train"]]
     assert summary["best"] == 1.0 and weights(tmp_path / "ckpt_best.pt").keys() == model.state_dict().keys()
     done = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", "--eval_task=classify",
@@ -148,13 +150,13 @@ class ScriptedTask(T.LMTask):
 def test_early_stopping_stops_and_restores_best(base_run, char_data, tmp_path):
     cfg = ft_cfg(base_run, tmp_path, task="lm", data_dir=str(char_data), max_iters=100, eval_interval=2,
                  patience=2, min_delta=0.01)
-    dist = T.setup(cfg)
-    meta = T.load_meta(str(char_data))
+    dist = P.setup_processes(cfg)
+    meta = P.read_meta(str(char_data))
     model, _ = FT.load_base(cfg)
     summary = T.fit(cfg, dist, model, ScriptedTask(cfg, dist, meta, [2.0, 1.5, 1.495, 1.6, 1.0]))
     assert summary["stopped_early"] and summary["iter_num"] == 8 and summary["best"] == 1.495
     best = weights(tmp_path / "ckpt_best.pt")
-    assert T.load_checkpoint(str(tmp_path / "ckpt_best.pt"))["iter_num"] == 6
+    assert P.load_checkpoint(str(tmp_path / "ckpt_best.pt"))["iter_num"] == 6
     assert all(torch.equal(v, best[k]) for k, v in summary["model"].state_dict().items())
     last = weights(tmp_path / "ckpt_last.pt")
     assert not all(torch.equal(last[k], best[k]) for k in best)
@@ -165,27 +167,28 @@ def test_gradual_unfreezing_stages():
     m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=3, n_head=2, n_embd=16, tie_embeddings=False))
     start = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-    drop = FT.gradual_unfreezing(every=2, n_layer=3)
+    drop = FT.gradual_unfreezing(2, m)
+    depth = m.parameter_depths()
     x = torch.randint(0, 20, (2, 8))
     seen = {}
     for it in range(10):
         m(x, x)[1].backward()
-        drop(it, m)
+        drop(it)
         lowest = FT.unfrozen_depth(it, 2, 3)
-        seen[lowest] = sorted({FT.depth_of(n, 3) for n, p in m.named_parameters() if p.grad is not None})
+        seen[lowest] = sorted({depth[n] for n, p in m.named_parameters() if p.grad is not None})
         for n, p in m.named_parameters():
-            assert (p.grad is not None) == (FT.depth_of(n, 3) >= lowest), (it, n)
+            assert (p.grad is not None) == (depth[n] >= lowest), (it, n)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if it == 1:  # stage 0 done: everything below the last block is untouched, weight decay included
             for n, p in m.named_parameters():
-                assert torch.equal(p, start[n]) == (FT.depth_of(n, 3) < 2), n
+                assert torch.equal(p, start[n]) == (depth[n] < 2), n
     assert seen == {2: [2, 3], 1: [1, 2, 3], 0: [0, 1, 2, 3], -1: [-1, 0, 1, 2, 3]}
 
 
 def test_layerwise_learning_rates(base_run, char_data, tmp_path):
     model, _ = FT.load_base(ft_cfg(base_run, tmp_path))
-    opt = T.configure_optimizer(model, make_cfg(learning_rate=1.0), torch.device("cpu"), FT.layer_lr_scale(0.5, 2))
+    opt = T.configure_optimizer(model, make_cfg(learning_rate=1.0), torch.device("cpu"), FT.layer_lr_scales(model, 0.5))
     scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert scale_of[id(named["transformer.h.1.attn.c_attn.weight"])] == 0.5
@@ -227,7 +230,7 @@ def test_lora_merge_equals_adapters_and_trains_only_adapters(base_run, sft_dir, 
     base = weights(base_run / "ckpt_best.pt")
     tuned = summary["model"].state_dict()
     assert torch.equal(tuned["transformer.h.0.attn.c_attn.base.weight"], base["transformer.h.0.attn.c_attn.weight"])
-    loaded = T.model_from_checkpoint(T.load_checkpoint(str(tmp_path / "lora" / "ckpt_last.pt")))
+    loaded = P.model_from_checkpoint(P.load_checkpoint(str(tmp_path / "lora" / "ckpt_last.pt")))
     assert not any(isinstance(mod, LoRALinear) for mod in loaded.modules())  # merged for inference and export
     done = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'lora'}", "--checkpoint=last",
                            "--max_new_tokens=5", "--num_samples=1"], cwd=ROOT, capture_output=True, text=True)
@@ -264,3 +267,60 @@ def test_bad_inputs(base_run, sft_dir, genre_dir, gpt2_data, tmp_path):
     write_jsonl(bad / "train.jsonl", [{"prompt": "x" * 100, "completion": "b"}])
     one_line_error(finetune_cli(f"--init_from={base_run}", f"--out_dir={tmp_path}/o", "--task=sft",
                                 f"--task_dir={bad}"), "record 1: the prompt is 116 tokens, longer than block_size=64")
+
+
+def test_sft_val_loss_is_head_one_of_a_multi_token_model(char_data, sft_dir, tmp_path):
+    """val_loss drives early stopping and ckpt_best.pt: it must be the next-token loss (head 1),
+    as in pretraining, not the mean over the heads."""
+    base = tmp_path / "mtp_base"
+    T.train(make_cfg(**BASE, data_dir=str(char_data), out_dir=str(base), max_iters=2, eval_interval=2,
+                     mtp_heads=3))
+    cfg = ft_cfg(base, tmp_path / "ft", task="sft", task_dir=str(sft_dir))
+    model, meta = FT.load_base(cfg)
+    task = FT.SFTTask(cfg, P.Processes(0, 1, torch.device("cpu")), FT.from_meta(meta), str(sft_dir))
+    result = task.evaluate(model, P.autocast_context(torch.device("cpu"), torch.float32))
+    heads = [result[f"val_head{i}"] for i in (1, 2, 3)]
+    assert result["val"] == heads[0] and result["val"] != pytest.approx(sum(heads) / 3)
+    x, y = FT.pad_batch(task.splits["val"], task.pad_id)
+    with torch.no_grad():
+        direct = torch.nn.functional.cross_entropy(model.eval()(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
+    assert result["val"] == pytest.approx(direct.item(), rel=1e-5)
+
+
+def test_config_json_records_the_loaded_model(base_run, sft_dir, tmp_path):
+    """The base run is 2 x 32 wide; the config's defaults (6 x 384) must not be what is recorded."""
+    FT.finetune(ft_cfg(base_run, tmp_path, task="sft", task_dir=str(sft_dir), n_layer=6, n_embd=384, max_iters=1))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["n_layer"], saved["n_embd"]) == (2, 32)
+
+
+def test_lora_with_muon_fine_tunes(base_run, sft_dir, tmp_path):
+    summary = FT.finetune(ft_cfg(base_run, tmp_path, task="sft", task_dir=str(sft_dir), lora_rank=2,
+                                 optimizer="muon", max_iters=2))
+    assert summary["iter_num"] == 2
+
+
+def test_set_dropout_keeps_the_flex_rule():
+    m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16, attn_backend="flex"))
+    with pytest.raises(SystemExit, match="flex"):
+        FT.set_dropout(m, 0.1)
+    FT.set_dropout(m, 0.0)
+
+
+def test_merged_lora_keeps_the_base_dtype():
+    base = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    lora = LoRALinear(base, rank=2, alpha=4.0, dropout=0.0)
+    assert lora.lora_A.dtype == torch.bfloat16
+    merged = lora.merged()
+    assert merged.weight.dtype == torch.bfloat16 and merged.weight.device == base.weight.device
+
+
+def test_classification_says_how_many_texts_were_cut(base_run, tmp_path, capsys):
+    rows = [{"text": "short", "label": "a"}, {"text": "x" * 200, "label": "b"}, {"text": "y" * 300, "label": "a"}]
+    for split in ("train", "val"):
+        write_jsonl(tmp_path / "long" / f"{split}.jsonl", rows)
+    cfg = ft_cfg(base_run, tmp_path / "o", task="classify", task_dir=str(tmp_path / "long"))
+    task = FT.ClassifyTask(cfg, P.Processes(0, 1, torch.device("cpu")), FT.from_meta(FT.load_base(cfg)[1]),
+                           str(tmp_path / "long"))
+    assert task.truncated == {"train": 2, "val": 2}
+    assert "2 of 3 texts are longer than block_size=64" in capsys.readouterr().out

@@ -5,13 +5,14 @@ import types
 
 import pytest
 import torch
-
 from conftest import make_cfg
+
 from tokenizer import CharTokenizer
 
 pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (requirements-dev.txt)")
-from lm_eval_adapter import HarnessLM, run_harness  # noqa: E402
-from test_evaluate import BigramModel  # noqa: E402
+from test_evaluate import BigramModel
+
+from lm_eval_adapter import HarnessLM, run_harness
 
 TOK = CharTokenizer(list(" abc."))  # ' '=0 a=1 b=2 c=3 .=4, end-of-text=5
 
@@ -38,11 +39,12 @@ def test_requests_directly():
 
 
 def test_generate_until_stops_at_the_stop_string():
+    from generate import generate
     from model import GPT, GPTConfig
     torch.manual_seed(3)
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=32, n_layer=1, n_head=1, n_embd=8)).eval()
     lm = HarnessLM(model, TOK, "cpu")
-    full = TOK.decode([t for t in model.generate([[TOK.eot_id] + TOK.encode("a")], 20, temperature=0)[0]
+    full = TOK.decode([t for t in generate(model, [[TOK.eot_id] + TOK.encode("a")], 20, temperature=0)[0]
                        if t != TOK.eot_id])
     stop = next(c for c in full if c in " abc.")
     [text] = lm.generate_until(requests(("a", {"until": [stop], "max_gen_toks": 20})))

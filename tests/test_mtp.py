@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-import train as T
 from conftest import ROOT, make_cfg, stop_after_steps
+
+import plumbing as P
+import train as T
+from generate import generate
 from model import GPT, GPTConfig
 
 
@@ -32,10 +34,7 @@ def test_head_i_predicts_token_t_plus_i():
     x = torch.randint(0, 97, (2, 32))
     y = torch.roll(x, -1, 1)
     losses = m.head_losses(x, y, memory_efficient=False)
-    x0, rope, mask = m.inputs(x)
-    z = x0
-    for block in m.transformer.h[:-1]:
-        z = block(z, x0, rope, mask)
+    z, (x0, rope, mask) = m.trunk(x)
     all_heads = m.multi_head_logits(x)
     for i, block in enumerate([m.transformer.h[-1], *m.mtp]):
         logits = m.head(block(z, x0, None, "causal"))
@@ -102,14 +101,14 @@ def test_training_logs_every_head_and_resumes_exactly(char_data, tmp_path, monke
               warmup_iters=2, device="cpu", dtype="float32", plot=False, data_dir=str(char_data),
               mtp_heads=3, max_iters=6, eval_interval=3, learning_rate=3e-3)
     summary = T.train(make_cfg(**kw, out_dir=str(tmp_path / "straight")))
-    evals = [r for r in T.read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in P.read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
     assert {"val_head1", "val_head2", "val_head3"} <= evals[-1].keys()
     assert evals[-1]["val_loss"] == evals[-1]["val_head1"] and summary["best"] == evals[-1]["val_head1"]
     with stop_after_steps(monkeypatch, 2):
         T.train(make_cfg(**kw, out_dir=str(tmp_path / "split")))
     T.train(make_cfg(**kw, out_dir=str(tmp_path / "split"), init_from="resume"))
-    a = T.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
-    b = T.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    a = P.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = P.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
     assert any(k.startswith("mtp.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     out = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'straight'}", "--max_new_tokens=5",
                           "--num_samples=1"], cwd=ROOT, capture_output=True, text=True)
@@ -133,10 +132,10 @@ def drafting_model(**kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=2)])
 def test_self_speculative_decoding_equals_greedy(kw):
-    from model import speculative_generate
+    from generate import speculative_generate
     m = drafting_model(**kw)
     prompts = [[1, 2, 3], [5], [6, 0, 1, 2, 3, 4]]
-    greedy = m.generate(prompts, 40, temperature=0)  # runs past block_size=32 too
+    greedy = generate(m, prompts, 40, temperature=0)  # runs past block_size=32 too
     spec, accepted, proposed = speculative_generate(m, prompts, 40)
     assert spec == greedy
     assert proposed > 0 and accepted > 0  # the heads learned something: drafts get accepted
@@ -152,8 +151,8 @@ def test_self_speculative_decoding_equals_greedy(kw):
 def test_speculative_rounds_never_see_a_full_window(monkeypatch):
     """Plain decoding slides its window before it would predict from block_size tokens; a
     speculative round must not verify from such a window either (a bug found on a real model)."""
+    from generate import speculative_generate
     from model import GPT as GPTClass
-    from model import speculative_generate
     m = mtp_model(3).eval()
     seen = []
     real = GPTClass.multi_head_logits
@@ -168,14 +167,14 @@ def test_speculative_rounds_never_see_a_full_window(monkeypatch):
         head.load_state_dict(m.transformer.h[-1].state_dict())
     for n_prompt in range(1, 31):
         out, _, _ = speculative_generate(m, [list(range(1, n_prompt + 1))], 40)
-        assert out == m.generate([list(range(1, n_prompt + 1))], 40, temperature=0)
+        assert out == generate(m, [list(range(1, n_prompt + 1))], 40, temperature=0)
     assert seen and max(seen) <= m.config.block_size - 1
 
 
 def test_speculative_batch_runs_one_forward_per_round(monkeypatch):
     """Rows that accept different numbers of drafts share each forward: rejected drafts become
     holes in the cache, and compaction squeezes them out, with the same tokens as row by row."""
-    from model import KVCache, speculative_generate
+    from generate import KVCache, speculative_generate
     m = drafting_model(pos="rope")
     prompts = [[1, 2, 3], [50, 9, 77, 3], [6, 0, 1, 2, 3, 4], [88]]
     row_by_row = [speculative_generate(m, [p], 24)[0][0] for p in prompts]
@@ -185,7 +184,7 @@ def test_speculative_batch_runs_one_forward_per_round(monkeypatch):
                         or real_forward(self, idx, *a, **k))
     monkeypatch.setattr(KVCache, "compact", lambda self, valid: compactions.append(1) or real_compact(self, valid))
     out, accepted, proposed = speculative_generate(m, prompts, 24)
-    assert out == row_by_row == m.generate(prompts, 24, temperature=0)
+    assert out == row_by_row == generate(m, prompts, 24, temperature=0)
     assert 0 < accepted < proposed  # rows disagree with some drafts, so holes appear
     assert set(calls) == {len(prompts)}  # every forward carries the whole batch
     assert compactions

@@ -8,10 +8,12 @@ import time
 
 import pytest
 import torch
-
-import train as T
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
+
+import plumbing as P
+import train as T
 from model import GPT, GPTConfig
+from prepare.common import read_tokens
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
             warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, device="cpu", dtype="float32", plot=False)
@@ -22,13 +24,14 @@ def run_cfg(data, out, **kw):
 
 
 def params_of(path):
-    return T.load_checkpoint(str(path))["model"]
+    return P.load_checkpoint(str(path))["model"]
 
 
 def test_loss_falls_on_real_data(char_data, tmp_path):
     summary = T.train(run_cfg(char_data, tmp_path, max_iters=60, eval_interval=30, batch_size=8))
-    rows = T.read_metrics(tmp_path / "metrics.jsonl")
+    rows = P.read_metrics(tmp_path / "metrics.jsonl")
     train_losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert all(r["tokens"] == r["iter"] * 8 * 32 for r in rows if r["kind"] == "train")  # tokens seen so far
     assert train_losses[0] > 4.0 and summary["best"] < 3.35  # uniform over 86 chars: 4.45
     assert (tmp_path / "ckpt_last.pt").exists() and (tmp_path / "ckpt_best.pt").exists()
     assert (tmp_path / "config.json").exists()
@@ -46,13 +49,13 @@ def test_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    evals = [r["iter"] for r in T.read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r["iter"] for r in P.read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == [3, 6, 8]
 
 
 def test_epochs_set_max_iters(char_data, tmp_path):
     summary = T.train(run_cfg(char_data, tmp_path, epochs=0.0003, eval_interval=1000))
-    n_train = len(T.read_tokens(char_data / "train.bin"))
+    n_train = len(read_tokens(char_data / "train.bin"))
     assert summary["iter_num"] == -(-int(0.0003 * n_train) // (4 * 32))
 
 
@@ -77,22 +80,22 @@ def test_optimizer_groups_cover_every_parameter_once():
 def test_checkpoints_carry_no_wrapper_prefixes():
     m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
     wrapped = {f"module._orig_mod.{k}": v for k, v in m.state_dict().items()}
-    assert T.strip_wrapper_prefixes(wrapped).keys() == m.state_dict().keys()
+    assert P.strip_wrapper_prefixes(wrapped).keys() == m.state_dict().keys()
     compiled = torch.compile(m)
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
 
 
 def test_loader_splits_one_global_batch_across_processes(char_data):
     path = char_data / "val.bin"
-    single = T.TokenLoader(path, 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
-    ranks = [T.TokenLoader(path, 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu")) for r in (0, 1)]
+    single = P.TokenLoader(path, 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
+    ranks = [P.TokenLoader(path, 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu")) for r in (0, 1)]
     for _ in range(3):
         a0, a1 = single.next()[0], single.next()[0]
         assert torch.equal(a0, ranks[0].next()[0]) and torch.equal(a1, ranks[1].next()[0])
 
 
 def test_loader_state_round_trip(char_data):
-    make = lambda: T.TokenLoader(char_data / "val.bin", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
+    make = lambda: P.TokenLoader(char_data / "val.bin", 2, 8, 3, 1, 0, 7, torch.device("cpu"))
     a = make()
     a.next()
     state = a.state_dict()
@@ -103,7 +106,7 @@ def test_loader_state_round_trip(char_data):
 
 
 def test_overfitting_warning(tmp_path, capsys):
-    log = T.MetricsLogger(make_cfg(out_dir=str(tmp_path), overfit_patience=2, plot=True), True, 0)
+    log = P.MetricsLogger(make_cfg(out_dir=str(tmp_path), overfit_patience=2, plot=True), True, 0)
     for it, (tr, va) in enumerate([(2.0, 1.9), (1.8, 1.8), (1.6, 1.85), (1.4, 1.95)]):
         log.eval(it, {"train": tr, "val": va}, False)
     out = capsys.readouterr().out
@@ -112,22 +115,22 @@ def test_overfitting_warning(tmp_path, capsys):
 
 def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt_last.pt"
-    T.save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(path))
+    P.save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(path))
     child = f"""
 import os, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import train
+import plumbing
 real_save = torch.save
 def dying_save(obj, f):
     f.write(b"half a checkpoint")
     f.flush()
     os.kill(os.getpid(), 9)
 torch.save = dying_save
-train.save_checkpoint({{"iter_num": 2, "w": torch.zeros(3)}}, {str(path)!r})
+plumbing.save_checkpoint({{"iter_num": 2, "w": torch.zeros(3)}}, {str(path)!r})
 """
     done = subprocess.run([sys.executable, "-c", child], capture_output=True)
     assert done.returncode == -9
-    state = T.load_checkpoint(str(path))
+    state = P.load_checkpoint(str(path))
     assert state["iter_num"] == 1 and torch.equal(state["w"], torch.ones(3))
 
 
@@ -146,7 +149,7 @@ def test_sigterm_saves_and_exits_zero(char_data, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped by signal" in out
-    it = T.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"]
+    it = P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"]
     assert 3 <= it < 100000
 
 
@@ -160,14 +163,15 @@ def test_ddp_matches_gradient_accumulation(char_data, tmp_path, extra):
     single = subprocess.run(train_cmd(char_data, tmp_path / "one", "--gradient_accumulation_steps=2", *common),
                             cwd=ROOT, capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
+    # the same global batch: gradient_accumulation_steps counts micro-batches over all processes
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          *train_cmd(char_data, tmp_path / "two", *common)[1:]],
+                          *train_cmd(char_data, tmp_path / "two", "--gradient_accumulation_steps=2", *common)[1:]],
                          cwd=ROOT, capture_output=True, text=True, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = params_of(tmp_path / "one" / "ckpt_last.pt"), params_of(tmp_path / "two" / "ckpt_last.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
-    assert len(T.load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
+    assert len(P.load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
 
 
 @pytest.mark.slow
@@ -194,7 +198,7 @@ def test_quick_start_end_to_end(tmp_path):
 def test_keep_freed_memory_stops_refaulting_freed_buffers():
     """Without it glibc gives 40 MiB of freed tensors back to the OS and the next step faults all
     of it in again (5 rounds x 10 x 1024 pages = 51,200 faults); with it the memory is reused."""
-    T.keep_freed_memory()
+    P.keep_freed_memory()
 
     def step():
         buffers = [torch.ones(1 << 20) for _ in range(10)]  # 10 x 4 MiB, every page written
@@ -204,3 +208,59 @@ def test_keep_freed_memory_stops_refaulting_freed_buffers():
     for _ in range(5):
         step()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 10_000
+
+
+def test_global_batch_does_not_grow_with_processes(char_data, tmp_path):
+    """gradient_accumulation_steps is the global micro-batch count: each of W processes runs
+    accum / W of them, and a count that does not divide is a one-line error."""
+    cfg = run_cfg(char_data, tmp_path, gradient_accumulation_steps=8)
+    assert P.micro_batches_per_process(cfg, 1) == 8 and P.micro_batches_per_process(cfg, 8) == 1
+    with pytest.raises(SystemExit, match="gradient_accumulation_steps=8 .* must divide by the 3 processes"):
+        P.micro_batches_per_process(cfg, 3)
+    task = T.LMTask(cfg, P.Processes(1, 4, torch.device("cpu")), {"eot_id": 0})
+    assert task.loader.accum == 2 and task.items_per_iter == 4 * 32 * 8
+
+
+def test_tokens_survive_resume(char_data, tmp_path, monkeypatch):
+    kw = {"max_iters": 6, "eval_interval": 3, "gradient_accumulation_steps": 2}
+    with stop_after_steps(monkeypatch, 2):
+        T.train(run_cfg(char_data, tmp_path, **kw))
+    T.train(run_cfg(char_data, tmp_path, init_from="resume", **kw))
+    rows = [r for r in P.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["tokens"] for r in rows][-1] == 6 * 4 * 32 * 2
+
+
+def test_resuming_with_another_optimizer_is_a_clear_error(char_data, tmp_path, monkeypatch):
+    with stop_after_steps(monkeypatch, 2):
+        T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4))
+    with pytest.raises(SystemExit, match="trained with optimizer=adamw; resume with that optimizer"):
+        T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4, init_from="resume", optimizer="muon"))
+
+
+def test_stop_signal_costs_no_host_sync_between_log_steps(monkeypatch):
+    """Under torchrun the processes agree on stopping with an all-reduce and a read-back; that
+    must happen only at log and evaluation steps."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("all_reduce on a step that is not a log step")
+    monkeypatch.setattr(P.torch_dist, "all_reduce", forbidden)
+    stop = P.GracefulStop()
+    try:
+        stop.requested = True
+        assert stop.agreed(2, torch.device("cpu"), check_now=False) is False
+        assert stop.agreed(1, torch.device("cpu"), check_now=False) is True  # one process: free to ask
+        with pytest.raises(AssertionError, match="not a log step"):
+            stop.agreed(2, torch.device("cpu"), check_now=True)
+    finally:
+        stop.close()
+
+
+def test_ddp_does_not_broadcast_buffers(tmp_path):
+    """The RoPE tables are buffers; DDP's default would copy them from rank 0 before every forward."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = P.wrap_ddp(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, pos="rope")),
+                         torch.device("cpu"))
+        assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False
+    finally:
+        dist.destroy_process_group()

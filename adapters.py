@@ -1,0 +1,93 @@
+"""
+What fine-tuning adds to a trained GPT: a classification head on its trunk, and LoRA adapters.
+
+    GPTClassifier       the same trunk, logits over labels instead of over the vocabulary
+    LoRALinear          y = W x + (alpha / r) B A x with W frozen (Hu et al. 2021)
+    add_lora, merge_lora  wrap the blocks' linear layers; fold trained adapters back into W
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT
+
+
+class GPTClassifier(GPT):
+    """The same trunk with a classification head: logits over labels from the last real token's
+    hidden state (pool='last') or the mean over real tokens (pool='mean'). The LM head is unused."""
+
+    def __init__(self, config, n_labels, pool="last"):
+        super().__init__(config)
+        self.pool = pool
+        self.cls_head = nn.Linear(config.n_embd, n_labels)
+        nn.init.normal_(self.cls_head.weight, std=0.02)
+        nn.init.zeros_(self.cls_head.bias)
+        if not config.tie_embeddings:
+            self.lm_head.weight.requires_grad_(False)  # no gradient ever reaches it here
+
+    def forward(self, idx, lengths, labels=None):
+        """idx (B, T) right-padded, lengths (B,) -> (label logits (B, n_labels), loss or None)."""
+        h = self.transformer.ln_f(self.hidden(idx)[0])  # (B, T, C)
+        if self.pool == "last":
+            pooled = h[torch.arange(len(idx), device=idx.device), lengths - 1]  # (B, C)
+        else:
+            real = (torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]).unsqueeze(-1)
+            pooled = (h * real).sum(1) / lengths[:, None]
+        logits = self.cls_head(pooled).float()
+        return logits, None if labels is None else F.cross_entropy(logits, labels)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(dropout(x))), with the base weight frozen. B starts at zero,
+    so training starts exactly from the base model (Hu et al. 2021, LoRA)."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, device=w.device, dtype=w.dtype)
+                                   / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        self.dropout = nn.Dropout(dropout)
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t())
+
+    def merged(self):
+        """A plain nn.Linear computing the same function (dropout aside): W + scale * B A, on the
+        base's device and in its dtype."""
+        w = self.base.weight
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w + self.scale * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        out.residual = getattr(self.base, "residual", False)
+        return out
+
+
+def add_lora(model, rank, alpha, dropout, targets):
+    """Wrap every nn.Linear inside the blocks whose attribute name is in targets; returns the count."""
+    n = 0
+    for block in model.transformer.h:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if name in targets and isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                    n += 1
+    return n
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged nn.Linear, in place; returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+    return model

@@ -1,0 +1,136 @@
+"""
+GPT-2 weights in and out of this project's GPT, in Hugging Face transformers' format.
+
+    from_hf(path)        a GPT holding a transformers GPT-2 folder's weights (or a GPT-2 name,
+                         downloaded from the hub when it is reachable)
+    export_hf(model, d)  write a GPT2LMHeadModel folder (safetensors + config.json, and the
+                         tokenizer files for GPT-2 BPE); other architectures get our own format
+
+Exactness is tested against transformers itself: logits to 1e-4, export and reload, greedy
+generation. The one difference in layout: transformers' GPT-2 stores its matmul weights as
+Conv1D (in, out), transposed against nn.Linear.
+"""
+
+import json
+import os
+from dataclasses import asdict, fields
+
+import torch
+
+from model import GPT, GPTConfig
+
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+              "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
+
+
+def gpt2_config(name):
+    """The config of one of the four published GPT-2 sizes."""
+    n_layer, n_head, n_embd = GPT2_SIZES[name]
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def load_hf_state_dict(path):
+    """Read a Hugging Face checkpoint folder's weights without running code from it."""
+    st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    if os.path.isfile(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def from_hf(path, **overrides):
+    """A GPT holding the weights of a Hugging Face GPT-2 folder (config.json + weights), or of a
+    GPT-2 name (gpt2, gpt2-medium, ...) downloaded from the hub when it is reachable.
+    overrides: GPTConfig keys that do not change the function (dropout, attention backend)."""
+    if not os.path.isdir(path):
+        path = download_hf(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json; init_from=hf:PATH needs a Hugging Face GPT-2 folder")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{cfg_path}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints import")
+    if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise ValueError(f"{cfg_path}: activation/epsilon differ from GPT-2's; cannot import exactly")
+    c = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                  n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides)
+    model = GPT(c)
+    sd = {k.removeprefix("transformer."): v for k, v in load_hf_state_dict(path).items()}
+    ours = model.state_dict()
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+                continue  # causal-mask buffers; the head is tied to wte
+            target = ours[f"transformer.{k}"]
+            if k.endswith(HF_TRANSPOSED):
+                v = v.t()
+            if k == "wte.weight":  # our table has padding rows past the true vocabulary
+                target[: v.shape[0]].copy_(v)
+                target[v.shape[0]:].zero_()
+            else:
+                target.copy_(v)
+    return model
+
+
+def download_hf(name):
+    if name not in GPT2_SIZES:
+        raise FileNotFoundError(f"{name}: not a folder, nor a GPT-2 name ({', '.join(GPT2_SIZES)})")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:
+        raise FileNotFoundError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); "
+                                f"download it elsewhere and use init_from=hf:PATH") from None
+
+
+def gpt2_incompatibilities(c):
+    """What in config c a transformers GPT2LMHeadModel cannot represent (empty = exportable)."""
+    gpt2 = GPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
+                     n_embd=c.n_embd, dropout=c.dropout, attn_backend=c.attn_backend, pad_vocab_to=c.pad_vocab_to,
+                     zero_init_proj=c.zero_init_proj)  # initialisation only: the trained model is plain GPT-2
+    return [f"{f.name}={getattr(c, f.name)!r}" for f in fields(c) if getattr(c, f.name) != getattr(gpt2, f.name)]
+
+
+def export_hf(model, out_dir, tokenizer_meta=None):
+    """Write a GPT-2-compatible model as a transformers GPT2LMHeadModel folder (safetensors +
+    config.json, and tokenizer files for GPT-2 BPE). Other models get safetensors + our config,
+    with a message saying that transformers' GPT-2 class cannot load them."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    c = model.config
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    problems = gpt2_incompatibilities(c)
+    if problems:
+        save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight" or not c.tie_embeddings},
+                  os.path.join(out_dir, "model.safetensors"))
+        with open(os.path.join(out_dir, "gpt_config.json"), "w") as f:
+            json.dump(asdict(c), f, indent=2)
+        return (f"wrote {out_dir} in this project's format: transformers' GPT-2 class cannot load this "
+                f"model because it uses {', '.join(problems)}")
+    hf = {}
+    for k, v in sd.items():
+        if k == "lm_head.weight":
+            continue  # tied: transformers re-ties it to wte on load
+        name = k.removeprefix("transformer.")
+        if name == "wte.weight":
+            v = v[: c.vocab_size]
+        if name.endswith(HF_TRANSPOSED):
+            v = v.t()
+        hf[f"transformer.{name}"] = v.contiguous()
+    save_file(hf, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    eot = (tokenizer_meta or {}).get("eot_id", 50256)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+              "n_head": c.n_head, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+              "initializer_range": 0.02, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer_meta and tokenizer_meta.get("kind") == "gpt2":
+        from tokenizer import write_gpt2_tokenizer_files
+        write_gpt2_tokenizer_files(out_dir)
+    return f"wrote {out_dir}: loads with transformers.GPT2LMHeadModel.from_pretrained"

@@ -1,0 +1,171 @@
+"""
+What fine-tuning and evaluation share about tasks: reading task files, showing a prompt to the
+model, scoring text under the model, and classification metrics.
+
+    read_jsonl, task_path     JSONL task files, with errors that name the line
+    prompt_ids                a prompt as the model reads it, in training and evaluation alike
+    scoring_windows           how a text longer than the context is scored: overlapping windows
+    score_tokens, lm_metrics, continuation_score
+                              log-likelihood of tokens given what comes before them
+    classification_report     accuracy, per-class and macro precision / recall / F1, confusion
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prepare.common import DataError, task_dir_of
+
+# ----------------------------------------------------------------------------- task files
+
+
+def read_jsonl(path, fields, max_examples=0):
+    """Records of a JSONL file, each checked for `fields`; errors name the line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such task file (set task_file or task_dir)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if k not in row]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (needs {', '.join(fields)})")
+            rows.append(row)
+            if max_examples and len(rows) == max_examples:
+                break
+    if not rows:
+        raise DataError(f"{path}: empty task file")
+    return rows
+
+
+def task_path(cfg, default_task):
+    """cfg.task_file, or the eval_split file of the task set (task_dir or its default folder)."""
+    return cfg.task_file or os.path.join(task_dir_of(cfg, default_task), f"{cfg.eval_split}.jsonl")
+
+
+def prompt_ids(tok, template, prompt):
+    """What a model reads before its answer, in fine-tuning and evaluation alike: end-of-text
+    (a document starts here, as in pretraining) and the prompt shown through the template."""
+    return [tok.eot_id] + tok.encode(template.format(prompt=prompt))
+
+
+def keep_last(ids, block_size):
+    """ids cropped to their last block_size tokens, and whether anything was cut."""
+    return ids[-block_size:], len(ids) > block_size
+
+
+# ----------------------------------------------------------------------------- scoring text
+
+
+def scoring_windows(n, first, block_size, stride):
+    """Windows (begin, end, j0) that score the targets ids[first .. n-1] of a sequence of n ids
+    exactly once: a window reads ids[begin:end] and predicts ids[begin+1 : end+1]; its positions
+    from j0 on are scored (earlier ones were scored by the previous window).
+
+    Windows advance by stride, so every target after the first window keeps at least
+    block_size - stride tokens of context. The first window starts as late as it can while
+    still giving target `first` that much context, or ends at the last target when everything
+    from there fits in one window (a short continuation gets the longest context)."""
+    begin = max(0, min(first - 1 - (block_size - stride), n - 1 - block_size))
+    windows, scored_until = [], first - 1  # targets up to scored_until are done
+    while True:
+        end = min(begin + block_size, n - 1)
+        windows.append((begin, end, scored_until - begin))
+        scored_until = end
+        if end == n - 1:
+            return windows
+        begin += stride
+
+
+@torch.no_grad()
+def score_tokens(model, ids, first, stride, batch_size, device, heads=1, progress=False):
+    """Log-likelihood of ids[first:] (a 1-D int array), each token given what precedes it, over
+    scoring_windows. Returns (total nats per head, tokens scored per head, whether head 1's
+    argmax equals every scored token). With heads > 1, head h (1-based) at each scored
+    position predicts the token h steps ahead where the window holds it."""
+    from tqdm import tqdm
+    n = len(ids)
+    if n < 2 or not 1 <= first < n:
+        raise DataError("fewer than 2 tokens: nothing to score")
+    block_size = model.config.block_size
+    windows = scoring_windows(n, first, block_size, min(stride, block_size))
+    totals, counts, greedy = [0.0] * heads, [0] * heads, True
+    for i in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
+        batch = windows[i:i + batch_size]
+        width = max(end - begin for begin, end, _ in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        y = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: not scored in this window
+        for row, (begin, end, j0) in enumerate(batch):
+            chunk = torch.as_tensor(ids[begin:end + 1].astype("int64"))
+            x[row, :end - begin] = chunk[:-1]
+            y[row, j0:end - begin] = chunk[1 + j0:]
+        x, y = x.to(device), y.to(device)
+        all_logits = model.multi_head_logits(x)[:heads] if heads > 1 else [model(x)[0]]
+        for h, logits in enumerate(all_logits):
+            target = y
+            if h:  # head h+1 at a scored position t predicts y[t + h]
+                target = torch.full_like(y, -1)
+                target[:, :-h] = torch.where(y[:, :-h] >= 0, y[:, h:], -1)
+            totals[h] += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-1,
+                                         reduction="sum").item()
+            counts[h] += int((target >= 0).sum())
+            if h == 0:
+                scored = y >= 0
+                greedy = greedy and bool((logits.argmax(dim=-1)[scored] == y[scored]).all())
+    assert counts[0] == n - first, "every token is scored exactly once"
+    return totals, counts, greedy
+
+
+def lm_metrics(model, ids, stride, batch_size, device, progress=True):
+    """(total nats, tokens scored, mean loss of each multi-token head or []) of ids[1:] given
+    everything before: the language-modelling score of a whole split or document."""
+    heads = getattr(model.config, "mtp_heads", 1)
+    totals, counts, _ = score_tokens(model, ids, 1, stride, batch_size, device, heads, progress)
+    return totals[0], counts[0], ([t / c for t, c in zip(totals, counts)] if heads > 1 else [])
+
+
+def continuation_score(model, context, continuation, device):
+    """(log p(continuation | context) summed over its tokens, whether greedy decoding would
+    produce exactly this continuation). A context longer than the window is cropped on the
+    left; a continuation longer than the window is scored in overlapping windows."""
+    ids = np.array(context + continuation, dtype=np.int64)
+    block_size = model.config.block_size
+    totals, _, greedy = score_tokens(model, ids, len(context), max(1, block_size // 2), 8, device)
+    return -totals[0], greedy
+
+
+def sequence_logprob(model, context, continuation, device):
+    return continuation_score(model, context, continuation, device)[0]
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classification_report(gold, pred, labels):
+    """Accuracy, per-class and macro precision/recall/F1, confusion matrix (rows gold, cols pred).
+    A class never predicted has precision 0 (no true positives), as in scikit-learn's default."""
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        confusion[index[g]][index[p]] += 1
+    per_class = {}
+    for label, i in index.items():
+        tp = confusion[i][i]
+        predicted = sum(row[i] for row in confusion)
+        actual = sum(confusion[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    macro = {k: sum(c[k] for c in per_class.values()) / len(labels) for k in ("precision", "recall", "f1")}
+    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+    return {"accuracy": accuracy, "macro_precision": macro["precision"], "macro_recall": macro["recall"],
+            "macro_f1": macro["f1"], "per_class": per_class, "labels": list(labels), "confusion": confusion}

@@ -1,0 +1,67 @@
+"""The shape of the codebase: imports run one way, scripts do not import scripts."""
+
+import ast
+
+from conftest import ROOT
+
+SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench"}
+# the one exception: fine-tuning and benchmarking reuse the training loop
+SCRIPT_IMPORTS_ALLOWED = {("finetune", "train"), ("bench", "train")}
+
+
+def project_modules():
+    files = {p.stem: p for p in ROOT.glob("*.py")}
+    files.update({f"prepare.{p.stem}": p for p in (ROOT / "prepare").glob("*.py") if p.stem != "__init__"})
+    return files
+
+
+def imports_of(path, known):
+    """Every project module `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n in known)
+    return found
+
+
+def test_no_import_cycles_even_inside_functions():
+    modules = project_modules()
+    graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+    state = {}
+
+    def visit(name, stack):
+        state[name] = "open"
+        for dep in graph[name]:
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(stack + [name, dep])}"
+            if dep not in state:
+                visit(dep, stack + [name])
+        state[name] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [])
+
+
+def test_scripts_do_not_import_scripts():
+    modules = project_modules()
+    for script in SCRIPTS:
+        for dep in imports_of(modules[script], modules) & SCRIPTS:
+            assert (script, dep) in SCRIPT_IMPORTS_ALLOWED, f"{script}.py imports the script {dep}.py"
+    for name, path in modules.items():  # shared modules import no script at all
+        if name not in SCRIPTS and name != "lm_eval_adapter":
+            assert not imports_of(path, modules) & SCRIPTS, f"{name} imports a script"
+    assert not imports_of(modules["lm_eval_adapter"], modules) & SCRIPTS
+
+
+def test_model_is_the_transformer_only():
+    """model.py imports nothing of the project: generation, GPT-2 weights, adapters live elsewhere."""
+    modules = project_modules()
+    assert imports_of(modules["model"], modules) == set()
+    source = modules["model"].read_text()
+    for elsewhere in ("def generate", "class KVCache", "def from_hf", "class LoRALinear", "class GPTClassifier"):
+        assert elsewhere not in source
