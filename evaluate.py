@@ -74,7 +74,7 @@ def eval_lm(model, tok, cfg, data_dir, device):
             "tokens_per_s": count / seconds}
 
 
-# ----------------------------------------------------------------------------- task files
+# ----------------------------------------------------------------------------- the other tasks
 
 def eval_generate(model, tok, cfg, device, out_dir):
     import sacrebleu

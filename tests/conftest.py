@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CACHE = os.environ.get("GPT_DATA_CACHE", str(ROOT / "data" / "cache"))
 
-from config import load_config
+from config import load_config  # noqa: E402
 
 
 def make_cfg(**overrides):

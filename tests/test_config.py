@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from config import KEYS, ConfigError, load_config
+from conftest import ROOT
 
 
 def test_defaults_and_types():

@@ -5,18 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CACHE, ROOT, make_cfg
 
-from prepare.common import (
-    DataError,
-    clean_text,
-    dedup,
-    read_tokens,
-    scrub_pii,
-    token_dtype,
-    write_dataset,
-    write_tokens,
-)
+from conftest import CACHE, ROOT, make_cfg
+from prepare.common import (DataError, clean_text, dedup, read_tokens, scrub_pii, token_dtype, write_dataset,
+                            write_tokens)
 from prepare.shakespeare import TEST_WORKS, VAL_WORKS, read_texts
 from tokenizer import CharTokenizer, GPT2Tokenizer, from_meta
 

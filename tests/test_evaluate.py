@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_cfg
 
 import evaluate as E
+from conftest import ROOT, make_cfg
 from model import GPT, GPTConfig
 from prepare.common import DataError, write_dataset
 from tasks import classification_report, continuation_score, lm_metrics, read_jsonl, sequence_logprob
@@ -140,7 +140,7 @@ def test_bleu_matches_sacrebleu(tmp_path, monkeypatch):
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = CharTokenizer.train("".join(r["prompt"] + r["completion"] for r in rows) + "\n#: ")
     cfg = make_cfg(task_file=str(task), prompt_template="{prompt}\n", temperature=0.0)
-    show = lambda r: cfg.prompt_template.format(prompt=r["prompt"])
+    show = lambda r: cfg.prompt_template.format(prompt=r["prompt"])  # noqa: E731
     perfect = E.eval_generate(EchoModel(tok, {show(r): r["completion"] for r in rows}), tok, cfg, "cpu", tmp_path)
     assert perfect["bleu"] == pytest.approx(100.0)
     copied = E.eval_generate(EchoModel(tok, {show(r): r["prompt"] for r in rows}), tok, cfg, "cpu", tmp_path)

@@ -4,12 +4,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_cfg, stop_after_steps
 
 import finetune as FT
 import plumbing as P
 import train as T
 from adapters import LoRALinear, add_lora, merge_lora
+from conftest import ROOT, make_cfg, stop_after_steps
 from model import GPT, GPTConfig
 
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, eval_iters=2, log_interval=1,

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from test_model import seeded_model, tiny
 
 from generate import KVCache, generate
+from test_model import seeded_model, tiny
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(pos="rope", n_kv_head=1), dict(n_kv_head=2, attn_window=6),

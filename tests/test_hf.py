@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from test_model import seeded_model, tiny
 
 from generate import generate
 from hf import export_hf, from_hf, gpt2_config
 from model import GPT
+from test_model import seeded_model, tiny
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ import types
 
 import pytest
 import torch
-from conftest import make_cfg
 
+from conftest import make_cfg
 from tokenizer import CharTokenizer
 
 pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (requirements-dev.txt)")
-from test_evaluate import BigramModel
-
-from lm_eval_adapter import HarnessLM, run_harness
+from lm_eval_adapter import HarnessLM, run_harness  # noqa: E402
+from test_evaluate import BigramModel  # noqa: E402
 
 TOK = CharTokenizer(list(" abc."))  # ' '=0 a=1 b=2 c=3 .=4, end-of-text=5
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_cfg, stop_after_steps
 
 import plumbing as P
 import train as T
+from conftest import ROOT, make_cfg, stop_after_steps
 from generate import generate
 from model import GPT, GPTConfig
 

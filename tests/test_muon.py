@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_cfg, stop_after_steps
 
 import plumbing as P
 import train as T
+from conftest import make_cfg, stop_after_steps
 from model import GPT, GPTConfig
 from muon import CombinedOptimizer, Muon, newton_schulz
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import CACHE
 
+from conftest import CACHE
 from prepare.folio import align_play, folio_speeches, modern_speeches, norm_word
 from prepare.genre import LABELS, PASSAGE_LINES, genre_splits
 from prepare.shakespeare import TEST_WORKS, VAL_WORKS, WORKS, read_texts

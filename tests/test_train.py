@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from conftest import CACHE, ROOT, make_cfg, stop_after_steps
 
 import plumbing as P
 import train as T
+from conftest import CACHE, ROOT, make_cfg, stop_after_steps
 from model import GPT, GPTConfig
 from prepare.common import read_tokens
 
@@ -95,7 +95,7 @@ def test_loader_splits_one_global_batch_across_processes(char_data):
 
 
 def test_loader_state_round_trip(char_data):
-    make = lambda: P.TokenLoader(char_data / "val.bin", 2, 8, 3, 1, 0, 7, torch.device("cpu"))
+    make = lambda: P.TokenLoader(char_data / "val.bin", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
     a = make()
     a.next()
     state = a.state_dict()
