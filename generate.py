@@ -26,8 +26,9 @@ class KVCache:
     autocast, so the cache takes half the memory of float32 weights' dtype."""
 
     def __init__(self, model, batch_size, max_len):
-        c = model.config
-        self.shape = (c.n_layer + c.mtp_heads - 1, batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head)
+        config = model.config
+        layers = config.n_layer + config.mtp_heads - 1  # the extra heads' blocks cache too
+        self.shape = (layers, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
         self.k = self.v = None
         self.length = 0
 
@@ -161,9 +162,9 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
     When holes would push the cache past block_size it is compacted: valid entries gathered to
     the right end (KVCache.compact). A row whose context would reach block_size finishes alone
     with plain generate()."""
-    c, n = model.config, model.config.mtp_heads
+    config, n = model.config, model.config.mtp_heads
     device = model.transformer.wte.weight.device
-    prompts = [p[-(c.block_size - 1):] for p in prompts]
+    prompts = [p[-(config.block_size - 1):] for p in prompts]
     B = len(prompts)
     out, done = [[] for _ in prompts], [False] * B
     accepted = proposed = 0
@@ -174,7 +175,7 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
         return done[b]
 
     tokens, valid = left_pad(prompts, device)
-    cache = KVCache(model, B, c.block_size)
+    cache = KVCache(model, B, config.block_size)
     heads = model.multi_head_logits(tokens, cache, valid=valid)
     last = [h[:, -1].argmax(dim=-1).tolist() for h in heads]  # n lists of B ids: one host sync per head
     to_feed = [[ids[b] for ids in last] for b in range(B)]  # per row: head 1's token, then the drafts
@@ -188,14 +189,14 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
         # only verify from contexts of at most block_size - 1 tokens: a row that would goes plain
         context_lengths = valid.sum(dim=1).tolist()
         for b in range(B):
-            if not done[b] and context_lengths[b] + n >= c.block_size:
+            if not done[b] and context_lengths[b] + n >= config.block_size:
                 finish_plainly(model, b, prompts[b], out, max_new_tokens, stop_ids, should_stop)
                 done[b] = True
         running = [b for b in range(B) if not done[b]]
         if not running:
             break
         valid[[b for b in range(B) if done[b]]] = False  # finished rows take no room when compacting
-        if cache.length + n > c.block_size:
+        if cache.length + n > config.block_size:
             valid = cache.compact(valid)
         start = cache.length
         fed = torch.tensor(to_feed, device=device)  # (B, n)

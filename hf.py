@@ -56,9 +56,9 @@ def from_hf(path, **overrides):
         raise ValueError(f"{cfg_path}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints import")
     if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise ValueError(f"{cfg_path}: activation/epsilon differ from GPT-2's; cannot import exactly")
-    c = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                   n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides)
-    model = GPT(c)
+    model = GPT(config)
     sd = {k.removeprefix("transformer."): v for k, v in load_hf_state_dict(path).items()}
     ours = model.state_dict()
     with torch.no_grad():
@@ -87,12 +87,15 @@ def download_hf(name):
                                 f"download it elsewhere and use init_from=hf:PATH") from None
 
 
-def gpt2_incompatibilities(c):
-    """What in config c a transformers GPT2LMHeadModel cannot represent (empty = exportable)."""
-    gpt2 = GPTConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
-                     n_embd=c.n_embd, dropout=c.dropout, attn_backend=c.attn_backend, pad_vocab_to=c.pad_vocab_to,
-                     zero_init_proj=c.zero_init_proj)  # initialisation only: the trained model is plain GPT-2
-    return [f"{f.name}={getattr(c, f.name)!r}" for f in fields(c) if getattr(c, f.name) != getattr(gpt2, f.name)]
+def gpt2_incompatibilities(config):
+    """What in config config a transformers GPT2LMHeadModel cannot represent (empty = exportable)."""
+    # what may differ: the shape, and what does not change the function (dropout, the attention
+    # backend, vocabulary padding, zero_init_proj, which only sets the initialisation)
+    same = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attn_backend", "pad_vocab_to",
+            "zero_init_proj")
+    gpt2 = GPTConfig(**{name: getattr(config, name) for name in same})
+    return [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
+            if getattr(config, f.name) != getattr(gpt2, f.name)]
 
 
 def export_hf(model, out_dir, tokenizer_meta=None):
@@ -101,14 +104,14 @@ def export_hf(model, out_dir, tokenizer_meta=None):
     with a message saying that transformers' GPT-2 class cannot load them."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    c = model.config
+    config = model.config
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    problems = gpt2_incompatibilities(c)
+    problems = gpt2_incompatibilities(config)
     if problems:
-        save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight" or not c.tie_embeddings},
+        save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight" or not config.tie_embeddings},
                   os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "gpt_config.json"), "w") as f:
-            json.dump(asdict(c), f, indent=2)
+            json.dump(asdict(config), f, indent=2)
         return (f"wrote {out_dir} in this project's format: transformers' GPT-2 class cannot load this "
                 f"model because it uses {', '.join(problems)}")
     hf = {}
@@ -117,19 +120,20 @@ def export_hf(model, out_dir, tokenizer_meta=None):
             continue  # tied: transformers re-ties it to wte on load
         name = k.removeprefix("transformer.")
         if name == "wte.weight":
-            v = v[: c.vocab_size]
+            v = v[: config.vocab_size]
         if name.endswith(HF_TRANSPOSED):
             v = v.t()
         hf[f"transformer.{name}"] = v.contiguous()
     save_file(hf, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     eot = (tokenizer_meta or {}).get("eot_id", 50256)
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-              "n_head": c.n_head, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-              "initializer_range": 0.02, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True}
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+                 "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
+                 "n_layer": config.n_layer, "n_head": config.n_head, "activation_function": "gelu_new",
+                 "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+                 "attn_pdrop": config.dropout, "initializer_range": 0.02, "bos_token_id": eot, "eos_token_id": eot,
+                 "tie_word_embeddings": True}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(hf_config, f, indent=2)
     if tokenizer_meta and tokenizer_meta.get("kind") == "gpt2":
         from tokenizer import write_gpt2_tokenizer_files
         write_gpt2_tokenizer_files(out_dir)

@@ -167,11 +167,11 @@ def attend(q, k, v, mask, backend, dropout_p):
     raise ValueError(f"unknown attn_backend {backend!r}")
 
 
-def rope_tables(c):
+def rope_tables(config):
     """cos, sin of shape (block_size, hd/2) for rotary position embeddings."""
-    hd = c.n_embd // c.n_head
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    angles = torch.outer(torch.arange(c.block_size, dtype=torch.float32), inv_freq)
+    hd = config.n_embd // config.n_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -183,57 +183,57 @@ def apply_rope(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, c, layer_idx):
+    def __init__(self, config, layer_idx):
         super().__init__()
-        self.c, self.layer_idx = c, layer_idx
-        self.hd = c.n_embd // c.n_head
+        self.config, self.layer_idx = config, layer_idx
+        self.hd = config.n_embd // config.n_head
         # one fused projection for q, k, v: (nh + 2 nkv) heads of hd each
-        self.c_attn = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * self.hd, bias=c.bias)
-        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual = True  # marks it for GPT-2's scaled init
-        self.resid_dropout = nn.Dropout(c.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, cache):
-        c, B, T = self.c, x.shape[0], x.shape[1]
-        qk, v = self.c_attn(x).split([(c.n_head + c.n_kv_head) * self.hd, c.n_kv_head * self.hd], dim=-1)
+        config, B, T = self.config, x.shape[0], x.shape[1]
+        qk, v = self.c_attn(x).split([(config.n_head + config.n_kv_head) * self.hd, config.n_kv_head * self.hd], dim=-1)
         # q and k heads side by side (B, T, nh + nkv, hd): one norm and one rotation serve both
-        qk = qk.view(B, T, c.n_head + c.n_kv_head, self.hd)
-        if c.qk_norm:
+        qk = qk.view(B, T, config.n_head + config.n_kv_head, self.hd)
+        if config.qk_norm:
             qk = F.rms_norm(qk, (self.hd,))
         if rope is not None:
             qk = apply_rope(qk, *rope)
-        q, k = qk.split([c.n_head, c.n_kv_head], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
-        v = v.view(B, T, c.n_kv_head, self.hd)
+        q, k = qk.split([config.n_head, config.n_kv_head], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
+        v = v.view(B, T, config.n_kv_head, self.hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        backend = c.attn_backend
+        backend = config.attn_backend
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, Tcache, hd)
             backend = "math" if backend == "math" else "sdpa"  # flex block masks are built for full sequences
-        y = attend(q, k, v, mask, backend, c.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, c.n_embd)  # (B, T, C)
+        y = attend(q, k, v, mask, backend, config.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, config.n_embd)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 # ----------------------------------------------------------------------------- 3. MLP and block
 
 
-def make_norm(c):
-    if c.norm == "layernorm":
-        return nn.LayerNorm(c.n_embd, eps=1e-5, bias=c.bias)
-    return nn.RMSNorm(c.n_embd, eps=1e-5)
+def make_norm(config):
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+    return nn.RMSNorm(config.n_embd, eps=1e-5)
 
 
 class MLP(nn.Module):
-    def __init__(self, c):
+    def __init__(self, config):
         super().__init__()
-        self.kind = c.mlp
+        self.kind = config.mlp
         # SwiGLU has three matrices: a hidden width of 8C/3 (rounded down to a multiple of 16)
         # keeps the parameter count at most that of a 4C two-matrix MLP
-        hidden = 4 * c.n_embd if c.mlp != "swiglu" else 8 * c.n_embd // 3 // 16 * 16
-        self.c_fc = nn.Linear(c.n_embd, hidden * (2 if c.mlp == "swiglu" else 1), bias=c.bias)
-        self.c_proj = nn.Linear(hidden, c.n_embd, bias=c.bias)
+        hidden = 4 * config.n_embd if config.mlp != "swiglu" else 8 * config.n_embd // 3 // 16 * 16
+        self.c_fc = nn.Linear(config.n_embd, hidden * (2 if config.mlp == "swiglu" else 1), bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual = True
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -248,14 +248,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c, layer_idx):
+    def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1, self.attn = make_norm(c), CausalSelfAttention(c, layer_idx)
-        self.ln_2, self.mlp = make_norm(c), MLP(c)
+        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config, layer_idx)
+        self.ln_2, self.mlp = make_norm(config), MLP(config)
         # x0_mix: the block's input is a * x + b * x0, a blend of the residual stream and the token
         # embeddings, so every layer can reach the token's identity directly (modded-nanogpt).
         # a = 1, b = 0 at init: the plain residual stream.
-        self.x0_weights = nn.Parameter(torch.tensor([1.0, 0.0])) if c.x0_mix else None
+        self.x0_weights = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
     def forward(self, x, x0, rope=None, mask=CAUSAL, cache=None):
         """x: the residual stream (B, T, C); x0: the embedded tokens (B, T, C), read with x0_mix."""
@@ -278,20 +278,20 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        c = self.config = config
+        self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(c.padded_vocab, c.n_embd),
-            wpe=nn.Embedding(c.block_size, c.n_embd) if c.pos == "learned" else None,
-            drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList(Block(c, i) for i in range(c.n_layer)),
-            ln_f=make_norm(c),
+            wte=nn.Embedding(config.padded_vocab, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config),
         ))
-        self.mtp = nn.ModuleList(Block(c, c.n_layer + i) for i in range(c.mtp_heads - 1))
-        self.lm_head = nn.Linear(c.n_embd, c.padded_vocab, bias=False)
-        if c.tie_embeddings:
+        self.mtp = nn.ModuleList(Block(config, config.n_layer + i) for i in range(config.mtp_heads - 1))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
+        if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if c.pos == "rope":
-            cos, sin = rope_tables(c)
+        if config.pos == "rope":
+            cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -321,29 +321,29 @@ class GPT(nn.Module):
         """What every block needs: embedded tokens x0 (B, T, C), RoPE tables, the attention mask.
         doc_ids (B, T): keep attention inside documents. cache: a generate.KVCache to read and
         extend. valid (B, Tcache + T) bool: False marks padding (prompts of unequal length)."""
-        c = self.config
+        config = self.config
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if start + T > c.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={c.block_size}")
+        if start + T > config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={config.block_size}")
         if valid is None:
             pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
         else:  # positions count only real tokens, so a padded prompt sees the positions an unpadded one would
             pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
-        if c.pos == "learned":
+        if config.pos == "learned":
             x = x + self.transformer.wpe(pos)
         rope = None
-        if c.pos == "rope":
+        if config.pos == "rope":
             rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B|1, T, 1, hd/2)
         mask = self.attention_mask(B, T, start, doc_ids, valid, cache is not None, idx.device)
         return self.transformer.drop(x), rope, mask
 
     def attention_mask(self, B, T, start, doc_ids, valid, cached, device):
-        c = self.config
-        if c.attn_backend == "flex" and not cached:
-            return flex_block_mask(doc_ids, valid, c.attn_window, B, T, device)
-        if start == 0 and doc_ids is None and c.attn_window == 0 and valid is None:
+        config = self.config
+        if config.attn_backend == "flex" and not cached:
+            return flex_block_mask(doc_ids, valid, config.attn_window, B, T, device)
+        if start == 0 and doc_ids is None and config.attn_window == 0 and valid is None:
             return CAUSAL
         q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         kv_idx = torch.arange(start + T, device=device)[None, :]       # (1, Tk)
@@ -352,7 +352,7 @@ class GPT(nn.Module):
             doc_q, doc_k = doc_ids[:, :, None], doc_ids[:, None, :]       # (B, T, 1), (B, 1, T)
         if valid is not None:
             valid_k = valid[:, None, :]                                   # (B, 1, Tk)
-        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, c.attn_window, valid_k)
+        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k)
         return keep.reshape(-1, 1, T, start + T)  # (B|1, 1, Tq, Tk)
 
     def trunk(self, idx, doc_ids=None, cache=None, valid=None):
@@ -467,11 +467,11 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's
         appendix: 6 per weight of every matmul (the output head included, tied or not),
         plus 12 * layers * C * T for the attention scores and weighted sum at length T."""
-        c = self.config
-        T = seq_len or c.block_size
+        config = self.config
+        T = seq_len or config.block_size
         matmul = sum(p.numel() for p in self.hidden_matrices())
-        matmul += c.padded_vocab * c.n_embd * c.mtp_heads  # every head runs the unembedding
-        return 6 * matmul + 12 * (c.n_layer + c.mtp_heads - 1) * c.n_embd * T
+        matmul += config.padded_vocab * config.n_embd * config.mtp_heads  # every head runs the unembedding
+        return 6 * matmul + 12 * (config.n_layer + config.mtp_heads - 1) * config.n_embd * T
 
 
 # Rows of logits upcast to float32 at once when the loss is computed in eager mode from

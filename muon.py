@@ -9,8 +9,9 @@ Muon is for 2-D hidden weights (the matmuls inside the blocks, as GPT.hidden_mat
 them). Embeddings, the output head, norms and biases stay with AdamW: train.configure_optimizer()
 splits them and CombinedOptimizer steps both. Weight decay is decoupled, as in AdamW: each step
 multiplies a matrix by 1 - lr * weight_decay, with Muon's own learning rate and decay
-(muon_weight_decay), so the two optimizers' decays are set independently. Under DDP gradients are all-reduced before step(), so every process computes the
-same update (redundantly; simple and exact).
+(muon_weight_decay), so the two optimizers' decays are set independently. Under DDP gradients
+are all-reduced before step(), so every process computes the same update (redundantly; simple
+and exact).
 
 Read: newton_schulz() (the maths), Muon (momentum + orthogonalised step, same-shape matrices
 batched into one bmm per shape), CombinedOptimizer (two optimizers behind one interface).
