@@ -299,8 +299,10 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
         return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
     if source == "resume":
         path = os.path.join(cfg.out_dir, "ckpt_last.pt")
-    elif os.path.exists(source) or init_from:  # a file the script chose reports itself as missing
+    elif os.path.isdir(source):
         path = checkpoint_path(source)
+    elif os.path.isfile(source) or init_from:  # a file a script chose says itself that it is missing
+        path = source
     else:
         raise SystemExit(f"error: init_from={source}: no such run folder or checkpoint file; give one, hf:PATH, "
                          f"a GPT-2 name, or scratch (fresh weights, the no-transfer baseline)")
@@ -315,11 +317,12 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
 
 
 def checkpoint_path(source, which="best"):
-    """A checkpoint file itself, or a run folder's ckpt_{which}.pt (falling back to ckpt_last.pt)."""
-    if os.path.isdir(source):
-        preferred = os.path.join(source, f"ckpt_{which}.pt")
-        return preferred if os.path.isfile(preferred) else os.path.join(source, "ckpt_last.pt")
-    return source
+    """A checkpoint file itself, or a run folder's ckpt_{which}.pt (ckpt_last.pt when the run
+    has none, e.g. no evaluation has improved yet)."""
+    if os.path.isfile(source):
+        return source
+    preferred = os.path.join(source, f"ckpt_{which}.pt")
+    return preferred if os.path.isfile(preferred) else os.path.join(source, "ckpt_last.pt")
 
 
 def load_for_inference(cfg, device):
