@@ -76,3 +76,18 @@ def test_walkthrough_names_tests_that_exist():
         current = path or current
         assert f"def {name}(" in (ROOT / current).read_text(), f"{current}::{name}"
     assert "tests/test_structure.py" in text
+
+
+def test_walkthrough_line_ranges_show_what_they_name():
+    """Each reading-order row gives line ranges and names what to look for there in backticks;
+    the names must stand within those lines, so the ranges follow the code as it moves."""
+    import re
+    rows = re.findall(r"^\| `([\w/]+\.py)` \| ([\d–, ]+) \| (.*) \|$", (ROOT / "docs" / "WALKTHROUGH.md").read_text(),
+                      re.M)
+    assert len(rows) > 20
+    for path, ranges, what in rows:
+        lines = (ROOT / path).read_text().split("\n")
+        shown = "\n".join("\n".join(lines[int(a) - 1:int(b)]) for a, b in re.findall(r"(\d+)–(\d+)", ranges))
+        names = re.findall(r"`([A-Za-z_][\w.]*)(?:\(\))?`", what)
+        missing = [n for n in names if n.split(".")[-1] not in shown]
+        assert not missing, f"{path} {ranges}: {missing} not in those lines"
