@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- 1. config
@@ -111,10 +112,10 @@ def document_ids(idx, eot_id):
 
 def flex_block_mask(doc_ids, valid, window, B, T, device):
     """FlexAttention's block mask for mask_rule. Data-dependent masks (documents, padding) are
-    built per batch; the plain causal or sliding-window one depends only on T and is cached."""
-    if doc_ids is None and valid is None:
+    built per batch; the plain causal or sliding-window one depends only on T and is cached
+    (inside torch.compile(model) it is built in the graph: the compiler ignores the cache)."""
+    if doc_ids is None and valid is None and not torch.compiler.is_compiling():
         return causal_block_mask(T, window, str(device))
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         doc_q = doc_k = valid_k = None
@@ -129,7 +130,6 @@ def flex_block_mask(doc_ids, valid, window, B, T, device):
 
 @functools.lru_cache(maxsize=16)
 def causal_block_mask(T, window, device):
-    from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(lambda b, h, q, kv: mask_rule(q, kv, window=window), None, None, T, T, device=device)
 
 
@@ -139,7 +139,6 @@ def compiled_flex_attention(device_type):
     sequence length or batch size compiles one kernel for all later ones (dynamic=False compiles
     one per shape up to the recompile limit, then falls back to the slow unfused path). CPUs keep
     static shapes: inductor's CPU template fails to build dynamic ones (torch 2.13)."""
-    from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
@@ -163,6 +162,10 @@ def attend(q, k, v, mask, backend, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                               dropout_p=dropout_p, enable_gqa=gqa)
     if backend == "flex":
+        if torch.compiler.is_compiling():  # inside torch.compile(model), which fuses flex itself. q and k
+            # are strided views of one (B, T, nh + nkv, hd) tensor; inside a compiled model the flex
+            # kernel reads such views wrongly (0.17 off the math backend with RoPE, torch 2.13 CPU)
+            return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, enable_gqa=gqa)
         return compiled_flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
     raise ValueError(f"unknown attn_backend {backend!r}")
 
