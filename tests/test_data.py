@@ -167,6 +167,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     (tmp_path / "one.txt").write_text("just one document")
     assert_one_line_error(run_prepare("text.py", f"--input={tmp_path}/one.txt", f"--data_dir={out}"),
                           "split has no documents")
+    for i in range(30):  # enough documents that every split gets some
+        (tmp_path / "small" / f"d{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "small" / f"d{i}.txt").write_text(f"a short document number {i}")
+    assert_one_line_error(run_prepare("text.py", f"--input={tmp_path}/small", f"--data_dir={out}",
+                                      "--tokenizer=sentencepiece", "--sp_vocab_size=100000", "--val_fraction=0.3",
+                                      "--test_fraction=0.3"), "sentencepiece could not train", "Vocabulary size too high")
     assert not out.exists() or not (out / "meta.json").exists()  # nothing half-written
 
 
