@@ -56,7 +56,7 @@ def _k(name, default, help, choices=(), scripts=EVERY):
 
 KEYS = [
     # ---- data & tokenizers (prepare/*.py, and every script that reads token files) ----
-    _k("data_dir", "", "folder with train/val/test.bin and meta.json; empty = data/{dataset}_{tokenizer}",
+    _k("data_dir", "", "folder with meta.json and the train/val/test token shards; empty = data/{dataset}_{tokenizer}",
        scripts=("prepare", "train", "finetune", "evaluate", "bench")),
     _k("dataset", "shakespeare", "what train.py prepares when data_dir is empty: 'shakespeare' or 'none'",
        ["shakespeare", "none"], MAKES_DATA),
@@ -65,8 +65,16 @@ KEYS = [
     _k("sp_model_type", "bpe", "sentencepiece algorithm", ["bpe", "unigram"], MAKES_DATA),
     _k("gpt2_bpe_path", "", "a local gpt2.tiktoken ranks file; wins over every other source"),
     _k("cache_dir", "data/cache", "where downloaded source archives are kept for offline reruns"),
-    _k("input", "", "prepare/text.py: comma-separated text files or folders (each file is a document)",
+    _k("input", "", "prepare/text.py: comma-separated .txt/.md files (one document each), .jsonl[.gz] and "
+       ".parquet files (one document per row), folders of these, or hf:OWNER/DATASET[/FOLDER]", scripts=PREPARE),
+    _k("text_field", "text", "prepare/text.py: the JSONL field or Parquet column that holds each document",
        scripts=PREPARE),
+    _k("num_proc", 0, "prepare/text.py: worker processes that clean and tokenize; 0 = one per core",
+       scripts=PREPARE),
+    _k("shard_tokens", 100_000_000, "tokens per token file (shard) of a split; the last one holds the rest",
+       scripts=MAKES_DATA),
+    _k("tokenizer_sample_chars", 20_000_000, "char and sentencepiece tokenizers learn from at most this many "
+       "characters of the training split (its first documents)", scripts=MAKES_DATA),
     _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation", scripts=PREPARE),
     _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split", scripts=PREPARE),
     _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders", scripts=PREPARE),
@@ -103,6 +111,8 @@ KEYS = [
     _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal", scripts=FRESH_MODEL),
     _k("x0_mix", False, "each block reads a learned blend a*x + b*x0 of the residual stream and the token "
        "embeddings (a=1, b=0 at init)", scripts=FRESH_MODEL),
+    _k("align_to_documents", False, "every training window starts at a document's end-of-text token instead "
+       "of anywhere (evaluation windows stay random)", scripts=STEPS),
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences", scripts=STEPS),
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json; evaluate.py and "

@@ -44,7 +44,7 @@ import torch
 from config import cli_config
 from generate import generate
 from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
-from prepare.common import DataError, read_tokens
+from prepare.common import DataError, SplitTokens
 from tasks import (classification_report, keep_last, lm_metrics, prompt_ids, read_jsonl, sequence_logprob,
                    task_path)
 
@@ -57,11 +57,7 @@ def text_length(tok, ids):
 
 
 def eval_lm(model, tok, cfg, data_dir, device):
-    path = os.path.join(data_dir, f"{cfg.eval_split}.bin")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing (a data folder from before test splits existed?); "
-                        f"re-run the prepare script for {data_dir}")
-    ids = read_tokens(path)
+    ids = SplitTokens(data_dir, cfg.eval_split)  # the split's shards, read as one sequence
     stride = cfg.eval_stride or max(1, model.config.block_size // 2)
     t0 = time.time()
     total, count, heads = lm_metrics(model, ids, stride, cfg.batch_size, device)

@@ -33,7 +33,7 @@ from adapters import GPTClassifier, add_lora, merge_lora
 from config import save_json
 from hf import GPT2_SIZES, from_hf
 from model import GPT, GPTConfig
-from prepare.common import DataError, load_meta, read_tokens
+from prepare.common import DataError, SplitTokens, load_meta
 from tokenizer import GPT2_META, from_meta
 
 # ----------------------------------------------------------------------------- 1. compute
@@ -240,26 +240,39 @@ class RandomBatches:
 
 
 class TokenLoader(RandomBatches):
-    """Random windows of block_size + 1 tokens from one memory-mapped token file."""
+    """Random windows of block_size + 1 tokens from a split's shards, memory-mapped and read as one
+    sequence: the same batches whether the split is one file or many. With align_eot, windows
+    start only where token align_eot (end-of-text, which opens every document) stands."""
 
-    def __init__(self, path, batch_size, block_size, accum, world, rank, seed, device):
+    def __init__(self, data_dir, split, batch_size, block_size, accum, world, rank, seed, device, align_eot=None):
         try:
-            self.data = read_tokens(path)
+            self.data = SplitTokens(data_dir, split)
         except DataError as e:
             raise SystemExit(f"error: {e}") from None
         if len(self.data) < block_size + 2:
-            raise SystemExit(f"error: {path} has {len(self.data)} tokens, fewer than block_size+2={block_size + 2}")
+            raise SystemExit(f"error: the {split} split of {data_dir} has {len(self.data)} tokens, fewer than "
+                             f"block_size+2={block_size + 2}")
         self.T = block_size
-        super().__init__(len(self.data) - block_size - 1, batch_size, accum, world, rank, seed, device)
+        last = len(self.data) - block_size - 1  # windows start before this
+        self.starts = None
+        if align_eot is not None:
+            self.starts = self.data.positions_of(align_eot)
+            self.starts = self.starts[self.starts < last]
+            if not len(self.starts):
+                raise SystemExit(f"error: align_to_documents: no document of {data_dir}'s {split} split starts "
+                                 f"a full window; set align_to_documents=False")
+        super().__init__(last if self.starts is None else len(self.starts), batch_size, accum, world, rank, seed,
+                         device)
 
-    def make_batch(self, starts):
+    def make_batch(self, picks):
         """(x, y): inputs and next-token targets, each (B, T) int64 on the device."""
+        starts = picks if self.starts is None else self.starts[picks].tolist()
         buf = torch.from_numpy(np.stack([self.data[s:s + self.T + 1] for s in starts]).astype(np.int64))
         buf, = self.to_device(buf)
         return buf[:, :-1], buf[:, 1:]
 
-    def count_tokens(self, starts):
-        return len(starts) * self.T
+    def count_tokens(self, picks):
+        return len(picks) * self.T
 
 
 # ----------------------------------------------------------------------------- 3. models

@@ -154,28 +154,44 @@ def sentencepiece_lines(texts, max_bytes=SP_MAX_LINE_BYTES):
 
 
 def build_tokenizer(cfg, train_texts):
-    """The tokenizer named by cfg.tokenizer; char and sentencepiece learn from train_texts (a
-    list of documents, the training split only) and record in .trained_on how much they read."""
+    """The tokenizer named by cfg.tokenizer. char and sentencepiece learn from the first
+    cfg.tokenizer_sample_chars characters of train_texts (an iterable of the training split's
+    documents, read lazily) and record in .trained_on how much they read."""
     if cfg.tokenizer == "gpt2":
         return GPT2Tokenizer(cfg.gpt2_bpe_path, cfg.cache_dir)
+    texts, trained_on = take_sample(train_texts, cfg.tokenizer_sample_chars)
+    if not texts:
+        raise DataError("the train split has no documents to learn the tokenizer from; give more documents")
     if cfg.tokenizer == "char":
-        tok = CharTokenizer.train("".join(train_texts))
-        tok.trained_on = {"documents": len(train_texts), "characters": sum(map(len, train_texts))}
+        tok = CharTokenizer.train("".join(texts))
+        tok.trained_on = trained_on
         return tok
-    counted = {"lines": 0, "characters": 0}
+    counted = {"lines": 0}
 
     def counting(lines):
         for line in lines:
             counted["lines"] += 1
-            counted["characters"] += len(line)
             yield line
     try:
-        tok = SentencePieceTokenizer.train(counting(sentencepiece_lines(train_texts)), cfg.sp_vocab_size,
+        tok = SentencePieceTokenizer.train(counting(sentencepiece_lines(texts)), cfg.sp_vocab_size,
                                            cfg.sp_model_type)
     except RuntimeError as e:  # e.g. a vocabulary larger than the text allows
         raise DataError(f"sentencepiece could not train on the training split: {e}") from None
-    tok.trained_on = {"documents": len(train_texts), **counted}
+    tok.trained_on = {**trained_on, **counted}
     return tok
+
+
+def take_sample(texts, limit):
+    """The first `limit` characters of texts (the last document cut to fit), and a record of them."""
+    sample, chars, whole = [], 0, True
+    for text in texts:
+        if chars >= limit:
+            whole = False
+            break
+        sample.append(text[:limit - chars])
+        chars += len(sample[-1])
+        whole = len(sample[-1]) == len(text)
+    return sample, {"documents": len(sample), "characters": chars, "whole_split": whole, "limit": limit}
 
 
 def from_meta(meta, bpe_path="", cache_dir="data/cache"):

@@ -195,8 +195,9 @@ class LMTask:
         self.cfg, self.procs = cfg, procs
         self.eot_id = meta["eot_id"] if cfg.doc_mask else None
         accum = micro_batches_per_process(cfg, procs.world)
-        self.loader = TokenLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, cfg.block_size, accum,
-                                  procs.world, procs.rank, cfg.seed, procs.device)
+        self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
+                                  procs.rank, cfg.seed, procs.device,
+                                  align_eot=meta["eot_id"] if cfg.align_to_documents else None)
         self.train_size = len(self.loader.data)  # tokens
         self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 
@@ -242,7 +243,7 @@ def estimate_loss(model, cfg, procs, autocast, eot_id=None):
     evaluation (a fixed seed), so curves compare like with like and training RNG is untouched."""
     out = {}
     for split in ("train", "val"):
-        loader = TokenLoader(os.path.join(cfg.data_dir, f"{split}.bin"), cfg.batch_size, cfg.block_size,
+        loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
                              cfg.eval_iters, procs.world, procs.rank, seed=cfg.seed + 1, device=procs.device)
         losses = heldout_losses(model, (loader.next() for _ in range(cfg.eval_iters)), autocast, procs, eot_id)
         out[split] = losses[0]

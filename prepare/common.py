@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -107,14 +108,38 @@ def decode_utf8(data, name):
         raise DataError(f"{name}: not UTF-8 (byte {e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
+def document_digest(text):
+    """64 bits of the document's sha256: enough to tell apart billions of documents (two
+    distinct documents collide with probability ~n^2 / 2^65)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+class SeenDigests:
+    """Exact-duplicate detection in about 8 bytes per document: recent digests in a set, older
+    ones merged into a sorted array, so tens of millions of documents fit in a few hundred MB."""
+
+    def __init__(self, merge_every=1 << 20):
+        self.old, self.new, self.merge_every = np.zeros(0, np.uint64), set(), merge_every
+
+    def add(self, digest):
+        """True when digest is new (and remember it), False for a duplicate."""
+        if digest in self.new:
+            return False
+        key = np.uint64(digest)
+        i = int(np.searchsorted(self.old, key))
+        if i < len(self.old) and self.old[i] == key:
+            return False
+        self.new.add(digest)
+        if len(self.new) >= self.merge_every:
+            self.old = np.union1d(self.old, np.fromiter(self.new, np.uint64, len(self.new)))
+            self.new = set()
+        return True
+
+
 def dedup(docs):
     """Drop exact-duplicate documents (same text after cleaning), keeping the first."""
-    seen, kept = set(), []
-    for name, text in docs:
-        digest = hashlib.sha256(text.encode()).digest()
-        if digest not in seen:
-            seen.add(digest)
-            kept.append((name, text))
+    seen = SeenDigests()
+    kept = [(name, text) for name, text in docs if seen.add(document_digest(text))]
     return kept, len(docs) - len(kept)
 
 
@@ -138,7 +163,7 @@ def scrub_pii(text):
 
 # ----------------------------------------------------------------------------- token files
 
-def token_dtype(vocab_size, requested="auto"):
+def token_dtype_for(vocab_size, requested="auto"):
     if requested == "auto":
         return np.uint16 if vocab_size <= 2**16 else np.uint32
     dtype = np.dtype(requested).type
@@ -148,13 +173,16 @@ def token_dtype(vocab_size, requested="auto"):
     return dtype
 
 
+def token_header(count, itemsize):
+    return MAGIC + np.array([VERSION, itemsize], "<u4").tobytes() + np.array([count, 0], "<u8").tobytes()
+
+
 def write_tokens(path, ids, dtype):
-    ids = np.asarray(ids, dtype=dtype)
-    header = MAGIC + np.array([VERSION, ids.itemsize], "<u4").tobytes() \
-        + np.array([len(ids), 0], "<u8").tobytes()
+    """One token file holding ids (a whole split of a small dataset, or a test's fixture)."""
+    ids = np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<"))
     with open(path, "wb") as f:
-        f.write(header)
-        f.write(ids.astype(ids.dtype.newbyteorder("<"), copy=False).tobytes())
+        f.write(token_header(len(ids), ids.itemsize))
+        f.write(ids.tobytes())
         f.flush()
         os.fsync(f.fileno())
 
@@ -162,7 +190,7 @@ def write_tokens(path, ids, dtype):
 def read_tokens(path):
     """Memory-map a token file after checking its header; a truncated or foreign file is an error."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: missing; run the prepare script for this data_dir")
+        raise DataError(f"{path}: missing; re-run the prepare script for this data_dir")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         header = f.read(HEADER_BYTES)
@@ -175,7 +203,96 @@ def read_tokens(path):
     if size != HEADER_BYTES + count * itemsize:
         raise DataError(f"{path}: truncated or padded ({size} bytes, header says {count} tokens); re-run prepare")
     dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
+    if count == 0:  # np.memmap cannot map zero bytes
+        return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+class ShardWriter:
+    """Streams one split's tokens into files of shard_tokens tokens each ({split}_00000.bin, ...),
+    so no split is ever held in memory. Shards cut the token stream anywhere, even inside a
+    document: readers treat a split's shards as one sequence (SplitTokens)."""
+
+    def __init__(self, folder, split, dtype, shard_tokens):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.shards = []  # {"file", "tokens", "sha256"} of every closed shard
+        self.file, self.count = None, 0
+
+    def write(self, ids):
+        ids = np.asarray(ids, dtype=self.dtype)
+        while len(ids):
+            if self.file is None:
+                name = f"{self.split}_{len(self.shards):05d}.bin"
+                self.file = open(os.path.join(self.folder, name), "wb")
+                self.file.write(token_header(0, self.dtype.itemsize))  # the count is set on close
+                self.count = 0
+            room = self.shard_tokens - self.count
+            self.file.write(ids[:room].tobytes())
+            self.count += min(room, len(ids))
+            ids = ids[room:]
+            if self.count == self.shard_tokens:
+                self._close_shard()
+
+    def close(self):
+        if self.file is not None:
+            self._close_shard()
+        return self.shards
+
+    def _close_shard(self):
+        f, self.file = self.file, None
+        f.seek(0)
+        f.write(token_header(self.count, self.dtype.itemsize))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self.shards.append({"file": os.path.basename(f.name), "tokens": self.count, "sha256": sha256_of(f.name)})
+
+
+def split_files(meta, split):
+    """The token files of a split, in order: meta.json's `shards`, or {split}.bin for a folder
+    prepared before shards existed."""
+    shards = meta.get("shards")
+    return [s["file"] for s in shards[split]] if shards else [f"{split}.bin"]
+
+
+class SplitTokens:
+    """The shards of one split read as one memory-mapped sequence: len(), and ids[a:b] slices that
+    may span shards (a numpy array). Nothing is loaded until sliced."""
+
+    def __init__(self, data_dir, split, meta=None):
+        meta = meta or load_meta(data_dir)
+        if meta.get("shards") is not None and split not in meta["shards"]:
+            raise DataError(f"{data_dir}/meta.json: no {split} split; re-run the prepare script for it")
+        self.parts = [read_tokens(os.path.join(data_dir, f)) for f in split_files(meta, split)]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # where each shard starts
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("SplitTokens takes contiguous slices ids[a:b]")
+        a, b, _ = key.indices(len(self))
+        if b <= a:
+            return np.zeros(0, self.dtype)
+        first = int(np.searchsorted(self.offsets, a, side="right")) - 1
+        pieces = []
+        while a < b:  # one piece per shard the slice touches (almost always one)
+            start = a - self.offsets[first]
+            take = min(b - a, len(self.parts[first]) - start)
+            pieces.append(self.parts[first][start:start + take])
+            a += take
+            first += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def positions_of(self, token_id, chunk=1 << 24):
+        """Every position (int64) that holds token_id, scanning the shards chunk by chunk."""
+        found = [np.flatnonzero(part[i:i + chunk] == token_id) + offset + i
+                 for part, offset in zip(self.parts, self.offsets)
+                 for i in range(0, len(part), chunk)]
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def atomic_write_bytes(path, data):
@@ -199,45 +316,113 @@ def load_meta(data_dir):
 
 # ----------------------------------------------------------------------------- the dataset
 
-def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
-    """Tokenize {'train': [(name, text)], 'val': ..., 'test': ...} with tok into cfg.data_dir.
+class DatasetWriter:
+    """Writes a prepared dataset document by document with bounded memory, then publishes it.
 
-    Everything is written into a temporary folder first and moved in at the end, meta.json last,
-    so an interrupted or failed run never leaves a folder that looks prepared.
+    Shards go to a hidden work folder inside data_dir; finish() moves them in with meta.json last,
+    so an interrupted or failed run never leaves a folder that looks prepared. A work folder left
+    by a killed run is removed when the next run starts (preparation restarts from the top).
+    Each document is written as <|endoftext|> followed by its tokens.
     """
+
+    NAMES_KEPT = 10_000  # per split: meta.json lists document names up to this many
+
+    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000):
+        self.out, self.tok = data_dir, tok
+        self.dtype = token_dtype_for(tok.vocab_size, token_dtype)
+        self.work = os.path.join(data_dir, ".prepare-partial")
+        claim_work_folder(self.work)
+        self.writers = {s: ShardWriter(self.work, s, self.dtype, shard_tokens) for s in SPLITS}
+        self.stats = {s: {"documents": 0, "characters": 0, "tokens": 0, "names": []} for s in SPLITS}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        for w in self.writers.values():
+            if w.file is not None:
+                w.file.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def add(self, split, name, ids, characters):
+        self.writers[split].write([self.tok.eot_id])
+        self.writers[split].write(ids)
+        s = self.stats[split]
+        s["documents"] += 1
+        s["characters"] += characters
+        s["tokens"] += 1 + len(ids)
+        if len(s["names"]) < self.NAMES_KEPT:
+            s["names"].append(name)
+
+    def finish(self, source, extra_stats=None):
+        """Close the shards, write meta.json and move everything into data_dir; returns meta."""
+        for split in SPLITS:
+            if not self.stats[split]["documents"]:
+                raise DataError(f"the {split} split has no documents; give more documents")
+        shards = {split: self.writers[split].close() for split in SPLITS}
+        tok = self.tok
+        extra = {**(extra_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}
+        meta = {"format_version": VERSION, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id, "dtype": np.dtype(self.dtype).name, "source": source,
+                "shards": shards, "stats": {**self.stats, **extra}}
+        with open(os.path.join(self.work, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, ensure_ascii=False)
+        publish(self.work, self.out, [s["file"] for split in SPLITS for s in shards[split]])
+        for split in SPLITS:
+            s = self.stats[split]
+            print(f"{split:>5}: {s['documents']:8,d} documents {s['characters']:14,d} chars {s['tokens']:14,d} "
+                  f"tokens in {len(shards[split])} shard(s)")
+        for name, value in extra.items():
+            print(f"{name}: {value}")
+        print(f"wrote {self.out}: meta.json and {sum(map(len, shards.values()))} token files "
+              f"(tokenizer {tok.kind}, vocab {tok.vocab_size})")
+        return meta
+
+
+def claim_work_folder(work):
+    """Make an empty work folder, clearing one a killed run left (never one a live run uses)."""
+    pid_file = os.path.join(work, "pid")
+    if os.path.isdir(work):
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)  # raises when no such process
+            if pid != os.getpid():
+                raise DataError(f"{work}: another preparation (pid {pid}) is writing this data_dir; "
+                                f"wait for it, or stop it and rerun")
+        except (OSError, ValueError):
+            pass
+        print(f"{work}: removing an unfinished preparation left by an earlier run")
+        shutil.rmtree(work)
+    os.makedirs(work)
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+
+
+def publish(work, out, files):
+    """Move files and then meta.json from work into out. The old meta.json goes first, so the
+    folder reads as "not prepared" until the new one lands; old token files go with it."""
+    stale_meta = os.path.join(out, "meta.json")
+    if os.path.exists(stale_meta):
+        os.remove(stale_meta)
+    for f in os.listdir(out):
+        if f.endswith(".bin") and f.startswith(tuple(f"{s}." for s in SPLITS) + tuple(f"{s}_" for s in SPLITS)):
+            os.remove(os.path.join(out, f))
+    for name in files + ["meta.json"]:
+        os.replace(os.path.join(work, name), os.path.join(out, name))
+
+
+def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
+    """Tokenize in-memory splits {'train': [(name, text)], 'val': ..., 'test': ...} into
+    cfg.data_dir (the built-in datasets; prepare/text.py streams through DatasetWriter itself)."""
     from tqdm import tqdm
     check_splits(splits)
-    dtype = token_dtype(tok.vocab_size, cfg.token_dtype)
-    out = cfg.data_dir
-    os.makedirs(out, exist_ok=True)
-    stats = {}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out:
         for split in SPLITS:
-            docs = splits[split]
-            ids = []
-            for _, text in tqdm(docs, desc=f"tokenizing {split}", unit="doc", leave=False):
-                ids.append(tok.eot_id)
-                ids.extend(tok.encode(text))
-            write_tokens(os.path.join(tmp, f"{split}.bin"), ids, dtype)
-            stats[split] = {"documents": len(docs), "characters": sum(len(t) for _, t in docs),
-                            "tokens": len(ids), "names": [n for n, _ in docs]}
-        meta = {"format_version": VERSION, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size,
-                "eot_id": tok.eot_id, "dtype": np.dtype(dtype).name, "source": source,
-                "stats": {**stats, **(cleaning_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-        stale = os.path.join(out, "meta.json")
-        if os.path.exists(stale):
-            os.remove(stale)  # the folder is "not prepared" until the new meta.json lands
-        for name in [f"{s}.bin" for s in SPLITS] + ["meta.json"]:
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    for split in SPLITS:
-        s = stats[split]
-        print(f"{split:>5}: {s['documents']:4d} documents {s['characters']:10,d} chars {s['tokens']:10,d} tokens")
-    for name, value in {**(cleaning_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}.items():
-        print(f"{name}: {value}")
-    print(f"wrote {out}/{{train,val,test}}.bin and meta.json (tokenizer {tok.kind}, vocab {tok.vocab_size})")
-    return meta
+            for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
+                out.add(split, name, tok.encode(text), len(text))
+        return out.finish(source, cleaning_stats)
 
 
 def check_splits(splits):

@@ -1,72 +1,270 @@
 """
-Your own text corpus through the same cleaning, tokenizing and splitting as the built-in data.
+Your own corpus, of any size, through the same cleaning, splitting and tokenizing as the built-in data.
 
     python prepare/text.py --input=notes/,book.txt --data_dir=data/mine --tokenizer=sentencepiece
+    python prepare/text.py --input=crawl/ --text_field=content --tokenizer=gpt2 --data_dir=data/crawl
+    python prepare/text.py --input=hf:HuggingFaceFW/fineweb-edu/sample/10BT --tokenizer=gpt2 \\
+        --data_dir=data/fineweb_edu
 
-Each file is one document (folders are searched recursively for *.txt and *.md). Documents are
-cleaned, exact duplicates dropped, optionally scrubbed of e-mail addresses, URLs and phone numbers
-(--scrub_pii=True), then assigned to train / val / test by a hash of their text: the assignment
-of a document never changes when others are added or removed, and no document is ever split.
+Inputs, by extension (folders are searched recursively for all of these):
+    .txt .md              one document per file
+    .jsonl .jsonl.gz      one document per line, in the field text_field
+    .parquet              one document per row, in the column text_field, read row group by row group
+    hf:OWNER/NAME[/DIR]   a Hugging Face dataset's Parquet files (those under DIR), each downloaded
+                          into cache_dir when the stream reaches it
+
+Documents stream through cleaning, exact dedup, PII scrubbing (--scrub_pii=True), a split chosen
+by a hash of the text (a document's split never changes when others are added or removed, and no
+document is ever split), and tokenization into shards of shard_tokens tokens. The corpus is never
+held in memory: the main process reads documents and hands batches of them to num_proc worker
+processes, which clean, hash and tokenize; it takes their results back in order, drops duplicates
+and writes. So the output is the same whatever num_proc is.
+
+Tokenizers that learn (char, sentencepiece) first read the training split's first
+tokenizer_sample_chars characters in a separate pass; meta.json records how much they read.
 """
 
-import hashlib
+import collections
+import gzip
+import json
+import multiprocessing
 import os
 import sys
 
+import numpy as np
+from tqdm import tqdm
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import (DataError, check_splits, clean_text, decode_utf8, dedup, run_main, scrub_pii,  # noqa: E402
-                            write_dataset)
-from tokenizer import build_tokenizer  # noqa: E402
+from prepare.common import (DataError, DatasetWriter, SeenDigests, clean_text, decode_utf8,  # noqa: E402
+                            document_digest, run_main, scrub_pii, token_dtype_for)
+from tokenizer import build_tokenizer, from_meta  # noqa: E402
 
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md")          # one document per file
+ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # one document per row
+BATCH_CHARS = 1 << 20                    # text per task sent to a worker
 
 
-def find_files(inputs):
-    if not inputs:
-        raise DataError("no input given; pass --input=FILE_OR_FOLDER[,MORE]")
-    files = []
-    for item in inputs:
-        if os.path.isfile(item):
-            files.append(item)
+# ----------------------------------------------------------------------------- inputs
+
+def find_inputs(cfg):
+    """Every input file as (label, path_or_fetch): a local path, or for hf: a function that
+    downloads the file and returns its path. Checked before any work starts."""
+    items = [p for p in cfg.input.split(",") if p]
+    if not items:
+        raise DataError("no input given; pass --input=FILE_OR_FOLDER[,MORE] or --input=hf:OWNER/NAME")
+    found = []
+    for item in items:
+        if item.startswith("hf:"):
+            found.extend(hf_parquet_files(item[3:], cfg.cache_dir))
+        elif os.path.isfile(item):
+            if not item.endswith(TEXT_SUFFIXES + ROW_SUFFIXES):
+                raise DataError(f"--input={item}: unknown kind of file; give {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)}")
+            found.append((item, item))
         elif os.path.isdir(item):
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
-                           if f.endswith(TEXT_SUFFIXES))
-            if not found:
-                raise DataError(f"--input={item}: folder has no {'/'.join(TEXT_SUFFIXES)} files")
-            files.extend(found)
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
+                           if f.endswith(TEXT_SUFFIXES + ROW_SUFFIXES))
+            if not files:
+                raise DataError(f"--input={item}: folder has no {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)} files")
+            found.extend((f, f) for f in files)
         else:
             raise DataError(f"--input={item}: no such file or folder")
-    return files
+    return found
+
+
+def hf_parquet_files(spec, cache_dir):
+    """The Parquet files of Hugging Face dataset OWNER/NAME (under DIR when given), in order."""
+    from huggingface_hub import HfApi, hf_hub_download
+    parts = spec.strip("/").split("/")
+    repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        names = HfApi().list_repo_files(repo, repo_type="dataset")
+    except Exception as e:  # offline, a wrong name, a gated dataset: all say the same to the user
+        raise DataError(f"--input=hf:{spec}: cannot list the dataset's files ({type(e).__name__}); check the "
+                        f"name and your connection, or download the Parquet files and pass their folder") from None
+    names = sorted(n for n in names if n.endswith(".parquet") and n.startswith(f"{folder}/" if folder else ""))
+    if not names:
+        raise DataError(f"--input=hf:{spec}: no .parquet files there; name a folder that holds them")
+    local_dir = os.path.join(cache_dir, "hf", repo)
+
+    def fetcher(name):
+        return lambda: hf_hub_download(repo, name, repo_type="dataset", local_dir=local_dir)
+    return [(f"hf:{repo}/{n}", fetcher(n)) for n in names]
+
+
+def documents(inputs, text_field):
+    """(name, raw) for every document of every input, in order; raw is bytes (a whole file, decoded
+    by the worker) or str (a row)."""
+    for label, where in inputs:
+        path = where() if callable(where) else where
+        try:
+            if path.endswith(TEXT_SUFFIXES):
+                with open(path, "rb") as f:
+                    yield label, f.read()
+            elif path.endswith(".parquet"):
+                yield from parquet_rows(path, label, text_field)
+            else:
+                yield from jsonl_rows(path, label, text_field)
+        except OSError as e:  # unreadable, or a gzip file that is not one / is cut short
+            raise DataError(f"{label}: cannot read ({e.strerror or e}); check the file") from None
+        except EOFError:
+            raise DataError(f"{label}: compressed file ends early (truncated); download or copy it again") from None
+
+
+def jsonl_rows(path, label, text_field):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except UnicodeDecodeError:
+                raise DataError(f"{label}:{number}: not UTF-8; convert the file to UTF-8") from None
+            except ValueError as e:
+                raise DataError(f"{label}:{number}: not JSON ({e.args[0].split(':')[0]}); fix or remove "
+                                f"the line") from None
+            if not isinstance(row, dict) or text_field not in row:
+                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{label}:{number}: no field '{text_field}' (found: {keys}); "
+                                f"set --text_field to the field that holds the text")
+            text = row[text_field]
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"{label}:{number}: field '{text_field}' is a {type(text).__name__}, not text")
+            yield f"{label}:{number}", text or ""
+
+
+def parquet_rows(path, label, text_field):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, ValueError) as e:
+        raise DataError(f"{label}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{label}: no column '{text_field}' (columns: {', '.join(schema.names)}); "
+                        f"set --text_field to the column that holds the text")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{label}: column '{text_field}' holds {kind}, not text; set --text_field")
+    row = 0
+    for group in range(pf.num_row_groups):  # one row group in memory at a time
+        for text in pf.read_row_group(group, columns=[text_field]).column(0).to_pylist():
+            yield f"{label}:row {row}", text or ""
+            row += 1
+
+
+def batched(docs, chars=BATCH_CHARS):
+    batch, size = [], 0
+    for name, raw in docs:
+        batch.append((name, raw))
+        size += len(raw)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------- the workers
+
+WORKER = {}  # what each worker process needs, set once by start_worker
+
+
+def start_worker(settings, tokenizer_meta):
+    WORKER.update(settings)
+    WORKER["tok"] = from_meta(tokenizer_meta, settings["bpe_path"], settings["cache_dir"]) if tokenizer_meta else None
+
+
+def process(batch):
+    """In a worker: [(name, raw)] -> [(name, digest, split, payload, characters, scrubbed)].
+    payload is the token ids (np array), or the text of a training document when there is no
+    tokenizer yet (the sampling pass); digest is None for an empty document."""
+    out = []
+    for name, raw in batch:
+        text = clean_text(decode_utf8(raw, name) if isinstance(raw, bytes) else raw)
+        if not text:
+            out.append((name, None, None, None, 0, 0))
+            continue
+        digest = document_digest(text)  # of the cleaned text: what dedup compares
+        scrubbed = 0
+        if WORKER["scrub_pii"]:
+            text, scrubbed = scrub_pii(text)
+        split = split_by_hash(text, WORKER["val_fraction"], WORKER["test_fraction"])
+        if WORKER["tok"] is not None:
+            payload = np.asarray(WORKER["tok"].encode(text), dtype=WORKER["dtype"])
+        else:
+            payload = text if split == "train" else None
+        out.append((name, digest, split, payload, len(text), scrubbed))
+    return out
 
 
 def split_by_hash(text, val_fraction, test_fraction):
     """A stable pseudo-random position in [0, 1) from the document's own bytes."""
-    u = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+    u = document_digest(text) / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def text_splits(cfg):
-    docs = []
-    for path in find_files([p for p in cfg.input.split(",") if p]):
-        with open(path, "rb") as f:
-            text = clean_text(decode_utf8(f.read(), path))
-        if text:
-            docs.append((path, text))
-    if not docs:
+def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32):
+    """Every document of the inputs, in input order, through process(): in num_proc workers, with
+    at most two batches per worker in flight so memory stays bounded."""
+    settings = {"scrub_pii": cfg.scrub_pii, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
+                "bpe_path": cfg.gpt2_bpe_path, "cache_dir": cfg.cache_dir, "dtype": dtype}
+    batches = batched(documents(inputs, cfg.text_field))
+    workers = cfg.num_proc or available_cores()
+    if workers == 1:
+        start_worker(settings, tokenizer_meta)
+        for batch in batches:
+            yield from process(batch)
+        return
+    with multiprocessing.Pool(workers, start_worker, (settings, tokenizer_meta)) as pool:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(process, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# ----------------------------------------------------------------------------- the two passes
+
+def training_sample(cfg, inputs):
+    """The training split's documents in order (deduplicated), for a tokenizer to learn from;
+    build_tokenizer stops reading when it has enough."""
+    seen, any_text = SeenDigests(), False
+    for _, digest, split, text, _, _ in processed(cfg, inputs):
+        any_text |= digest is not None
+        if digest is not None and seen.add(digest) and split == "train":
+            yield text
+    if not any_text:
         raise DataError(f"--input={cfg.input}: the corpus is empty (no non-blank documents)")
-    docs, duplicates = dedup(docs)
-    scrubbed = 0
-    if cfg.scrub_pii:
-        cleaned = []
-        for name, text in docs:
-            text, n = scrub_pii(text)
-            cleaned.append((name, text))
-            scrubbed += n
-        docs = cleaned
-    splits = {"train": [], "val": [], "test": []}
-    for name, text in docs:
-        splits[split_by_hash(text, cfg.val_fraction, cfg.test_fraction)].append((name, text))
-    return splits, {"duplicates_dropped": duplicates, "scrubbed_spans": scrubbed}
+
+
+def write_corpus(cfg, inputs, tok):
+    """Stream every document into cfg.data_dir's shards; returns meta."""
+    dtype = token_dtype_for(tok.vocab_size, cfg.token_dtype)
+    seen = SeenDigests()
+    stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out, \
+            tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
+        for name, digest, split, ids, characters, scrubbed in processed(cfg, inputs, tok.meta(), dtype):
+            bar.update()
+            if digest is None:
+                stats["empty_documents"] += 1
+            elif not seen.add(digest):
+                stats["duplicates_dropped"] += 1
+            else:
+                stats["scrubbed_spans"] += scrubbed
+                out.add(split, name, ids, characters)
+        if not any(s["documents"] for s in out.stats.values()):
+            raise DataError(f"--input={cfg.input}: the corpus is empty (no non-blank documents)")
+        return out.finish({"input": cfg.input}, stats)
 
 
 def main():
@@ -74,10 +272,11 @@ def main():
     cfg = cli_config()
     if cfg.data_dir.startswith(os.path.join("data", f"{cfg.dataset}_")) and cfg.input:
         raise DataError("set --data_dir for your corpus (the default names the built-in dataset)")
-    splits, stats = text_splits(cfg)
-    check_splits(splits)
-    tok = build_tokenizer(cfg, [text for _, text in splits["train"]])
-    write_dataset(splits, tok, cfg, {"input": cfg.input}, stats)
+    if cfg.num_proc < 0 or cfg.shard_tokens < 1:
+        raise DataError("num_proc must be >= 0 (0 = one per core) and shard_tokens >= 1")
+    inputs = find_inputs(cfg)
+    tok = build_tokenizer(cfg, training_sample(cfg, inputs))
+    write_corpus(cfg, inputs, tok)
 
 
 if __name__ == "__main__":

@@ -250,10 +250,13 @@ def test_end_to_end_report_and_compare(char_data, tmp_path):
                          plot=False))
         runs.append(out)
     (runs[0] / "loss.png").unlink(missing_ok=True)
-    old = tmp_path / "old_data"  # a data folder from before test splits: test.bin missing
+    old = tmp_path / "old_data"  # a folder from before shards and test splits: {train,val}.bin, no test.bin
     old.mkdir()
-    for f in ("meta.json", "train.bin", "val.bin"):
-        (old / f).write_bytes((char_data / f).read_bytes())
+    meta = json.loads((char_data / "meta.json").read_text())
+    del meta["shards"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    for split in ("train", "val"):
+        (old / f"{split}.bin").write_bytes((char_data / f"{split}_00000.bin").read_bytes())
     done = evaluate_cli(f"--out_dir={runs[0]}", f"--data_dir={old}", "--eval_stride=32", "--batch_size=64")
     assert done.returncode == 0, done.stderr  # the checkpoint's own data_dir is used, not --data_dir
     done = evaluate_cli(f"--out_dir={runs[1]}", "--eval_stride=32", "--batch_size=64")

@@ -13,7 +13,7 @@ import plumbing as P
 import train as T
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
 from model import GPT, GPTConfig
-from prepare.common import read_tokens
+from prepare.common import SplitTokens
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
             warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, device="cpu", dtype="float32", plot=False)
@@ -55,7 +55,7 @@ def test_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
 
 def test_epochs_set_max_iters(char_data, tmp_path):
     summary = T.train(run_cfg(char_data, tmp_path, epochs=0.0003, eval_interval=1000))
-    n_train = len(read_tokens(char_data / "train.bin"))
+    n_train = len(SplitTokens(char_data, "train"))
     assert summary["iter_num"] == -(-int(0.0003 * n_train) // (4 * 32))
 
 
@@ -86,16 +86,16 @@ def test_checkpoints_carry_no_wrapper_prefixes():
 
 
 def test_loader_splits_one_global_batch_across_processes(char_data):
-    path = char_data / "val.bin"
-    single = P.TokenLoader(path, 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
-    ranks = [P.TokenLoader(path, 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu")) for r in (0, 1)]
+    single = P.TokenLoader(char_data, "val", 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
+    ranks = [P.TokenLoader(char_data, "val", 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu"))
+             for r in (0, 1)]
     for _ in range(3):
         a0, a1 = single.next()[0], single.next()[0]
         assert torch.equal(a0, ranks[0].next()[0]) and torch.equal(a1, ranks[1].next()[0])
 
 
 def test_loader_state_round_trip(char_data):
-    make = lambda: P.TokenLoader(char_data / "val.bin", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
+    make = lambda: P.TokenLoader(char_data, "val", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
     a = make()
     a.next()
     state = a.state_dict()
