@@ -267,16 +267,19 @@ def write_corpus(cfg, inputs, tok):
         return out.finish({"input": cfg.input}, stats)
 
 
-def main():
-    from config import cli_config
-    cfg = cli_config()
+def prepare(cfg):
     if cfg.data_dir.startswith(os.path.join("data", f"{cfg.dataset}_")) and cfg.input:
         raise DataError("set --data_dir for your corpus (the default names the built-in dataset)")
     if cfg.num_proc < 0 or cfg.shard_tokens < 1:
         raise DataError("num_proc must be >= 0 (0 = one per core) and shard_tokens >= 1")
     inputs = find_inputs(cfg)
     tok = build_tokenizer(cfg, training_sample(cfg, inputs))
-    write_corpus(cfg, inputs, tok)
+    return write_corpus(cfg, inputs, tok)
+
+
+def main():
+    from config import cli_config
+    prepare(cli_config())
 
 
 if __name__ == "__main__":

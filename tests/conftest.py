@@ -20,16 +20,22 @@ def make_cfg(**overrides):
     return load_config([], overrides)
 
 
-def prepared(tmp_path_factory, tokenizer):
+def prepared(tmp_path_factory, tokenizer, **kw):
     from prepare.shakespeare import prepare
     d = tmp_path_factory.mktemp(f"shakespeare_{tokenizer}")
-    prepare(make_cfg(tokenizer=tokenizer, data_dir=str(d)))
+    prepare(make_cfg(tokenizer=tokenizer, data_dir=str(d), **kw))
     return d
 
 
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
     return prepared(tmp_path_factory, "char")
+
+
+@pytest.fixture(scope="session")
+def sharded_char_data(tmp_path_factory):
+    """The same tokens as char_data, cut into shards of 100,000 tokens (44 for train)."""
+    return prepared(tmp_path_factory, "char", shard_tokens=100_000)
 
 
 @pytest.fixture(scope="session")

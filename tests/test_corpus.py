@@ -1,0 +1,216 @@
+"""prepare/text.py at scale: every input format gives the same token files, workers and shard size
+change nothing, the loader reads many shards as one, and bad input is one line, never half a dataset."""
+
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import plumbing as P
+import train as T
+from conftest import CACHE, ROOT, make_cfg, stop_after_steps
+from prepare.common import SplitTokens, sha256_of
+from prepare.text import prepare
+
+WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may — naïve 日本".split()
+
+
+def corpus(n=80, seed=0):
+    """n documents with one exact duplicate, one blank document and Windows line endings."""
+    rng = random.Random(seed)
+    docs = [f"Document {i}.\r\n" + "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+                                             for _ in range(rng.randint(1, 6))) for i in range(n)]
+    docs[7] = docs[3]
+    docs[11] = "   \n "
+    return docs
+
+
+def write_formats(folder, docs):
+    """The same documents as a folder of .txt files, .jsonl, .jsonl.gz and .parquet (row groups of 7)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (folder / "txt").mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (folder / "txt" / f"doc{i:03d}.txt").write_bytes(d.encode())
+    lines = "".join(json.dumps({"id": i, "text": d}) + "\n" + ("\n" if i == 5 else "") for i, d in enumerate(docs))
+    (folder / "docs.jsonl").write_text(lines)
+    with gzip.open(folder / "docs.jsonl.gz", "wt") as f:
+        f.write(lines)
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), folder / "docs.parquet", row_group_size=7)
+    return {"txt": folder / "txt", "jsonl": folder / "docs.jsonl", "gz": folder / "docs.jsonl.gz",
+            "parquet": folder / "docs.parquet"}
+
+
+def prep(out, source, **kw):
+    kw = {"tokenizer": "char", "num_proc": 1, "val_fraction": 0.2, "test_fraction": 0.2, **kw}
+    return prepare(make_cfg(input=str(source), data_dir=str(out), **kw))
+
+
+def token_files(d):
+    return {f: (d / f).read_bytes() for f in sorted(os.listdir(d)) if f.endswith(".bin")}
+
+
+def run_text(*args, env=None):
+    return subprocess.run([sys.executable, "prepare/text.py", f"--cache_dir={CACHE}", *args], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_every_format_gives_identical_token_files(tmp_path):
+    inputs = write_formats(tmp_path / "in", corpus())
+    metas, files = {}, {}
+    for kind, source in inputs.items():
+        metas[kind] = prep(tmp_path / kind, source, shard_tokens=400)
+        files[kind] = token_files(tmp_path / kind)
+    assert len(files["txt"]) > 3  # several shards per split
+    for kind in ("jsonl", "gz", "parquet"):
+        assert files[kind] == files["txt"], kind
+        for key in ("duplicates_dropped", "empty_documents", "tokenizer_trained_on"):
+            assert metas[kind]["stats"][key] == metas["txt"]["stats"][key], (kind, key)
+    stats = metas["txt"]["stats"]
+    assert stats["duplicates_dropped"] == 1 and stats["empty_documents"] == 1
+    assert sum(stats[s]["documents"] for s in ("train", "val", "test")) == 78
+    assert metas["jsonl"]["stats"]["train"]["names"][0].endswith("docs.jsonl:1")
+
+
+def test_workers_and_shard_size_change_nothing(tmp_path):
+    inputs = write_formats(tmp_path / "in", corpus(200, seed=1))
+    one = prep(tmp_path / "one", inputs["jsonl"], tokenizer="gpt2", shard_tokens=10**6)
+    done = run_text(f"--input={inputs['parquet']}", f"--data_dir={tmp_path / 'many'}", "--tokenizer=gpt2",
+                    "--num_proc=2", "--shard_tokens=300", "--val_fraction=0.2", "--test_fraction=0.2")
+    assert done.returncode == 0, done.stderr
+    many = json.loads((tmp_path / "many" / "meta.json").read_text())
+    for split in ("train", "val", "test"):
+        assert len(one["shards"][split]) == 1 and len(many["shards"][split]) > 1
+        assert np.array_equal(SplitTokens(tmp_path / "one", split)[:], SplitTokens(tmp_path / "many", split)[:])
+        for shard in many["shards"][split]:  # meta.json's record of every shard is true
+            path = tmp_path / "many" / shard["file"]
+            assert sha256_of(path) == shard["sha256"] and os.path.getsize(path) == 32 + 2 * shard["tokens"]
+        assert sum(s["tokens"] for s in many["shards"][split]) == many["stats"][split]["tokens"]
+    assert not (tmp_path / "many" / ".prepare-partial").exists()
+
+
+def test_split_slices_cross_shard_boundaries(char_data, sharded_char_data):
+    one, many = SplitTokens(char_data, "train"), SplitTokens(sharded_char_data, "train")
+    assert len(many.parts) == 44 and len(one) == len(many)
+    rng = random.Random(0)
+    for a in [0, 99_990, 199_999, len(one) - 5] + [rng.randrange(len(one)) for _ in range(50)]:
+        b = a + rng.choice([1, 7, 150_000])
+        assert np.array_equal(one[a:b], many[a:b])
+    assert np.array_equal(one.positions_of(85), many.positions_of(85))
+
+
+def test_loader_gives_the_same_batches_from_one_shard_or_many(char_data, sharded_char_data):
+    make = lambda d: P.TokenLoader(d, "train", 8, 64, 2, 1, 0, 3, torch.device("cpu"))  # noqa: E731
+    a, b = make(char_data), make(sharded_char_data)
+    for _ in range(20):
+        xa, ya = a.next()
+        xb, yb = b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_training_on_many_shards_equals_one_shard_and_resumes_exactly(char_data, sharded_char_data, tmp_path,
+                                                                       monkeypatch):
+    kw = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, warmup_iters=2,
+              device="cpu", dtype="float32", plot=False, max_iters=8, eval_interval=3)
+    T.train(make_cfg(data_dir=str(char_data), out_dir=str(tmp_path / "straight"), **kw))
+    split = make_cfg(data_dir=str(sharded_char_data), out_dir=str(tmp_path / "split"), **kw)
+    with stop_after_steps(monkeypatch, 4):
+        assert T.train(split)["iter_num"] == 4
+    T.train(make_cfg(data_dir=str(sharded_char_data), out_dir=str(tmp_path / "split"), init_from="resume", **kw))
+    a = P.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = P.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_aligned_windows_start_at_a_document_and_resume(tmp_path):
+    inputs = write_formats(tmp_path / "in", corpus(300, seed=2))
+    meta = prep(tmp_path / "d", inputs["jsonl"], shard_tokens=500, val_fraction=0.1, test_fraction=0.1)
+    eot = meta["eot_id"]
+    make = lambda: P.TokenLoader(tmp_path / "d", "train", 4, 16, 2, 1, 0, 9, torch.device("cpu"),  # noqa: E731
+                                 align_eot=eot)
+    loader = make()
+    ids = SplitTokens(tmp_path / "d", "train")[:]
+    starts = np.flatnonzero(ids == eot)
+    assert loader.size == (starts < len(ids) - 17).sum() == meta["stats"]["train"]["documents"]
+    for _ in range(10):
+        x, _ = loader.next()
+        assert (x[:, 0] == eot).all()
+    state = loader.state_dict()
+    rest = [loader.next()[0] for _ in range(5)]
+    again = make()
+    again.load_state_dict(state)
+    assert all(torch.equal(r, again.next()[0]) for r in rest)
+
+
+def test_hf_dataset_goes_through_the_parquet_path(tmp_path, monkeypatch):
+    import huggingface_hub
+    inputs = write_formats(tmp_path / "in", corpus())
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo, repo_type=None: ["README.md", "data/other/x.parquet", "sample/a.parquet"])
+
+    def download(repo, name, repo_type=None, local_dir=None):
+        calls.append((repo, name, repo_type))
+        return str(inputs["parquet"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    prep(tmp_path / "hf", "hf:owner/corpus/sample", shard_tokens=400)
+    prep(tmp_path / "local", inputs["parquet"], shard_tokens=400)
+    assert calls == [("owner/corpus", "sample/a.parquet", "dataset")] * 2  # sampling pass, then writing pass
+    assert token_files(tmp_path / "hf") == token_files(tmp_path / "local")
+
+
+def test_learned_tokenizers_read_a_bounded_sample(tmp_path):
+    inputs = write_formats(tmp_path / "in", corpus())
+    meta = prep(tmp_path / "d", inputs["jsonl"], tokenizer_sample_chars=300)
+    read = meta["stats"]["tokenizer_trained_on"]
+    assert read["characters"] == 300 and not read["whole_split"] and read["limit"] == 300
+    assert meta["stats"]["train"]["characters"] > 1000
+
+
+def test_bad_corpus_input_is_one_line_and_leaves_nothing(tmp_path):
+    good = [json.dumps({"text": f"document {i}"}) for i in range(40)]
+    cases = {
+        "notjson.jsonl": ("\n".join(good[:2] + ["{oops"] + good) + "\n", "notjson.jsonl:3: not JSON"),
+        "nofield.jsonl": ("\n".join(good + ['{"body": "x"}']) + "\n", "nofield.jsonl:41: no field 'text' (found: body)"),
+        "number.jsonl": ('{"text": 5}\n', "number.jsonl:1: field 'text' is a int"),
+        "latin1.jsonl": (b'{"text": "caf\xe9"}\n', "latin1.jsonl:1: not UTF-8"),
+        "fake.parquet": ("not parquet", "fake.parquet: not a readable Parquet file"),
+        "cut.jsonl.gz": (gzip.compress(("\n".join(good) + "\n").encode())[:60], "cut.jsonl.gz: compressed file ends early"),
+        "notes.pdf": ("x", "unknown kind of file"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        out = tmp_path / f"out_{name}"
+        done = run_text(f"--input={path}", f"--data_dir={out}")
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, done.stderr)
+        assert expected in lines[0], (name, lines[0])
+        assert not out.exists() or os.listdir(out) == [], name  # never a half-written dataset
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "other.parquet")
+    done = run_text(f"--input={tmp_path / 'other.parquet'}", f"--data_dir={tmp_path / 'o'}")
+    assert done.returncode == 1 and "no column 'text' (columns: content); set --text_field" in done.stderr
+    done = run_text("--input=hf:nobody/nothing", f"--data_dir={tmp_path / 'o'}", env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1 and "cannot list the dataset's files" in done.stderr.strip().splitlines()[-1]
+
+
+def test_an_unfinished_preparation_is_cleared_on_rerun(tmp_path):
+    inputs = write_formats(tmp_path / "in", corpus())
+    work = tmp_path / "d" / ".prepare-partial"
+    work.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (work / "pid").write_text(dead.stdout.strip())
+    (work / "train_00000.bin").write_bytes(b"half a shard")
+    done = run_text(f"--input={inputs['jsonl']}", f"--data_dir={tmp_path / 'd'}", "--val_fraction=0.2",
+                    "--test_fraction=0.2")
+    assert done.returncode == 0, done.stderr
+    assert "removing an unfinished preparation" in done.stdout and not work.exists()
+    assert SplitTokens(tmp_path / "d", "train")[:].size > 0
