@@ -1,7 +1,8 @@
 """
 Three tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str,
-vocab_size, eot_id (the end-of-text id that separates documents), and meta() -> a JSON-able dict
-from which from_meta() rebuilds the same tokenizer without the source data.
+vocab_size, eot_id (the end-of-text id that separates documents), meta() -> a JSON-able dict
+from which from_meta() rebuilds the same tokenizer without the source data, and
+encode_document(), a document as a token file holds it.
 
 - char: one id per character seen in the training split, then two specials: <|endoftext|> and
   <|unk|>. A character never seen in training (say an accent that only the test split has) is
@@ -23,6 +24,8 @@ import json
 import math
 import os
 
+import numpy as np
+
 from prepare.common import DataError, fetch_sdist_member
 
 EOT = "<|endoftext|>"
@@ -39,7 +42,21 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 GPT2_META = {"kind": "gpt2", "vocab_size": GPT2_EOT_ID + 1, "eot_id": GPT2_EOT_ID, "ranks_sha256": GPT2_RANKS_SHA256}
 
 
-class CharTokenizer:
+class Tokenizer:
+    """What the three share: a document as written to a token file."""
+
+    def encode_document(self, text, dtype):
+        """<|endoftext|> then the tokens of text, as a numpy array of dtype."""
+        ids = self.encode_array(text)
+        out = np.empty(len(ids) + 1, dtype)
+        out[0], out[1:] = self.eot_id, ids
+        return out
+
+    def encode_array(self, text):
+        return np.asarray(self.encode(text), dtype=np.uint32)
+
+
+class CharTokenizer(Tokenizer):
     kind = "char"
 
     def __init__(self, chars):
@@ -64,7 +81,7 @@ class CharTokenizer:
         return {"kind": "char", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "chars": self.chars}
 
 
-class GPT2Tokenizer:
+class GPT2Tokenizer(Tokenizer):
     kind = "gpt2"
 
     def __init__(self, bpe_path="", cache_dir="data/cache"):
@@ -76,6 +93,13 @@ class GPT2Tokenizer:
         # documents are plain text: a literal "<|endoftext|>" inside one is not the special token
         return self.enc.encode_ordinary(text)
 
+    def encode_array(self, text):
+        # tiktoken >= 0.8 writes the array directly: no Python list of ints (a tenth of the
+        # time when preparing a large corpus)
+        if hasattr(self.enc, "encode_to_numpy"):
+            return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return super().encode_array(text)
+
     def decode(self, ids):
         return self.enc.decode(ids)
 
@@ -83,7 +107,7 @@ class GPT2Tokenizer:
         return dict(GPT2_META)
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_proto):

@@ -97,7 +97,7 @@ def clean_text(text):
     """NFC unicode, \\n line endings, no trailing whitespace, no blank lines at either end."""
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = "\n".join(map(str.rstrip, text.split("\n")))
     return text.strip("\n")
 
 
@@ -118,20 +118,22 @@ class SeenDigests:
     """Exact-duplicate detection in about 8 bytes per document: recent digests in a set, older
     ones merged into a sorted array, so tens of millions of documents fit in a few hundred MB."""
 
-    def __init__(self, merge_every=1 << 20):
+    def __init__(self, merge_every=1 << 16):
         self.old, self.new, self.merge_every = np.zeros(0, np.uint64), set(), merge_every
 
     def add(self, digest):
         """True when digest is new (and remember it), False for a duplicate."""
         if digest in self.new:
             return False
-        key = np.uint64(digest)
-        i = int(np.searchsorted(self.old, key))
-        if i < len(self.old) and self.old[i] == key:
-            return False
+        if len(self.old):
+            key = np.uint64(digest)
+            i = int(np.searchsorted(self.old, key))
+            if i < len(self.old) and self.old[i] == key:
+                return False
         self.new.add(digest)
-        if len(self.new) >= self.merge_every:
-            self.old = np.union1d(self.old, np.fromiter(self.new, np.uint64, len(self.new)))
+        if len(self.new) >= self.merge_every:  # one O(n) copy per merge_every documents
+            new = np.sort(np.fromiter(self.new, np.uint64, len(self.new)))
+            self.old = np.insert(self.old, np.searchsorted(self.old, new), new)
             self.new = set()
         return True
 
@@ -224,11 +226,11 @@ class ShardWriter:
         while len(ids):
             if self.file is None:
                 name = f"{self.split}_{len(self.shards):05d}.bin"
-                self.file = open(os.path.join(self.folder, name), "wb")
+                self.file = open(os.path.join(self.folder, name), "wb", buffering=1 << 20)
                 self.file.write(token_header(0, self.dtype.itemsize))  # the count is set on close
                 self.count = 0
             room = self.shard_tokens - self.count
-            self.file.write(ids[:room].tobytes())
+            self.file.write(ids[:room])  # numpy arrays are buffers: written without a copy
             self.count += min(room, len(ids))
             ids = ids[room:]
             if self.count == self.shard_tokens:
@@ -345,12 +347,12 @@ class DatasetWriter:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def add(self, split, name, ids, characters):
-        self.writers[split].write([self.tok.eot_id])
+        """One document: ids begin with the end-of-text id (tok.encode_document)."""
         self.writers[split].write(ids)
         s = self.stats[split]
         s["documents"] += 1
         s["characters"] += characters
-        s["tokens"] += 1 + len(ids)
+        s["tokens"] += len(ids)
         if len(s["names"]) < self.NAMES_KEPT:
             s["names"].append(name)
 
@@ -421,7 +423,7 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
-                out.add(split, name, tok.encode(text), len(text))
+                out.add(split, name, tok.encode_document(text, out.dtype), len(text))
         return out.finish(source, cleaning_stats)
 
 

@@ -41,7 +41,7 @@ from tokenizer import build_tokenizer, from_meta  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # one document per row
-BATCH_CHARS = 1 << 20                    # text per task sent to a worker
+TASK_BYTES = 1 << 20                     # input per unit of work sent to a worker
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -91,49 +91,45 @@ def hf_parquet_files(spec, cache_dir):
     return [(f"hf:{repo}/{n}", fetcher(n)) for n in names]
 
 
-def documents(inputs, text_field):
-    """(name, raw) for every document of every input, in order; raw is bytes (a whole file, decoded
-    by the worker) or str (a row)."""
+def tasks(inputs, text_field):
+    """The corpus cut into units of work, in order, each about TASK_BYTES: ("files", [(name,
+    bytes)]) of whole text files, ("lines", label, first_line_number, bytes) of JSONL lines, or
+    ("rows", label, path, row_group, first_row) of a Parquet file. The main process only reads
+    bytes (and checks Parquet schemas); workers parse, so parsing scales with num_proc too."""
+    files, size = [], 0
     for label, where in inputs:
         path = where() if callable(where) else where
         try:
             if path.endswith(TEXT_SUFFIXES):
                 with open(path, "rb") as f:
-                    yield label, f.read()
+                    files.append((label, f.read()))
+                size += len(files[-1][1])
+                if size >= TASK_BYTES:
+                    yield "files", files
+                    files, size = [], 0
             elif path.endswith(".parquet"):
-                yield from parquet_rows(path, label, text_field)
+                yield from parquet_tasks(path, label, text_field)
             else:
-                yield from jsonl_rows(path, label, text_field)
-        except OSError as e:  # unreadable, or a gzip file that is not one / is cut short
+                yield from jsonl_tasks(path, label)
+        except OSError as e:  # unreadable, or a gzip file that is not one
             raise DataError(f"{label}: cannot read ({e.strerror or e}); check the file") from None
         except EOFError:
             raise DataError(f"{label}: compressed file ends early (truncated); download or copy it again") from None
+    if files:
+        yield "files", files
 
 
-def jsonl_rows(path, label, text_field):
+def jsonl_tasks(path, label):
     opener = gzip.open if path.endswith(".gz") else open
+    line = 1
     with opener(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except UnicodeDecodeError:
-                raise DataError(f"{label}:{number}: not UTF-8; convert the file to UTF-8") from None
-            except ValueError as e:
-                raise DataError(f"{label}:{number}: not JSON ({e.args[0].split(':')[0]}); fix or remove "
-                                f"the line") from None
-            if not isinstance(row, dict) or text_field not in row:
-                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{label}:{number}: no field '{text_field}' (found: {keys}); "
-                                f"set --text_field to the field that holds the text")
-            text = row[text_field]
-            if text is not None and not isinstance(text, str):
-                raise DataError(f"{label}:{number}: field '{text_field}' is a {type(text).__name__}, not text")
-            yield f"{label}:{number}", text or ""
+        while chunk := f.read(TASK_BYTES):
+            chunk += f.readline()  # end on a line break
+            yield "lines", label, line, chunk
+            line += chunk.count(b"\n")
 
 
-def parquet_rows(path, label, text_field):
+def parquet_tasks(path, label, text_field):
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -147,23 +143,44 @@ def parquet_rows(path, label, text_field):
     kind = schema.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{label}: column '{text_field}' holds {kind}, not text; set --text_field")
-    row = 0
-    for group in range(pf.num_row_groups):  # one row group in memory at a time
-        for text in pf.read_row_group(group, columns=[text_field]).column(0).to_pylist():
-            yield f"{label}:row {row}", text or ""
-            row += 1
+    first = 0
+    for group in range(pf.num_row_groups):  # a worker holds one row group at a time
+        yield "rows", label, path, group, first
+        first += pf.metadata.row_group(group).num_rows
 
 
-def batched(docs, chars=BATCH_CHARS):
-    batch, size = [], 0
-    for name, raw in docs:
-        batch.append((name, raw))
-        size += len(raw)
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def documents_of(task, text_field):
+    """[(name, raw)] of one task, in order; raw is bytes (a text file) or str (a row)."""
+    if task[0] == "files":
+        return task[1]
+    if task[0] == "rows":
+        import pyarrow.parquet as pq
+        _, label, path, group, first = task
+        texts = pq.ParquetFile(path).read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        return [(f"{label}:row {first + i}", text or "") for i, text in enumerate(texts)]
+    _, label, number, chunk = task
+    docs = []
+    for number, line in enumerate(chunk.split(b"\n"), number):
+        if line.strip():
+            docs.append((f"{label}:{number}", jsonl_text(line, f"{label}:{number}", text_field)))
+    return docs
+
+
+def jsonl_text(line, where, text_field):
+    try:
+        row = json.loads(line)
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8; convert the file to UTF-8") from None
+    except ValueError as e:
+        raise DataError(f"{where}: not JSON ({e.args[0].split(':')[0]}); fix or remove the line") from None
+    if not isinstance(row, dict) or text_field not in row:
+        keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: no field '{text_field}' (found: {keys}); set --text_field to the field "
+                        f"that holds the text")
+    text = row[text_field]
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field '{text_field}' is a {type(text).__name__}, not text")
+    return text or ""
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -176,12 +193,12 @@ def start_worker(settings, tokenizer_meta):
     WORKER["tok"] = from_meta(tokenizer_meta, settings["bpe_path"], settings["cache_dir"]) if tokenizer_meta else None
 
 
-def process(batch):
-    """In a worker: [(name, raw)] -> [(name, digest, split, payload, characters, scrubbed)].
-    payload is the token ids (np array), or the text of a training document when there is no
-    tokenizer yet (the sampling pass); digest is None for an empty document."""
+def process(task):
+    """In a worker: one task -> [(name, digest, split, payload, characters, scrubbed)] for each of
+    its documents. payload is the token ids (np array), or the text of a training document when
+    there is no tokenizer yet (the sampling pass); digest is None for an empty document."""
     out = []
-    for name, raw in batch:
+    for name, raw in documents_of(task, WORKER["text_field"]):
         text = clean_text(decode_utf8(raw, name) if isinstance(raw, bytes) else raw)
         if not text:
             out.append((name, None, None, None, 0, 0))
@@ -190,37 +207,40 @@ def process(batch):
         scrubbed = 0
         if WORKER["scrub_pii"]:
             text, scrubbed = scrub_pii(text)
-        split = split_by_hash(text, WORKER["val_fraction"], WORKER["test_fraction"])
+        # the split comes from a hash of the final text (the same as digest when nothing was scrubbed)
+        split = split_of(document_digest(text) if scrubbed else digest, WORKER["val_fraction"],
+                         WORKER["test_fraction"])
         if WORKER["tok"] is not None:
-            payload = np.asarray(WORKER["tok"].encode(text), dtype=WORKER["dtype"])
+            payload = WORKER["tok"].encode_document(text, WORKER["dtype"])
         else:
             payload = text if split == "train" else None
         out.append((name, digest, split, payload, len(text), scrubbed))
     return out
 
 
-def split_by_hash(text, val_fraction, test_fraction):
-    """A stable pseudo-random position in [0, 1) from the document's own bytes."""
-    u = document_digest(text) / 2**64
+def split_of(digest, val_fraction, test_fraction):
+    """The split of a document from its digest: a stable pseudo-random position in [0, 1)."""
+    u = digest / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32):
     """Every document of the inputs, in input order, through process(): in num_proc workers, with
-    at most two batches per worker in flight so memory stays bounded."""
+    at most two tasks per worker in flight so memory stays bounded."""
     settings = {"scrub_pii": cfg.scrub_pii, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
-                "bpe_path": cfg.gpt2_bpe_path, "cache_dir": cfg.cache_dir, "dtype": dtype}
-    batches = batched(documents(inputs, cfg.text_field))
+                "bpe_path": cfg.gpt2_bpe_path, "cache_dir": cfg.cache_dir, "dtype": dtype,
+                "text_field": cfg.text_field}
+    work = tasks(inputs, cfg.text_field)
     workers = cfg.num_proc or available_cores()
     if workers == 1:
         start_worker(settings, tokenizer_meta)
-        for batch in batches:
-            yield from process(batch)
+        for task in work:
+            yield from process(task)
         return
     with multiprocessing.Pool(workers, start_worker, (settings, tokenizer_meta)) as pool:
         pending = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(process, (batch,)))
+        for task in work:
+            pending.append(pool.apply_async(process, (task,)))
             if len(pending) >= 2 * workers:
                 yield from pending.popleft().get()
         while pending:

@@ -4,7 +4,7 @@ import ast
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench"}
+SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench", "bench_data"}
 # the one exception: fine-tuning and benchmarking reuse the training loop
 SCRIPT_IMPORTS_ALLOWED = {("finetune", "train"), ("bench", "train")}
 
