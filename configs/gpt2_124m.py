@@ -2,9 +2,8 @@
 #   torchrun --nproc_per_node=8 train.py configs/gpt2_124m.py
 # The global batch is ~0.5M tokens, 12 x 1024 x 40, however many GPUs share it: accumulation
 # counts micro-batches over all processes (8 GPUs run 5 each; 1 GPU runs all 40). It must divide
-# by the number of processes. Point data_dir at a large GPT-2-BPE corpus
-# (python prepare/text.py --tokenizer=gpt2 --input=... --data_dir=...); the default is the
-# Shakespeare GPT-2 data, enough for benchmarks, far too small for pretraining.
+# by the number of processes. The default data is Shakespeare in GPT-2 tokens, enough for
+# benchmarks, far too small for pretraining: configs/gpt2_124m_fineweb.py pretrains on FineWeb-Edu.
 out_dir = "out/gpt2_124m"
 dataset = "shakespeare"
 tokenizer = "gpt2"
