@@ -419,7 +419,6 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     cfg.data_dir (the built-in datasets; prepare/text.py streams through DatasetWriter itself)."""
     from tqdm import tqdm
     check_splits(splits)
-    os.makedirs(cfg.data_dir, exist_ok=True)
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):

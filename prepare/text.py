@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prepare.common import (DataError, DatasetWriter, SeenDigests, clean_text, decode_utf8,  # noqa: E402
-                            document_digest, run_main, scrub_pii, token_dtype_for)
+                            document_digest, run_main, scrub_pii)
 from tokenizer import build_tokenizer, from_meta  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
@@ -267,13 +267,11 @@ def training_sample(cfg, inputs):
 
 def write_corpus(cfg, inputs, tok):
     """Stream every document into cfg.data_dir's shards; returns meta."""
-    dtype = token_dtype_for(tok.vocab_size, cfg.token_dtype)
     seen = SeenDigests()
     stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
-    os.makedirs(cfg.data_dir, exist_ok=True)
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
-        for name, digest, split, ids, characters, scrubbed in processed(cfg, inputs, tok.meta(), dtype):
+        for name, digest, split, ids, characters, scrubbed in processed(cfg, inputs, tok.meta(), out.dtype):
             bar.update()
             if digest is None:
                 stats["empty_documents"] += 1
