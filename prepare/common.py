@@ -262,8 +262,8 @@ class SplitTokens:
     """The shards of one split read as one memory-mapped sequence: len(), and ids[a:b] slices that
     may span shards (a numpy array). Nothing is loaded until sliced."""
 
-    def __init__(self, data_dir, split, meta=None):
-        meta = meta or load_meta(data_dir)
+    def __init__(self, data_dir, split):
+        meta = load_meta(data_dir)
         if meta.get("shards") is not None and split not in meta["shards"]:
             raise DataError(f"{data_dir}/meta.json: no {split} split; re-run the prepare script for it")
         self.parts = [read_tokens(os.path.join(data_dir, f)) for f in split_files(meta, split)]
@@ -358,9 +358,7 @@ class DatasetWriter:
 
     def finish(self, source, extra_stats=None):
         """Close the shards, write meta.json and move everything into data_dir; returns meta."""
-        for split in SPLITS:
-            if not self.stats[split]["documents"]:
-                raise DataError(f"the {split} split has no documents; give more documents")
+        check_splits({split: self.stats[split]["documents"] for split in SPLITS})
         shards = {split: self.writers[split].close() for split in SPLITS}
         tok = self.tok
         extra = {**(extra_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}
@@ -427,10 +425,11 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
 
 
 def check_splits(splits):
-    """Every split needs documents: checked before a tokenizer is trained on the train split."""
+    """Every split needs documents ({split: documents or their count}): checked before a tokenizer
+    is trained on the train split where the splits are known up front, and again on publishing."""
     for split in SPLITS:
         if not splits.get(split):
-            raise DataError(f"the {split} split has no documents; give more documents (each file is one)")
+            raise DataError(f"the {split} split has no documents; give more documents")
 
 
 def task_dir_of(cfg, name):

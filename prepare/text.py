@@ -262,7 +262,7 @@ def training_sample(cfg, inputs):
         if digest is not None and seen.add(digest) and split == "train":
             yield text
     if not any_text:
-        raise DataError(f"--input={cfg.input}: the corpus is empty (no non-blank documents)")
+        raise empty_corpus(cfg)
 
 
 def write_corpus(cfg, inputs, tok):
@@ -281,8 +281,12 @@ def write_corpus(cfg, inputs, tok):
                 stats["scrubbed_spans"] += scrubbed
                 out.add(split, name, ids, characters)
         if not any(s["documents"] for s in out.stats.values()):
-            raise DataError(f"--input={cfg.input}: the corpus is empty (no non-blank documents)")
+            raise empty_corpus(cfg)
         return out.finish({"input": cfg.input}, stats)
+
+
+def empty_corpus(cfg):
+    return DataError(f"--input={cfg.input}: the corpus is empty (no non-blank documents)")
 
 
 def prepare(cfg):
