@@ -27,6 +27,7 @@ def measure(cfg, compile_model):
     meta = ensure_data(cfg, master=True)
     torch.manual_seed(cfg.seed)
     raw = load_model(cfg, "scratch", meta).model.to(device)
+    raw.checkpoint_blocks = cfg.activation_checkpointing
     model = torch.compile(raw) if compile_model else raw
     optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

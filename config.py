@@ -117,13 +117,21 @@ KEYS = [
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json; evaluate.py and "
        "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample")),
-    _k("init_from", "scratch", "scratch | resume (out_dir/ckpt_last.pt) | hf:PATH | gpt2[-medium|-large|-xl] "
-       "| a run folder or checkpoint file", scripts=("train", "finetune", "evaluate", "sample")),
+    _k("init_from", "scratch", "scratch | resume (out_dir's ckpt_last) | auto (train.py: resume when out_dir has a "
+       "checkpoint, else scratch; for restarts) | hf:PATH | gpt2[-medium|-large|-xl] | a run folder or checkpoint",
+       scripts=("train", "finetune", "evaluate", "sample")),
     _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL),
     _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps", scripts=LOADS_MODEL),
     _k("dtype", "auto", "compute dtype (autocast); auto = bfloat16 on GPUs that support it, else float32",
        ["auto", "float32", "bfloat16", "float16"], LOADS_MODEL),
     _k("compile", False, "torch.compile the model (bench.py measures both)", scripts=TRAINS),
+    _k("parallel", "ddp", "how processes under torchrun share the model: ddp (a full copy each) or fsdp (FSDP2: "
+       "weights, gradients and optimizer state sharded; checkpoints sharded as ckpt_*.dcp folders)",
+       ["ddp", "fsdp"], TRAINS),
+    _k("fsdp_reshard_after_forward", True, "fsdp: free each block's gathered weights after its forward and "
+       "gather them again for backward (less memory, more communication)", scripts=TRAINS),
+    _k("activation_checkpointing", False, "keep only each block's input in forward and recompute the block in "
+       "backward: activation memory of one block instead of all, ~1/3 more compute", scripts=STEPS),
     _k("batch_size", 12, "sequences per micro-batch per process (evaluate.py: per scoring batch)",
        scripts=("train", "finetune", "bench", "evaluate")),
     _k("gradient_accumulation_steps", 1, "micro-batches per optimizer step in all, shared by the processes: "
@@ -217,6 +225,8 @@ KEYS = [
     _k("kv_cache", True, "decode with the KV cache (False recomputes the whole sequence each token)",
        scripts=SAMPLE),
     _k("export_hf", "", "write the model as a Hugging Face folder here instead of sampling", scripts=SAMPLE),
+    _k("export_ckpt", "", "write out_dir's checkpoint (sharded or not) as one .pt file here instead of sampling",
+       scripts=SAMPLE),
 ]
 KEY_BY_NAME = {k.name: k for k in KEYS}
 

@@ -298,6 +298,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.checkpoint_blocks = False  # activation checkpointing, a training setting (fit() sets it)
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by
@@ -365,15 +366,22 @@ class GPT(nn.Module):
         x0, rope, mask = self.inputs(idx, doc_ids, cache, valid)
         z = x0
         for block in self.transformer.h[:-1]:
-            z = block(z, x0, rope, mask, cache)
+            z = self.run_block(block, z, (x0, rope, mask), cache)
         return z, (x0, rope, mask)
+
+    def run_block(self, block, z, context, cache=None):
+        """block(z, *context). With checkpoint_blocks, training keeps only the block's input z and
+        backward runs the block again: activation memory of one block instead of all of them."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(block, z, *context, cache, use_reentrant=False)
+        return block(z, *context, cache)
 
     def hidden(self, idx, heads=1, doc_ids=None, cache=None, valid=None):
         """The output of the first `heads` head blocks, before the final norm: a list of (B, T, C)."""
         z, context = self.trunk(idx, doc_ids, cache, valid)
         out = []
         for block in self.head_blocks()[:heads]:
-            out.append(block(z, *context, cache))
+            out.append(self.run_block(block, z, context, cache))
         if cache is not None:
             cache.length += idx.shape[1]
         return out

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -32,9 +33,15 @@ import torch.distributed as torch_dist
 from adapters import GPTClassifier, add_lora, merge_lora
 from config import save_json
 from hf import GPT2_SIZES, from_hf
-from model import GPT, GPTConfig
+from model import GPT, Block, GPTConfig
 from prepare.common import DataError, SplitTokens, load_meta
 from tokenizer import GPT2_META, from_meta
+
+# torch.distributed.checkpoint warns whenever it reads or writes in one process, which is on
+# purpose here; FSDP2 warns that the model returns a view (the logits, cut to the true
+# vocabulary), which matters only to in-place edits of it, and nothing here makes one.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 # ----------------------------------------------------------------------------- 1. compute
 
@@ -147,6 +154,49 @@ def wrap_ddp(model, device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
+def shard_model(model, cfg, compute):
+    """FSDP2 (fully_shard): every block is one unit, gathered just before it runs and freed after
+    (fsdp_reshard_after_forward); the root unit holds the rest (embeddings, final norm, head).
+    Each process keeps 1/world of every weight, gradient and optimizer state. On GPUs in bf16
+    the gathered weights are bf16 and gradients are reduced in float32. With compile, each
+    block is compiled in place before sharding (torchtitan's order). Returns the fraction of
+    the parameters this process holds."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    precision = MixedPrecisionPolicy()
+    if compute.dtype == torch.bfloat16:
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        if cfg.compile:
+            block.compile()
+        fully_shard(block, mp_policy=precision, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    fully_shard(model, mp_policy=precision)
+    if isinstance(model, GPT):  # evaluation calls head_losses on the root: it must gather weights too
+        register_fsdp_forward_method(model, "head_losses")
+    local = sum(p.to_local().numel() for p in model.parameters())
+    return local / sum(p.numel() for p in model.parameters())
+
+
+def check_fsdp(cfg, dtype):
+    """What parallel=fsdp cannot do yet, said before any work (also in one process, whose
+    checkpoints are sharded all the same)."""
+    if cfg.optimizer == "muon":
+        raise SystemExit("error: optimizer=muon does not run under parallel=fsdp yet (it needs each matrix "
+                         "whole); use optimizer=adamw, or parallel=ddp")
+    if dtype == torch.float16:
+        raise SystemExit("error: parallel=fsdp trains in bfloat16 or float32; set dtype=bfloat16 (or float32)")
+
+
+def gradient_sync(model, enabled):
+    """A context for one micro-batch's forward and backward: reduce gradients across processes
+    only when enabled (the last micro-batch of a step). DDP prepares the reduction during the
+    forward, so its no_sync() must wrap both; FSDP is told with a flag."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(model, "no_sync") and not enabled:     # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def micro_batches_per_process(cfg, world):
     """gradient_accumulation_steps counts the micro-batches of one optimizer step over all
     processes, so the global batch is the same on 1 GPU or 8; each process runs its share."""
@@ -226,15 +276,18 @@ class RandomBatches:
         return tuple(t.to(self.device) for t in tensors)
 
     def state_dict(self):
+        """pos: micro-batches served from the draw that gen (its state before the draw) makes;
+        0 at a step boundary, so the state means the same whatever accum the reader has (a
+        resume may run on another number of processes)."""
         if self.pos == self.accum:
-            return {"gen": self.gen.get_state(), "pos": self.pos, "tokens": self.tokens}
+            return {"gen": self.gen.get_state(), "pos": 0, "tokens": self.tokens}
         return {"gen": self.draw_state, "pos": self.pos, "tokens": self.tokens - self.draw_tokens}
 
     def load_state_dict(self, state):
         self.gen.set_state(state["gen"])
         self.tokens = state.get("tokens", 0)
         self.pos = self.accum
-        if state["pos"] < self.accum:
+        if 0 < state["pos"] < self.accum:  # (checkpoints before this format said accum at a boundary)
             self._draw()
             self.pos = state["pos"]
 
@@ -311,7 +364,7 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
             raise SystemExit(f"error: {e}") from None
         return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
     if source == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt_last.pt")
+        path = checkpoint_path(cfg.out_dir, "last")
     elif os.path.isdir(source):
         path = checkpoint_path(source)
     elif os.path.isfile(source) or init_from:  # a file a script chose says itself that it is missing
@@ -330,12 +383,27 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
 
 
 def checkpoint_path(source, which="best"):
-    """A checkpoint file itself, or a run folder's ckpt_{which}.pt (ckpt_last.pt when the run
-    has none, e.g. no evaluation has improved yet)."""
-    if os.path.isfile(source):
+    """A checkpoint itself, or a run folder's ckpt_{which} (ckpt_last when the run has none, e.g.
+    no evaluation has improved yet). A checkpoint is a file ckpt_*.pt, or under FSDP a folder
+    ckpt_*.dcp of shards (ckpt_*.dcp.old only exists when a crash hit the swap of two folders).
+    When a folder holds both kinds (a run that moved between DDP and FSDP), the newer wins."""
+    if is_checkpoint(source):
         return source
-    preferred = os.path.join(source, f"ckpt_{which}.pt")
-    return preferred if os.path.isfile(preferred) else os.path.join(source, "ckpt_last.pt")
+    for name in (which, "last"):
+        found = [path for suffix in (".pt", ".dcp", ".dcp.old")
+                 if is_checkpoint(path := os.path.join(source, f"ckpt_{name}{suffix}"))]
+        if found:
+            return max(found, key=lambda path: os.path.getmtime(checkpoint_file(path)))
+    return os.path.join(source, f"ckpt_{which}.pt")  # missing: load_checkpoint says so
+
+
+def checkpoint_file(path):
+    """The file that makes path a checkpoint: itself, or a sharded folder's state.pt."""
+    return path if os.path.isfile(path) else os.path.join(path, "state.pt")
+
+
+def is_checkpoint(path):
+    return os.path.isfile(checkpoint_file(path))
 
 
 def load_for_inference(cfg, device):
@@ -443,20 +511,91 @@ def save_checkpoint(state, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))  # make the rename itself durable
+
+
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
+    """A checkpoint as a dict; a sharded one with its weights gathered (see load_sharded_checkpoint)."""
+    if not is_checkpoint(path):
         raise SystemExit(f"error: {path}: no checkpoint there (train first, or check out_dir)")
     try:
+        if os.path.isdir(path):
+            return load_sharded_checkpoint(path)
         return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     except Exception as e:
         raise SystemExit(f"error: {path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_sharded_checkpoint(ckpt, path, model, optimizer, master):
+    """FSDP: every process writes its shard of the weights and optimizer state into the folder
+    `path` with torch.distributed.checkpoint, and rank 0 the rest of ckpt as state.pt. The folder
+    is written as path.tmp and swapped in whole (the old one renamed to path.old, then removed),
+    so a crash leaves a complete checkpoint: the old one or the new one. Every process calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    tmp, old = f"{path}.tmp", f"{path}.old"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+    barrier()
+    weights, optimizer_state = get_state_dict(model, optimizer)  # this process's shards, by parameter name
+    dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp,
+             no_dist=not torch_dist.is_initialized())
+    if master:
+        save_checkpoint(ckpt, os.path.join(tmp, "state.pt"))  # last: a folder without it is no checkpoint
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
+    barrier()
+
+
+def load_sharded_checkpoint(path):
+    """A sharded checkpoint folder as one dict: its state.pt, plus the model's full weights
+    gathered from every process's shard (read here, in this process alone). The optimizer
+    state stays on disk, in shards ("sharded": path); load_sharded_optimizer reads it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    ckpt = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {name.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+               for name, m in stored.items() if name.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+    return {**ckpt, "model": weights, "sharded": path}
+
+
+def load_sharded_optimizer(path, model, optimizer):
+    """Fill optimizer (of model, sharded over any number of processes, or not at all) from the
+    sharded checkpoint at path: torch.distributed.checkpoint reshards by parameter name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill: this process's shards
+    dcp.load({"optimizer": state}, checkpoint_id=path, no_dist=not torch_dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def export_checkpoint(source, path):
+    """The checkpoint `source` (a sharded one gathered) written as one .pt file at `path`: the
+    weights and what loading them needs, without the training state (for sharing, not resuming)."""
+    if os.path.exists(path):
+        raise SystemExit(f"error: export_ckpt={path} already exists; choose a new file name")
+    ckpt = load_checkpoint(source)
+    training_state = ("optimizer", "scaler", "rng", "loader", "sharded")
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in training_state}, path)
+    return f"wrote {path}: the weights of {source} in one file"
+
+
+def barrier():
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 # ----------------------------------------------------------------------------- 5. logging

@@ -4,9 +4,11 @@ Sample from a trained model, or from GPT-2 weights.
     python sample.py --out_dir=out/shakespeare_char_cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=hf:path/to/gpt2 --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out/run --export_hf=exported/    # write a Hugging Face folder instead
+    python sample.py --out_dir=out/fsdp_run --export_ckpt=model.pt   # an FSDP run's shards as one file
     python sample.py --out_dir=out/mtp --speculative=True --temperature=0   # multi-token heads draft
 
-The model comes from out_dir's checkpoint (ckpt_best.pt, or ckpt_last.pt with checkpoint=last),
+The model comes from out_dir's checkpoint (ckpt_best, or ckpt_last with checkpoint=last; a .pt
+file, or the .dcp folder of shards an FSDP run writes, gathered on load),
 or from init_from=hf:PATH / a GPT-2 name. Text is decoded with the run's own tokenizer (rebuilt
 from the checkpoint's data_dir meta.json); GPT-2 weights use GPT-2 BPE.
 """
@@ -19,7 +21,7 @@ import torch
 from config import cli_config
 from generate import generate, speculative_generate
 from hf import export_hf
-from plumbing import load_for_inference, setup_compute
+from plumbing import checkpoint_path, export_checkpoint, load_for_inference, setup_compute
 
 
 def read_prompt(start):
@@ -56,6 +58,9 @@ def compare_speculative(model, tok, prompt, cfg, autocast):
 
 def main():
     cfg = cli_config()
+    if cfg.export_ckpt:
+        print(export_checkpoint(checkpoint_path(cfg.out_dir, cfg.checkpoint), cfg.export_ckpt))
+        return
     torch.manual_seed(cfg.seed)
     compute = setup_compute(cfg)
     model, tok, loaded = load_for_inference(cfg, compute.device)

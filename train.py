@@ -18,7 +18,6 @@ weights of N steps + init_from=resume + N steps. Everything that decides the nex
 the checkpoint: model, optimizer, scaler, iteration, RNG states, and the loader's position.
 """
 
-import contextlib
 import math
 import os
 import time
@@ -26,19 +25,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import cli_config
-from model import document_ids
+from model import GPT, document_ids
 from muon import CombinedOptimizer, Muon
-from plumbing import (GracefulStop, MetricsLogger, TokenLoader, ensure_data, gather_rng_states, load_checkpoint,
-                      load_model, micro_batches_per_process, peak_flops, progress_bar, record_config, save_checkpoint,
-                      set_rng_state, setup_compute, setup_processes, unwrap, wrap_ddp)
+from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, checkpoint_path, ensure_data,
+                      gather_rng_states, gradient_sync, is_checkpoint, load_checkpoint, load_model,
+                      load_sharded_optimizer, micro_batches_per_process, peak_flops, progress_bar, record_config,
+                      save_checkpoint, save_sharded_checkpoint, set_rng_state, setup_compute, setup_processes,
+                      shard_model, unwrap, wrap_ddp)
 
 
 def train(cfg):
     """Pretrain as cfg says; returns a summary dict (iterations, best metric, the model)."""
     procs = setup_processes(cfg)
+    if cfg.init_from == "auto":  # restarts (torchrun --max_restarts, a requeued job) continue the run
+        cfg.set("init_from", "resume" if is_checkpoint(checkpoint_path(cfg.out_dir, "last")) else "scratch")
     meta = ensure_data(cfg, procs.master)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     loaded = load_model(cfg, meta=meta)
@@ -60,10 +64,11 @@ class TrainState:
     best: float = None      # best value of cfg.best_metric so far
     since_best: int = 0     # evaluations since it last improved by min_delta (early stopping)
 
-    def checkpoint(self, cfg, world, extra):
-        """The checkpoint dict; every process must call it (it gathers their RNG states)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "iter_num": self.it, "best": self.best,
+    def checkpoint(self, cfg, world, extra, weights=True):
+        """The checkpoint dict; every process must call it (it gathers their RNG states). Under
+        FSDP (weights=False) the weights and optimizer state are saved apart, in shards."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
+        return {**state, "scaler": self.scaler.state_dict(), "iter_num": self.it, "best": self.best,
                 "since_best": self.since_best, "config": cfg.to_dict(), "model_args": vars(self.model.config).copy(),
                 "rng": gather_rng_states(world), "loader": self.loader.state_dict(), **extra}
 
@@ -71,7 +76,13 @@ class TrainState:
         if ckpt["config"].get("optimizer", cfg.optimizer) != cfg.optimizer:
             raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt was trained with optimizer="
                              f"{ckpt['config']['optimizer']}; resume with that optimizer, or start a new out_dir")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "sharded" in ckpt:  # an FSDP run's: resharded to however many processes run now
+            load_sharded_optimizer(ckpt["sharded"], self.model, self.optimizer)
+        elif cfg.parallel == "fsdp":
+            raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt was saved without FSDP; resume it with "
+                             f"parallel=ddp, or start a new out_dir")
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["loader"])
         self.it, self.best, self.since_best = ckpt["iter_num"], ckpt["best"], ckpt["since_best"]
@@ -90,18 +101,28 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     compute = setup_compute(cfg, procs.device)
     model = model.to(compute.device)
     record_config(cfg, model.config, procs.master)
+    for gpt in (m for m in model.modules() if isinstance(m, GPT)):
+        gpt.checkpoint_blocks = cfg.activation_checkpointing
+    if cfg.parallel == "fsdp":
+        check_fsdp(cfg, compute.dtype)
+    sharded = cfg.parallel == "fsdp" and torch_dist.is_initialized()
+    if sharded:  # before the optimizer is built: it must hold the shards
+        held = shard_model(model, cfg, compute)
+        if procs.master:
+            print(f"FSDP: each of the {procs.world} processes holds {held:.1%} of the weights and their "
+                  f"optimizer state")
     state = TrainState(model, configure_optimizer(model, cfg, compute.device, lr_scales),
                        torch.amp.GradScaler(compute.device.type, enabled=compute.dtype == torch.float16), task.loader)
     max_iters = cfg.max_iters
     if cfg.epochs > 0:
         max_iters = math.ceil(cfg.epochs * task.train_size / task.items_per_iter)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout masks differ between processes
-    if ckpt is not None and "optimizer" in ckpt:
+    if ckpt is not None and ("optimizer" in ckpt or "sharded" in ckpt):
         state.restore(ckpt, cfg, procs.rank)
     del ckpt
-    if cfg.compile:
+    if cfg.compile and not sharded:  # (under FSDP shard_model compiled each block)
         model = torch.compile(model)
-    if procs.world > 1:
+    if procs.world > 1 and not sharded:
         model = wrap_ddp(model, compute.device)
     flops_per_token, peak = state.model.flops_per_token(cfg.block_size), peak_flops(compute.device)
     if procs.master:
@@ -149,11 +170,15 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
             pbar.write(f"early stopping at iteration {state.it}: {cfg.best_metric} has not improved by more than "
                        f"{cfg.min_delta} for {cfg.patience} evaluations; best {state.best:.4f} restored from "
                        f"ckpt_best.pt")
-            state.model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"))["model"])
+            best = load_checkpoint(checkpoint_path(cfg.out_dir, "best"))["model"]
+            # every process passes the full weights; under FSDP each keeps its own shard of them
+            set_model_state_dict(state.model, best, options=StateDictOptions(full_state_dict=True))
             break
     pbar.close()
     log.close()
     stop.close()
+    if procs.master and compute.device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
     if procs.world > 1:
         torch_dist.destroy_process_group()
     return {"iter_num": state.it, "best": state.best, "best_metric": cfg.best_metric, "train_loss": train_loss,
@@ -179,13 +204,17 @@ def state_after_eval(state, cfg, results):
 
 
 def save_run(state, cfg, procs, is_best, extra_state):
-    """ckpt_last.pt always, ckpt_best.pt too when the best metric improved. Every process builds
-    the state (it gathers their RNG states); only the master writes."""
-    ckpt = state.checkpoint(cfg, procs.world, extra_state or {})
-    if procs.master:
-        save_checkpoint(ckpt, os.path.join(cfg.out_dir, "ckpt_last.pt"))
-        if is_best:
-            save_checkpoint(ckpt, os.path.join(cfg.out_dir, "ckpt_best.pt"))
+    """ckpt_last always, ckpt_best too when the best metric improved: .pt files that only the
+    master writes, or under FSDP .dcp folders that every process writes its shard into. Every
+    process builds the state (it gathers their RNG states)."""
+    sharded = cfg.parallel == "fsdp"
+    ckpt = state.checkpoint(cfg, procs.world, extra_state or {}, weights=not sharded)
+    for which in ("last", "best") if is_best else ("last",):
+        path = os.path.join(cfg.out_dir, f"ckpt_{which}.dcp" if sharded else f"ckpt_{which}.pt")
+        if sharded:
+            save_sharded_checkpoint(ckpt, path, state.model, state.optimizer, procs.master)
+        elif procs.master:
+            save_checkpoint(ckpt, path)
 
 
 class LMTask:
@@ -218,11 +247,8 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_fi
     accum = loader.accum
     for micro in range(accum):
         batch = loader.next()
-        # DDP all-reduces gradients in backward; only the last micro-step should. no_sync() must
-        # wrap the forward as well, since DDP prepares the reduction during the forward pass.
-        last = micro == accum - 1
-        sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
-        with sync:
+        # under DDP or FSDP gradients are reduced across processes only after the last micro-batch
+        with gradient_sync(model, enabled=micro == accum - 1):
             with autocast:
                 loss = loss_fn(model, batch)
             scaler.scale(loss / accum).backward()
@@ -231,6 +257,8 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_fi
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm of sharded gradients comes as a DTensor
+        grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -209,3 +209,25 @@ def test_compiled_model_with_flex_equals_math(pos):
     x = torch.randint(0, 97, (2, 128), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.allclose(torch.compile(flex)(x)[0], math_model(x)[0], atol=1e-4)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    """checkpoint_blocks recomputes each block in backward: the same loss and gradients, and
+    autograd keeps fewer tensors (here: the saved activations of the blocks are not held)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=32, mtp_heads=2)
+    model = GPT(config)
+    x = torch.randint(64, (2, 32))
+    results = []
+    for on in (False, True):
+        model.checkpoint_blocks = on
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            _, loss = model(x, x)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
+    (loss_off, grads_off, kept_off), (loss_on, grads_on, kept_on) = results
+    assert loss_on == loss_off
+    assert all(torch.allclose(grads_on[n], grads_off[n], atol=1e-6) for n in grads_off)
+    assert kept_on < kept_off / 2
