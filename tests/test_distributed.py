@@ -71,8 +71,9 @@ def test_fsdp_matches_one_process(char_data, tmp_path, extra):
 @pytest.mark.slow
 def test_fsdp_resume_is_exact_and_reshards(char_data, tmp_path):
     """2N steps straight == N + resume + N, bit for bit, with 2 processes; a resume on 1 process
-    (resharded by torch.distributed.checkpoint) agrees within float tolerance. Then the other
-    scripts read the FSDP run folder directly, and export_ckpt writes it as one file."""
+    (resharded by torch.distributed.checkpoint) agrees within float tolerance. Then sample.py,
+    evaluate.py and finetune.py read the FSDP run folder directly, and export_ckpt writes it as
+    one file."""
     common = ["--parallel=fsdp", "--eval_interval=4", *STEADY]
     torchrun(2, char_data, tmp_path / "straight", "--max_iters=8", *common)
     torchrun(2, char_data, tmp_path / "resumed", "--max_iters=4", *common)
@@ -98,6 +99,15 @@ def test_fsdp_resume_is_exact_and_reshards(char_data, tmp_path):
     again = subprocess.run([sys.executable, "sample.py", f"--out_dir={run}", f"--export_ckpt={tmp_path / 'one.pt'}"],
                            cwd=ROOT, capture_output=True, text=True)
     assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    evaluated = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={run}", "--device=cpu", "--eval_iters=2",
+                                f"--data_dir={char_data}", "--block_size=32"], cwd=ROOT, capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads((run / "eval.json").read_text())
+    tuned = subprocess.run([sys.executable, "finetune.py", f"--init_from={run}", f"--out_dir={tmp_path / 'ft'}",
+                            f"--data_dir={char_data}", "--task=lm", "--max_iters=2", "--eval_interval=2",
+                            "--eval_iters=1", "--batch_size=2", "--block_size=32", "--device=cpu", "--plot=False"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
 
 
 SHARES = """
