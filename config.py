@@ -19,6 +19,7 @@ import ast
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -30,10 +31,22 @@ class Key:
     help: str
     choices: tuple = ()
     scripts: tuple = ()  # the scripts that read it: train, finetune, evaluate, sample, bench, prepare
+    allowed: str = ""    # numbers: an interval such as "[0, 1)"; text: a regular expression to match whole
 
     @property
     def type(self):
         return type(self.default)
+
+    def admits(self, value):
+        """Whether value lies in the allowed interval (numbers) or matches the pattern (text)."""
+        if not self.allowed:
+            return True
+        if isinstance(value, str):
+            return re.fullmatch(self.allowed, value) is not None
+        low, high = (float(x) for x in self.allowed[1:-1].split(","))
+        above = value > low if self.allowed[0] == "(" else value >= low
+        below = value < high if self.allowed[-1] == ")" else value <= high
+        return above and below
 
 
 # who reads what: the groups of scripts the table below names
@@ -50,8 +63,8 @@ SAMPLE = ("sample",)
 DECODES = ("evaluate", "sample")
 
 
-def _k(name, default, help, choices=(), scripts=EVERY):
-    return Key(name, default, help, tuple(choices), tuple(scripts))
+def _k(name, default, help, choices=(), scripts=EVERY, allowed=""):
+    return Key(name, default, help, tuple(choices), tuple(scripts), allowed)
 
 
 KEYS = [
@@ -61,7 +74,7 @@ KEYS = [
     _k("dataset", "shakespeare", "what train.py prepares when data_dir is empty: 'shakespeare' or 'none'",
        ["shakespeare", "none"], MAKES_DATA),
     _k("tokenizer", "char", "tokenizer used when preparing data", ["char", "gpt2", "sentencepiece"], MAKES_DATA),
-    _k("sp_vocab_size", 4096, "sentencepiece vocabulary size to train", scripts=MAKES_DATA),
+    _k("sp_vocab_size", 4096, "sentencepiece vocabulary size to train", scripts=MAKES_DATA, allowed="[1, inf)"),
     _k("sp_model_type", "bpe", "sentencepiece algorithm", ["bpe", "unigram"], MAKES_DATA),
     _k("gpt2_bpe_path", "", "a local gpt2.tiktoken ranks file; wins over every other source"),
     _k("cache_dir", "data/cache", "where downloaded source archives are kept for offline reruns"),
@@ -70,13 +83,15 @@ KEYS = [
     _k("text_field", "text", "prepare/text.py: the JSONL field or Parquet column that holds each document",
        scripts=PREPARE),
     _k("num_proc", 0, "prepare/text.py: worker processes that clean and tokenize; 0 = one per core",
-       scripts=PREPARE),
+       scripts=PREPARE, allowed="[0, inf)"),
     _k("shard_tokens", 100_000_000, "tokens per token file (shard) of a split; the last one holds the rest",
-       scripts=MAKES_DATA),
+       scripts=MAKES_DATA, allowed="[1, inf)"),
     _k("tokenizer_sample_chars", 20_000_000, "char and sentencepiece tokenizers learn from at most this many "
-       "characters of the training split (its first documents)", scripts=MAKES_DATA),
-    _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation", scripts=PREPARE),
-    _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split", scripts=PREPARE),
+       "characters of the training split (its first documents)", scripts=MAKES_DATA, allowed="[1, inf)"),
+    _k("val_fraction", 0.05, "prepare/text.py: fraction of documents held out for validation", scripts=PREPARE,
+       allowed="[0, 1)"),
+    _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split", scripts=PREPARE,
+       allowed="[0, 1)"),
     _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders", scripts=PREPARE),
     _k("task_dir", "", "folder of a task set's train/val/test.jsonl; empty = data/shakespeare_{task}",
        scripts=("prepare", "finetune", "evaluate")),
@@ -85,30 +100,33 @@ KEYS = [
     # ---- model (model.GPTConfig) ----
     _k("preset", "", "set the architecture keys at once: gpt2 (the classic) or modern (see PRESETS); applied "
        "where it appears, so later keys still override", ["", "gpt2", "modern"], FRESH_MODEL),
-    _k("n_layer", 6, "transformer blocks", scripts=FRESH_MODEL),
-    _k("n_head", 6, "attention (query) heads", scripts=FRESH_MODEL),
-    _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)", scripts=FRESH_MODEL),
-    _k("n_embd", 384, "residual stream width", scripts=FRESH_MODEL),
-    _k("block_size", 256, "context length in tokens (fine-tuning: at most the base model's)", scripts=FRESH_MODEL),
-    _k("dropout", 0.0, "dropout on embeddings, attention and residual branches", scripts=FRESH_MODEL),
+    _k("n_layer", 6, "transformer blocks", scripts=FRESH_MODEL, allowed="[1, inf)"),
+    _k("n_head", 6, "attention (query) heads", scripts=FRESH_MODEL, allowed="[1, inf)"),
+    _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)", scripts=FRESH_MODEL,
+       allowed="[0, inf)"),
+    _k("n_embd", 384, "residual stream width", scripts=FRESH_MODEL, allowed="[1, inf)"),
+    _k("block_size", 256, "context length in tokens (fine-tuning: at most the base model's)", scripts=FRESH_MODEL,
+       allowed="[1, inf)"),
+    _k("dropout", 0.0, "dropout on embeddings, attention and residual branches", scripts=FRESH_MODEL, allowed="[0, 1)"),
     _k("bias", True, "biases in linear layers and LayerNorm (GPT-2 has them)", scripts=FRESH_MODEL),
     _k("norm", "layernorm", "normalisation layer", ["layernorm", "rmsnorm"], FRESH_MODEL),
     _k("pos", "learned", "position encoding", ["learned", "rope"], FRESH_MODEL),
-    _k("rope_theta", 10000.0, "RoPE base frequency", scripts=FRESH_MODEL),
+    _k("rope_theta", 10000.0, "RoPE base frequency", scripts=FRESH_MODEL, allowed="(0, inf)"),
     _k("mlp", "gelu", "MLP type", ["gelu", "swiglu", "relu2"], FRESH_MODEL),
     _k("qk_norm", False, "RMS-normalise queries and keys per head before attention", scripts=FRESH_MODEL),
     _k("tie_embeddings", True, "share the token embedding with the output head", scripts=FRESH_MODEL),
-    _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off", scripts=FRESH_MODEL),
+    _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off", scripts=FRESH_MODEL, allowed="[0, inf)"),
     _k("mtp_heads", 1, "multi-token prediction: heads for tokens t+1..t+n, each one block on the shared "
-       "trunk; 1 = off", scripts=FRESH_MODEL),
+       "trunk; 1 = off", scripts=FRESH_MODEL, allowed="[1, inf)"),
     _k("mtp_weights", "", "comma-separated loss weight per multi-token head; empty = equal weights",
-       scripts=FRESH_MODEL),
+       scripts=FRESH_MODEL, allowed=r"(\d+\.?\d*|\.\d+)(,(\d+\.?\d*|\.\d+))*|"),
     _k("zero_init_proj", False, "initialise the projections into the residual stream (attn and MLP c_proj) "
        "to zero", scripts=FRESH_MODEL),
     _k("pad_vocab_to", 64, "pad the embedding rows to a multiple of this (speed); 1 = no padding",
-       scripts=LOADS_MODEL),
+       scripts=LOADS_MODEL, allowed="[1, inf)"),
     _k("attn_backend", "sdpa", "attention implementation", ["math", "sdpa", "flex"], LOADS_MODEL),
-    _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal", scripts=FRESH_MODEL),
+    _k("attn_window", 0, "sliding-window attention span in tokens; 0 = full causal", scripts=FRESH_MODEL,
+       allowed="[0, inf)"),
     _k("x0_mix", False, "each block reads a learned blend a*x + b*x0 of the residual stream and the token "
        "embeddings (a=1, b=0 at init)", scripts=FRESH_MODEL),
     _k("align_to_documents", False, "every training window starts at a document's end-of-text token instead "
@@ -116,15 +134,19 @@ KEYS = [
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences", scripts=STEPS),
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json; evaluate.py and "
-       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample")),
+       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample"), allowed=r"\S.*"),
     _k("init_from", "scratch", "scratch | resume (out_dir's ckpt_last) | auto (train.py: resume when out_dir has a "
        "checkpoint, else scratch; for restarts) | hf:PATH | gpt2[-medium|-large|-xl] | a run folder or checkpoint",
        scripts=("train", "finetune", "evaluate", "sample")),
-    _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL),
-    _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps", scripts=LOADS_MODEL),
+    _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL, allowed="[0, inf)"),
+    _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps", scripts=LOADS_MODEL,
+       allowed=r"auto|cpu|mps|cuda(:\d+)?"),
     _k("dtype", "auto", "compute dtype (autocast); auto = bfloat16 on GPUs that support it, else float32",
        ["auto", "float32", "bfloat16", "float16"], LOADS_MODEL),
     _k("compile", False, "torch.compile the model (bench.py measures both)", scripts=TRAINS),
+    _k("overwrite", False, "replace what is already there instead of stopping: a run in out_dir (train, finetune), "
+       "a prepared dataset in data_dir (prepare), a non-empty --export_hf folder (sample)",
+       scripts=("prepare", "train", "finetune", "sample")),
     _k("parallel", "ddp", "how processes under torchrun share the model: ddp (a full copy each) or fsdp (FSDP2: "
        "weights, gradients and optimizer state sharded; checkpoints sharded as ckpt_*.dcp folders)",
        ["ddp", "fsdp"], TRAINS),
@@ -133,58 +155,63 @@ KEYS = [
     _k("activation_checkpointing", False, "keep only each block's input in forward and recompute the block in "
        "backward: activation memory of one block instead of all, ~1/3 more compute", scripts=STEPS),
     _k("batch_size", 12, "sequences per micro-batch per process (evaluate.py: per scoring batch)",
-       scripts=("train", "finetune", "bench", "evaluate")),
+       scripts=("train", "finetune", "bench", "evaluate"), allowed="[1, inf)"),
     _k("gradient_accumulation_steps", 1, "micro-batches per optimizer step in all, shared by the processes: "
-       "the global batch does not change with their number (must divide by it)", scripts=STEPS),
-    _k("max_iters", 5000, "optimizer steps (ignored when epochs > 0)", scripts=TRAINS),
-    _k("epochs", 0.0, "passes over the training tokens; > 0 sets max_iters from it", scripts=TRAINS),
+       "the global batch does not change with their number (must divide by it)", scripts=STEPS, allowed="[1, inf)"),
+    _k("max_iters", 5000, "optimizer steps (ignored when epochs > 0)", scripts=TRAINS, allowed="[1, inf)"),
+    _k("epochs", 0.0, "passes over the training tokens; > 0 sets max_iters from it", scripts=TRAINS,
+       allowed="[0, inf)"),
     _k("optimizer", "adamw", "adamw, or muon: Muon for the hidden matrices (the blocks' 2-D weights), AdamW for "
        "the rest", ["adamw", "muon"], STEPS),
-    _k("muon_lr", 0.02, "Muon's peak learning rate (the schedule scales it like learning_rate)", scripts=STEPS),
-    _k("muon_momentum", 0.95, "Muon's Nesterov momentum", scripts=STEPS),
+    _k("muon_lr", 0.02, "Muon's peak learning rate (the schedule scales it like learning_rate)", scripts=STEPS,
+       allowed="[0, inf)"),
+    _k("muon_momentum", 0.95, "Muon's Nesterov momentum", scripts=STEPS, allowed="[0, 1)"),
     _k("muon_weight_decay", 0.0, "Muon's decoupled weight decay: each step multiplies its matrices by "
-       "1 - muon_lr_t * muon_weight_decay", scripts=STEPS),
-    _k("ns_steps", 5, "Newton-Schulz iterations per Muon step", scripts=STEPS),
-    _k("learning_rate", 6e-4, "peak learning rate (AdamW)", scripts=STEPS),
-    _k("min_lr", 6e-5, "learning rate at the end of the decay", scripts=TRAINS),
+       "1 - muon_lr_t * muon_weight_decay", scripts=STEPS, allowed="[0, inf)"),
+    _k("ns_steps", 5, "Newton-Schulz iterations per Muon step", scripts=STEPS, allowed="[1, inf)"),
+    _k("learning_rate", 6e-4, "peak learning rate (AdamW)", scripts=STEPS, allowed="[0, inf)"),
+    _k("min_lr", 6e-5, "learning rate at the end of the decay", scripts=TRAINS, allowed="[0, inf)"),
     _k("lr_schedule", "cosine", "warmup then cosine decay, or warmup-stable-decay", ["cosine", "wsd", "constant"],
        TRAINS),
-    _k("warmup_iters", 100, "linear warmup steps", scripts=TRAINS),
-    _k("decay_frac", 0.2, "wsd: fraction of max_iters spent in the final linear decay", scripts=TRAINS),
+    _k("warmup_iters", 100, "linear warmup steps", scripts=TRAINS, allowed="[0, inf)"),
+    _k("decay_frac", 0.2, "wsd: fraction of max_iters spent in the final linear decay", scripts=TRAINS,
+       allowed="[0, 1]"),
     _k("weight_decay", 0.1, "AdamW's decoupled weight decay of 2-D weights: each step multiplies them by "
-       "1 - lr_t * weight_decay (Muon's matrices: muon_weight_decay)", scripts=STEPS),
-    _k("beta1", 0.9, "AdamW beta1", scripts=STEPS),
-    _k("beta2", 0.95, "AdamW beta2", scripts=STEPS),
-    _k("grad_clip", 1.0, "clip the global gradient norm to this; 0 = off", scripts=STEPS),
-    _k("eval_interval", 250, "steps between evaluations and checkpoints", scripts=TRAINS),
-    _k("eval_iters", 20, "batches averaged for each train/val loss estimate", scripts=TRAINS),
+       "1 - lr_t * weight_decay (Muon's matrices: muon_weight_decay)", scripts=STEPS, allowed="[0, inf)"),
+    _k("beta1", 0.9, "AdamW beta1", scripts=STEPS, allowed="[0, 1)"),
+    _k("beta2", 0.95, "AdamW beta2", scripts=STEPS, allowed="[0, 1)"),
+    _k("grad_clip", 1.0, "clip the global gradient norm to this; 0 = off", scripts=STEPS, allowed="[0, inf)"),
+    _k("eval_interval", 250, "steps between evaluations and checkpoints", scripts=TRAINS, allowed="[1, inf)"),
+    _k("eval_iters", 20, "batches averaged for each train/val loss estimate", scripts=TRAINS, allowed="[1, inf)"),
     _k("log_interval", 10, "steps between loss log lines (and, under torchrun, checks for a stop signal)",
-       scripts=TRAINS),
+       scripts=TRAINS, allowed="[1, inf)"),
     _k("overfit_patience", 3, "warn when val loss rose this many evals in a row while train loss fell",
-       scripts=TRAINS),
+       scripts=TRAINS, allowed="[0, inf)"),
     _k("wandb_log", False, "log to Weights & Biases (offline unless WANDB_MODE is set)", scripts=TRAINS),
     _k("wandb_project", "gpt", "wandb project name", scripts=TRAINS),
     _k("wandb_run_name", "run", "wandb run name", scripts=TRAINS),
     _k("plot", True, "refresh out_dir/loss.png at each evaluation", scripts=TRAINS),
     _k("best_metric", "val_loss", "metric that picks ckpt_best.pt and drives early stopping (val_loss: lower "
        "is better; a task metric such as val_macro_f1: higher is better)", scripts=TRAINS),
-    _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off", scripts=TRAINS),
+    _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off", scripts=TRAINS,
+       allowed="[0, inf)"),
     _k("min_delta", 0.0, "early stopping: smallest change of best_metric that counts as improvement",
-       scripts=TRAINS),
+       scripts=TRAINS, allowed="[0, inf)"),
     # ---- fine-tuning (finetune.py) ----
     _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "
        "completion only; classify: a classification head on text -> label JSONL", ["lm", "sft", "classify"],
        FINETUNE),
     _k("lr_layer_decay", 1.0, "layer-wise LR: block i gets lr * decay^(n_layer - i), embeddings the lowest; "
-       "1 = off", scripts=FINETUNE),
+       "1 = off", scripts=FINETUNE, allowed="(0, inf)"),
     _k("unfreeze_every", 0, "gradual unfreezing: head + last block first, one more block from the top every N "
-       "steps, embeddings last; 0 = everything trains from the start", scripts=FINETUNE),
+       "steps, embeddings last; 0 = everything trains from the start", scripts=FINETUNE, allowed="[0, inf)"),
     _k("freeze", "", "comma-separated regular expressions of parameter names to keep frozen (e.g. 'wte,wpe')",
        scripts=FINETUNE),
     _k("lora_rank", 0, "LoRA adapters of this rank on lora_targets (base weights frozen); 0 = off",
-       scripts=FINETUNE),
-    _k("lora_alpha", 16.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A", scripts=FINETUNE),
-    _k("lora_dropout", 0.0, "dropout on the LoRA branch's input", scripts=FINETUNE),
+       scripts=FINETUNE, allowed="[0, inf)"),
+    _k("lora_alpha", 16.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A", scripts=FINETUNE,
+       allowed="(0, inf)"),
+    _k("lora_dropout", 0.0, "dropout on the LoRA branch's input", scripts=FINETUNE, allowed="[0, 1)"),
     _k("lora_targets", "c_attn,c_proj,c_fc", "comma-separated names of the linear layers that get adapters",
        scripts=FINETUNE),
     _k("classify_pool", "last", "classify: the hidden state the head reads", ["last", "mean"], FINETUNE),
@@ -204,9 +231,10 @@ KEYS = [
        scripts=EVALUATE),
     _k("eval_split", "test", "which split to evaluate", ["train", "val", "test"], EVALUATE),
     _k("eval_stride", 0, "lm: sliding-window stride in tokens; each token keeps block_size-stride context; "
-       "0 = block_size//2", scripts=EVALUATE),
+       "0 = block_size//2", scripts=EVALUATE, allowed="[0, inf)"),
     _k("task_file", "", "a JSONL task file; empty = task_dir/{eval_split}.jsonl", scripts=EVALUATE),
-    _k("max_examples", 0, "use only the first N examples of a task file; 0 = all", scripts=("finetune", "evaluate")),
+    _k("max_examples", 0, "use only the first N examples of a task file; 0 = all", scripts=("finetune", "evaluate"),
+       allowed="[0, inf)"),
     _k("prompt_template", "{prompt}\n### Response:\n", "how a prompt is shown to the model (sft, generate)",
        scripts=("finetune", "evaluate")),
     _k("classify_template", "{text}\nLabel:",
@@ -214,11 +242,12 @@ KEYS = [
     # ---- sampling (sample.py) ----
     _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"], DECODES),
     _k("start", "\n", "prompt text, or FILE:path to read it from a file", scripts=SAMPLE),
-    _k("num_samples", 3, "samples to draw", scripts=SAMPLE),
-    _k("max_new_tokens", 500, "tokens to generate per sample (evaluate.py: at most, per answer)", scripts=DECODES),
-    _k("temperature", 0.8, "sampling temperature; 0 = greedy", scripts=DECODES),
-    _k("top_k", 200, "keep the k most likely tokens; 0 = off", scripts=DECODES),
-    _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off", scripts=DECODES),
+    _k("num_samples", 3, "samples to draw", scripts=SAMPLE, allowed="[1, inf)"),
+    _k("max_new_tokens", 500, "tokens to generate per sample (evaluate.py: at most, per answer)", scripts=DECODES,
+       allowed="[1, inf)"),
+    _k("temperature", 0.8, "sampling temperature; 0 = greedy", scripts=DECODES, allowed="[0, inf)"),
+    _k("top_k", 200, "keep the k most likely tokens; 0 = off", scripts=DECODES, allowed="[0, inf)"),
+    _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off", scripts=DECODES, allowed="(0, 1]"),
     _k("stop", "", "stop a sample when this string appears (end-of-text always stops)", scripts=SAMPLE),
     _k("speculative", False, "greedy self-speculative decoding with the multi-token heads (needs mtp_heads > 1, "
        "temperature=0); reports acceptance and speed against plain decoding", scripts=SAMPLE),
@@ -243,28 +272,58 @@ PRESETS = {
 assert len(KEY_BY_NAME) == len(KEYS), "duplicate config key"
 
 
+# What a resumed run may set differently from the run it continues: how long it goes on (the end of
+# the learning-rate schedule with it), how it evaluates and reports, and where and how it runs.
+MAY_CHANGE_ON_RESUME = ("max_iters", "epochs", "min_lr", "eval_interval", "eval_iters", "log_interval", "patience",
+                        "min_delta", "overfit_patience", "plot", "wandb_log", "wandb_project", "wandb_run_name",
+                        "device", "dtype", "compile", "parallel", "fsdp_reshard_after_forward",
+                        "activation_checkpointing", "init_from", "out_dir", "overwrite", "cache_dir", "gpt2_bpe_path")
+
+
 class ConfigError(ValueError):
     """A bad key or value; the message is written for the user at the keyboard."""
 
 
 class Config:
-    """Attribute access to the resolved keys: cfg.batch_size."""
+    """Attribute access to the resolved keys: cfg.batch_size. `chosen` holds the keys set by a
+    config file, an override or a script (not left at their defaults): what a resume compares."""
 
     def __init__(self, values=None):
         self.__dict__.update({k.name: k.default for k in KEYS})
+        self.chosen = set()
         for name, value in (values or {}).items():
             self.set(name, value)
 
     def set(self, name, value, origin="config"):
         self.__dict__[name] = check_value(name, value, origin)
+        self.chosen.add(name)
         if name == "preset" and value:
             self.__dict__.update(PRESETS[value])
+            self.chosen.update(PRESETS[value])
 
     def to_dict(self):
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k in KEY_BY_NAME}
 
     def __repr__(self):
-        return "\n".join(f"  {k} = {v!r}" for k, v in self.__dict__.items())
+        return "\n".join(f"  {k} = {v!r}" for k, v in self.to_dict().items())
+
+    def continue_run(self, saved, run):
+        """Resuming `run`, whose config was `saved`: every key this command left at its default
+        takes the run's value; a key it set to another value stops with one line naming each
+        (except MAY_CHANGE_ON_RESUME). So a resume trains the run that was saved."""
+        conflicts = []
+        for name, value in saved.items():
+            key = KEY_BY_NAME.get(name)
+            if key is None or name in MAY_CHANGE_ON_RESUME or not {"train", "finetune"} & set(key.scripts):
+                continue
+            if name not in self.chosen:
+                self.__dict__[name] = value
+            elif self.__dict__[name] != value:
+                conflicts.append(f"{name}={value!r} (not {self.__dict__[name]!r})")
+        if conflicts:
+            raise ConfigError(f"{run} was trained with {', '.join(conflicts)}; a resumed run keeps its settings "
+                              f"(only {', '.join(MAY_CHANGE_ON_RESUME[:6])}, ... may change): drop those keys, "
+                              f"or start a new out_dir")
 
 
 def unknown_key_error(name, origin):
@@ -285,6 +344,11 @@ def check_value(name, value, origin="config"):
                           f"got {type(value).__name__} {value!r}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"{origin}: key '{name}' must be one of {list(key.choices)}, got {value!r}")
+    if not key.admits(value):
+        if value == "":
+            raise ConfigError(f"{origin}: key '{name}' must not be empty")
+        allowed = f"in {key.allowed}" if key.type is not str else f"of the form: {key.help}"
+        raise ConfigError(f"{origin}: key '{name}' must be {allowed}, got {value!r}")
     return value
 
 

@@ -26,7 +26,7 @@ import torch
 from adapters import GPTClassifier, add_lora
 from config import cli_config
 from model import check_flex_dropout, document_ids
-from plumbing import RandomBatches, load_model, micro_batches_per_process, read_meta, setup_processes
+from plumbing import RandomBatches, continue_run, load_model, micro_batches_per_process, read_meta, setup_processes
 from prepare.common import DataError, task_dir_of
 from tasks import classification_report, keep_last, prompt_ids, read_jsonl
 from tokenizer import from_meta
@@ -297,6 +297,7 @@ def finetune(cfg):
     ckpt, base = None, None
     if cfg.init_from == "resume":
         loaded = load_model(cfg)
+        continue_run(cfg, loaded)
         ckpt, model_to_resume, tok_meta = loaded.checkpoint, loaded.model, loaded.tokenizer
         if "finetune" not in ckpt or ckpt["finetune"]["task"] != cfg.task:
             raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt is not a task={cfg.task} fine-tuning run")

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as torch_dist
 
 from adapters import GPTClassifier, add_lora, merge_lora
-from config import save_json
+from config import ConfigError, save_json
 from hf import GPT2_SIZES, from_hf
 from model import GPT, Block, GPTConfig
 from prepare.common import DataError, SplitTokens, load_meta
@@ -214,6 +214,10 @@ def ensure_data(cfg, master):
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         if cfg.dataset != "shakespeare":
             raise SystemExit(f"error: {cfg.data_dir} is not prepared; run a prepare/ script for it first")
+        if os.path.isdir(cfg.data_dir) and set(os.listdir(cfg.data_dir)) - {".prepare-partial"}:
+            # never prepare into a folder that holds something: it may be the user's own data
+            raise SystemExit(f"error: {cfg.data_dir} holds files but no meta.json, so it is not a prepared dataset "
+                             f"(left as it is); prepare it again with its prepare script, or choose another data_dir")
         if master:
             print(f"{cfg.data_dir} is empty: preparing Shakespeare with the {cfg.tokenizer} tokenizer")
             from prepare.shakespeare import prepare
@@ -382,6 +386,14 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
                   ckpt["config"]["data_dir"], finetune.get("labels"))
 
 
+def continue_run(cfg, loaded):
+    """Resume: cfg takes the run's saved settings, or stops naming those the command contradicts."""
+    try:
+        cfg.continue_run(loaded.checkpoint["config"], os.path.dirname(loaded.source) or loaded.source)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def checkpoint_path(source, which="best"):
     """A checkpoint itself, or a run folder's ckpt_{which} (ckpt_last when the run has none, e.g.
     no evaluation has improved yet). A checkpoint is a file ckpt_*.pt, or under FSDP a folder
@@ -400,6 +412,16 @@ def checkpoint_path(source, which="best"):
 def checkpoint_file(path):
     """The file that makes path a checkpoint: itself, or a sharded folder's state.pt."""
     return path if os.path.isfile(path) else os.path.join(path, "state.pt")
+
+
+def refuse_existing_run(out_dir, overwrite):
+    """A run is the user's work: starting afresh in its folder stops unless asked to replace it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir={out_dir} is a file, not a folder; choose another out_dir")
+    path = checkpoint_path(out_dir, "last")
+    if is_checkpoint(path) and not overwrite:
+        raise SystemExit(f"error: {out_dir} already holds a run ({os.path.basename(path)}); continue it with "
+                         f"init_from=resume, choose another out_dir, or set overwrite=True to replace it")
 
 
 def is_checkpoint(path):
@@ -531,7 +553,9 @@ def load_checkpoint(path):
             return load_sharded_checkpoint(path)
         return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     except Exception as e:
-        raise SystemExit(f"error: {path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        # (torch's own message would suggest weights_only=False: running code from the file)
+        raise SystemExit(f"error: {path}: not a checkpoint of this project, or a damaged one "
+                         f"({type(e).__name__}); train again, or point at another checkpoint") from None
 
 
 def save_sharded_checkpoint(ckpt, path, model, optimizer, master):

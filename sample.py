@@ -13,6 +13,7 @@ or from init_from=hf:PATH / a GPT-2 name. Text is decoded with the run's own tok
 from the checkpoint's data_dir meta.json); GPT-2 weights use GPT-2 BPE.
 """
 
+import os
 import sys
 import time
 
@@ -32,6 +33,9 @@ def read_prompt(start):
                 return f.read()
         except OSError as e:
             raise SystemExit(f"error: --start=FILE:{path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --start=FILE:{path}: not UTF-8 (byte {e.start}); convert the file to "
+                             f"UTF-8") from None
     return start
 
 
@@ -58,6 +62,9 @@ def compare_speculative(model, tok, prompt, cfg, autocast):
 
 def main():
     cfg = cli_config()
+    if cfg.export_hf and os.path.isdir(cfg.export_hf) and os.listdir(cfg.export_hf) and not cfg.overwrite:
+        raise SystemExit(f"error: export_hf={cfg.export_hf} is not empty; choose a new folder, or set overwrite=True "
+                         f"to replace what is there")
     if cfg.export_ckpt:
         print(export_checkpoint(checkpoint_path(cfg.out_dir, cfg.checkpoint), cfg.export_ckpt))
         return

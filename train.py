@@ -31,11 +31,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from config import cli_config
 from model import GPT, document_ids
 from muon import CombinedOptimizer, Muon
-from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, checkpoint_path, ensure_data,
-                      gather_rng_states, gradient_sync, is_checkpoint, load_checkpoint, load_model,
+from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, checkpoint_path, continue_run,
+                      ensure_data, gather_rng_states, gradient_sync, is_checkpoint, load_checkpoint, load_model,
                       load_sharded_optimizer, micro_batches_per_process, peak_flops, progress_bar, record_config,
-                      save_checkpoint, save_sharded_checkpoint, set_rng_state, setup_compute, setup_processes,
-                      shard_model, unwrap, wrap_ddp)
+                      refuse_existing_run, save_checkpoint, save_sharded_checkpoint, set_rng_state, setup_compute,
+                      setup_processes, shard_model, unwrap, wrap_ddp)
 
 
 def train(cfg):
@@ -43,12 +43,20 @@ def train(cfg):
     procs = setup_processes(cfg)
     if cfg.init_from == "auto":  # restarts (torchrun --max_restarts, a requeued job) continue the run
         cfg.set("init_from", "resume" if is_checkpoint(checkpoint_path(cfg.out_dir, "last")) else "scratch")
+    resuming = cfg.init_from == "resume"
+    if resuming:  # the run's own settings come first: its data, its model, its optimizer
+        loaded = load_model(cfg)
+        continue_run(cfg, loaded)
     meta = ensure_data(cfg, procs.master)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    loaded = load_model(cfg, meta=meta)
+    if not resuming:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        loaded = load_model(cfg, meta=meta)
     if loaded.model.config.vocab_size != meta["vocab_size"]:
         raise SystemExit(f"error: init_from={cfg.init_from} has a {loaded.model.config.vocab_size}-token vocabulary "
                          f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; prepare it with its tokenizer")
+    if resuming and loaded.tokenizer != meta["tokenizer"]:
+        raise SystemExit(f"error: {cfg.data_dir} was prepared with another tokenizer than the run in {cfg.out_dir} "
+                         f"was trained on; resume with the run's data, or start a new out_dir")
     task = LMTask(cfg, procs, meta)
     return fit(cfg, procs, loaded.model, task, loaded.checkpoint, extra_state={"tokenizer": meta["tokenizer"]})
 
@@ -98,6 +106,8 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     cfg.best_metric picks ckpt_best.pt ('val_loss': lower is better; any other metric the task
     reports: higher is better); cfg.patience > 0 stops early when it has not improved by
     min_delta for that many evaluations, and the best weights are loaded back into the model."""
+    if cfg.init_from != "resume":
+        refuse_existing_run(cfg.out_dir, cfg.overwrite)
     compute = setup_compute(cfg, procs.device)
     model = model.to(compute.device)
     record_config(cfg, model.config, procs.master)

@@ -312,8 +312,15 @@ def load_meta(data_dir):
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing; prepare the data first (python prepare/shakespeare.py "
                         f"--data_dir={data_dir}) or point data_dir at a prepared folder")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0][:80]}); prepare the data again") from None
+    missing = [k for k in ("tokenizer", "vocab_size", "eot_id") if k not in meta] if isinstance(meta, dict) else ["all"]
+    if missing:
+        raise DataError(f"{path}: lacks {', '.join(missing)}; prepare the data again")
+    return meta
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -329,7 +336,8 @@ class DatasetWriter:
 
     NAMES_KEPT = 10_000  # per split: meta.json lists document names up to this many
 
-    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000):
+    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000, overwrite=False):
+        refuse_existing_dataset(data_dir, overwrite)
         self.out, self.tok = data_dir, tok
         self.dtype = token_dtype_for(tok.vocab_size, token_dtype)
         self.work = os.path.join(data_dir, ".prepare-partial")
@@ -412,12 +420,20 @@ def publish(work, out, files):
         os.replace(os.path.join(work, name), os.path.join(out, name))
 
 
+def refuse_existing_dataset(data_dir, overwrite):
+    """A prepared dataset is the user's work: it is replaced only on request, and this is checked
+    before any work starts."""
+    if not overwrite and os.path.isfile(os.path.join(data_dir, "meta.json")):
+        raise DataError(f"{data_dir} already holds a prepared dataset (meta.json); choose another --data_dir, "
+                        f"or set --overwrite=True to replace it")
+
+
 def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     """Tokenize in-memory splits {'train': [(name, text)], 'val': ..., 'test': ...} into
     cfg.data_dir (the built-in datasets; prepare/text.py streams through DatasetWriter itself)."""
     from tqdm import tqdm
     check_splits(splits)
-    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out:
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.overwrite) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
                 out.add(split, name, tok.encode_document(text, out.dtype), len(text))

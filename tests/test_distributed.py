@@ -6,6 +6,7 @@ of the parameter and optimizer-state elements it holds for the sharding."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,7 +145,8 @@ def test_fsdp_each_process_holds_half(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
-    shares = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    # the two processes share one stdout, so their lines may run together: take each {...}
+    shares = [json.loads(text) for text in re.findall(r"\{[^{}]*\}", done.stdout)]
     assert sorted(s["rank"] for s in shares) == [0, 1]
     for s in shares:
         assert 0.45 < s["params"] < 0.55 and 0.45 < s["state"] < 0.55, s

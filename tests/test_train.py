@@ -233,8 +233,30 @@ def test_tokens_survive_resume(char_data, tmp_path, monkeypatch):
 def test_resuming_with_another_optimizer_is_a_clear_error(char_data, tmp_path, monkeypatch):
     with stop_after_steps(monkeypatch, 2):
         T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4))
-    with pytest.raises(SystemExit, match="trained with optimizer=adamw; resume with that optimizer"):
+    with pytest.raises(SystemExit, match="trained with optimizer='adamw' \\(not 'muon'\\)"):
         T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4, init_from="resume", optimizer="muon"))
+
+
+def test_resume_keeps_the_run_settings_and_names_every_contradiction(char_data, sp_data, tmp_path, monkeypatch):
+    """A resume takes every setting the command leaves unset from the checkpoint (so a bare
+    `--init_from=resume` continues the same run); settings it contradicts stop it with one line
+    naming each; the keys that may change (max_iters, eval_interval, ...) change."""
+    from config import load_config
+    with stop_after_steps(monkeypatch, 2):
+        T.train(run_cfg(char_data, tmp_path, max_iters=6, eval_interval=3, batch_size=3))
+    bare = load_config([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", "--eval_interval=2",
+                        "--plot=False"])
+    summary = T.train(bare)
+    assert summary["iter_num"] == 4 and bare.batch_size == 3 and bare.n_layer == TINY["n_layer"]
+    assert bare.data_dir == str(char_data) and bare.eval_interval == 2
+    with pytest.raises(SystemExit) as stop:
+        T.train(run_cfg(char_data, tmp_path, max_iters=6, eval_interval=3, batch_size=5, n_layer=3,
+                        init_from="resume"))
+    message = str(stop.value)
+    assert "batch_size=3 (not 5)" in message and "n_layer=2 (not 3)" in message and "\n" not in message
+    with pytest.raises(SystemExit, match="data_dir="):
+        T.train(run_cfg(sp_data, tmp_path, max_iters=6, eval_interval=3, batch_size=3, init_from="resume"))
+    assert P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] == 4  # nothing was written
 
 
 def test_stop_signal_costs_no_host_sync_between_log_steps(monkeypatch):

@@ -1,0 +1,178 @@
+"""Bad input, one case per row: every script must stop with exit code 1 and one `error:` line that
+names the thing at fault, never a traceback, and must leave every file that was there untouched.
+
+Each case is (script and arguments, words the error line must contain). `{data}` is a prepared
+char dataset, `{run}` a finished run folder (both copied fresh for each case), `{tmp}` an empty
+folder. Before and after each case every file under those folders is hashed."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CACHE, ROOT
+from test_train import TINY
+
+SMALL = [f"--{k}={v}" for k, v in TINY.items()]
+
+CASES = [
+    # ---- config: names, types and ranges, checked before any work
+    (["train.py", "--batch_sise=4"], ["batch_sise", "batch_size"]),
+    (["train.py", "--batch_size=four"], ["batch_size", "int"]),
+    (["train.py", "--batch_size=0"], ["batch_size", "[1, inf)"]),
+    (["train.py", "--block_size=-8"], ["block_size", "[1, inf)"]),
+    (["train.py", "--eval_iters=0"], ["eval_iters", "[1, inf)"]),
+    (["train.py", "--eval_interval=0"], ["eval_interval", "[1, inf)"]),
+    (["train.py", "--log_interval=0"], ["log_interval", "[1, inf)"]),
+    (["train.py", "--gradient_accumulation_steps=0"], ["gradient_accumulation_steps", "[1, inf)"]),
+    (["train.py", "--learning_rate=-1e-3"], ["learning_rate", "[0, inf)"]),
+    (["train.py", "--beta1=1.0"], ["beta1", "[0, 1)"]),
+    (["train.py", "--beta2=-0.1"], ["beta2", "[0, 1)"]),
+    (["train.py", "--dropout=1.5"], ["dropout", "[0, 1)"]),
+    (["train.py", "--attn_window=-1"], ["attn_window", "[0, inf)"]),
+    (["train.py", "--pad_vocab_to=0"], ["pad_vocab_to", "[1, inf)"]),
+    (["train.py", "--out_dir="], ["out_dir", "empty"]),
+    (["train.py", "--mtp_weights=1,x"], ["mtp_weights"]),
+    (["train.py", "--device=gpu"], ["device", "gpu"]),
+    (["train.py", "--weight_decay=-0.1"], ["weight_decay", "[0, inf)"]),
+    (["train.py", "--warmup_iters=-5"], ["warmup_iters", "[0, inf)"]),
+    (["train.py", "--max_iters=0"], ["max_iters", "[1, inf)"]),
+    (["train.py", "--optimizer=sgd"], ["optimizer", "adamw"]),
+    (["train.py", "--n_layer=0"], ["n_layer", "[1, inf)"]),
+    (["train.py", "--seed=-1"], ["seed", "[0, inf)"]),
+    (["train.py", "--grad_clip=-1"], ["grad_clip", "[0, inf)"]),
+    (["train.py", "--decay_frac=1.5"], ["decay_frac", "[0, 1]"]),
+    (["train.py", "--muon_momentum=1"], ["muon_momentum", "[0, 1)"]),
+    (["train.py", "{tmp}/missing.py"], ["missing.py"]),
+    (["train.py", "--lr=1e-3"], ["'lr'"]),
+    (["sample.py", "--temperature=-1"], ["temperature", "[0, inf)"]),
+    (["sample.py", "--top_p=0"], ["top_p", "(0, 1]"]),
+    (["sample.py", "--top_p=1.5"], ["top_p", "(0, 1]"]),
+    (["sample.py", "--top_k=-3"], ["top_k", "[0, inf)"]),
+    (["sample.py", "--num_samples=0"], ["num_samples", "[1, inf)"]),
+    (["sample.py", "--max_new_tokens=0"], ["max_new_tokens", "[1, inf)"]),
+    (["evaluate.py", "--eval_stride=-1"], ["eval_stride", "[0, inf)"]),
+    (["evaluate.py", "--eval_split=dev"], ["eval_split", "dev"]),
+    (["finetune.py", "--lora_rank=-1"], ["lora_rank", "[0, inf)"]),
+    (["finetune.py", "--lora_dropout=1"], ["lora_dropout", "[0, 1)"]),
+    (["finetune.py", "--lr_layer_decay=0"], ["lr_layer_decay", "(0, inf)"]),
+    (["finetune.py", "--task=dpo"], ["task", "dpo"]),
+    (["prepare/text.py", "--val_fraction=1.0"], ["val_fraction", "[0, 1)"]),
+    (["prepare/text.py", "--num_proc=-2"], ["num_proc", "[0, inf)"]),
+    (["prepare/text.py", "--shard_tokens=0"], ["shard_tokens", "[1, inf)"]),
+    (["bench.py", "--batch_size=0"], ["batch_size", "[1, inf)"]),
+    # ---- nothing the user made is replaced unasked
+    (["train.py", *SMALL], ["already holds a run", "init_from=resume", "overwrite=True"]),
+    (["finetune.py", "--init_from={run}", *SMALL], ["already holds a run"]),
+    (["sample.py", "--export_hf={run}"], ["export_hf", "not empty", "overwrite=True"]),
+    (["sample.py", "--export_ckpt={run}/config.json"], ["export_ckpt", "already exists"]),
+    (["prepare/shakespeare.py", "--tokenizer=char"], ["already holds a prepared dataset", "overwrite=True"]),
+    (["prepare/text.py", "--input={tmp}/a.txt"], ["already holds a prepared dataset"], "text_file"),
+    (["train.py", *SMALL, "--out_dir={tmp}/new"], ["no meta.json", "left as it is"], "no_meta"),
+    # ---- broken files and missing things: one line each
+    (["sample.py", "--out_dir={tmp}"], ["no checkpoint"]),
+    (["sample.py", "--start=FILE:{tmp}/missing.txt"], ["missing.txt"]),
+    (["sample.py", "--start=FILE:{tmp}/latin1.txt"], ["latin1.txt", "UTF-8"], "latin1_prompt"),
+    (["sample.py"], ["ckpt_best.pt", "not a checkpoint of this project"], "garbage_checkpoint"),
+    (["train.py", *SMALL, "--out_dir={tmp}/new", "--init_from={tmp}/nothing"], ["init_from", "no such run folder"]),
+    (["sample.py", "--init_from=hf:{tmp}"], ["init_from=hf:"]),
+    (["evaluate.py", "--eval_task=generate", "--task_file={tmp}/missing.jsonl"], ["missing.jsonl"]),
+    (["train.py", *SMALL, "--out_dir={tmp}/new"], ["train_00000.bin", "truncated"], "truncated_tokens"),
+    (["train.py", *SMALL, "--out_dir={tmp}/new"], ["meta.json"], "meta_not_json"),
+    (["train.py", *SMALL, "--out_dir={tmp}/a.txt"], ["out_dir", "not a folder"], "text_file"),
+    # ---- a resume trains the run that was saved
+    (["train.py", *SMALL, "--init_from=resume", "--n_layer=3"], ["n_layer=2 (not 3)", "start a new out_dir"]),
+    (["train.py", *SMALL, "--init_from=resume", "--batch_size=8", "--learning_rate=1e-2"],
+     ["batch_size=4 (not 8)", "learning_rate=0.003 (not 0.01)"]),
+    (["train.py", *SMALL, "--init_from=resume", "--optimizer=muon"], ["optimizer='adamw' (not 'muon')"]),
+    (["finetune.py", "--init_from=resume", "--task=sft"], ["task='lm' (not 'sft')"]),
+    # ---- more missing or broken inputs
+    (["prepare/text.py", "--data_dir={tmp}/new"], ["no input given"]),
+    (["prepare/text.py", "--input={tmp}/nothing", "--data_dir={tmp}/new"], ["nothing", "no such file or folder"]),
+    (["prepare/text.py", "--input={tmp}/bad.jsonl", "--data_dir={tmp}/new"], ["bad.jsonl:2", "not JSON"], "bad_jsonl"),
+    (["finetune.py", *SMALL, "--init_from={run}", "--out_dir={tmp}/ft", "--task=sft", "--task_dir={tmp}"],
+     ["train.jsonl"], "bad_jsonl"),
+    (["evaluate.py", "--out_dir={tmp}"], ["no checkpoint"]),
+]
+
+
+def text_file(fill):
+    (fill["tmp"] / "a.txt").write_text("Some text of mine.\n")
+
+
+def no_meta(fill):
+    (fill["data"] / "meta.json").unlink()
+
+
+def latin1_prompt(fill):
+    (fill["tmp"] / "latin1.txt").write_bytes("café".encode("latin-1"))
+
+
+def garbage_checkpoint(fill):
+    (fill["run"] / "ckpt_best.pt").write_bytes(b"not a checkpoint at all")
+
+
+def truncated_tokens(fill):
+    path = fill["data"] / "train_00000.bin"
+    path.write_bytes(path.read_bytes()[:-3])
+
+
+def meta_not_json(fill):
+    (fill["data"] / "meta.json").write_text("{")
+
+
+def bad_jsonl(fill):
+    for name in ("bad.jsonl", "train.jsonl"):
+        (fill["tmp"] / name).write_text('{"text": "fine"}\nnot json at all\n')
+
+
+SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_checkpoint, truncated_tokens,
+                                  meta_not_json, bad_jsonl)}
+
+
+def hashes(*folders):
+    out = {}
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(char_data, tmp_path_factory):
+    import train as T
+    from test_train import run_cfg
+    out = tmp_path_factory.mktemp("finished_run")
+    T.train(run_cfg(char_data, out, max_iters=2, eval_interval=2))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[" ".join(c[0][:1] + [a for a in c[0][1:] if a not in SMALL]) +
+                                              (f" ({c[2]})" if len(c) > 2 else "") for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case, char_data, finished_run, tmp_path):
+    argv, words, setup = case[0], case[1], SETUPS[case[2]] if len(case) > 2 else None
+    data, run, tmp = tmp_path / "data", tmp_path / "run", tmp_path / "tmp"
+    shutil.copytree(char_data, data)
+    shutil.copytree(finished_run, run)
+    tmp.mkdir()
+    fill = {"data": data, "run": run, "tmp": tmp}
+    if setup:
+        setup(fill)
+    argv = [a.format(**fill) for a in argv]
+    defaults = [f"--data_dir={data}", f"--out_dir={run}", f"--cache_dir={CACHE}", "--device=cpu"]
+    keys = {a.split("=")[0] for a in argv[1:]}
+    script_defaults = [d for d in defaults if d.split("=")[0] not in keys]
+    if argv[0] == "prepare/text.py":
+        script_defaults = [d for d in script_defaults if not d.startswith("--out_dir")]
+    before = hashes(data, run, tmp)
+    done = subprocess.run([sys.executable, *argv[:1], *script_defaults, *argv[1:]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert all(w in errors[0] for w in words), errors[0]
+    assert hashes(data, run, tmp) == before
