@@ -414,12 +414,18 @@ def checkpoint_file(path):
     return path if os.path.isfile(path) else os.path.join(path, "state.pt")
 
 
+def run_checkpoint(out_dir):
+    """out_dir's ckpt_last (a file or a sharded folder), or None when out_dir holds no run."""
+    path = checkpoint_path(out_dir, "last")
+    return path if os.path.isdir(out_dir) and is_checkpoint(path) else None
+
+
 def refuse_existing_run(out_dir, overwrite):
     """A run is the user's work: starting afresh in its folder stops unless asked to replace it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"error: out_dir={out_dir} is a file, not a folder; choose another out_dir")
-    path = checkpoint_path(out_dir, "last")
-    if is_checkpoint(path) and not overwrite:
+    path = run_checkpoint(out_dir)
+    if path and not overwrite:
         raise SystemExit(f"error: {out_dir} already holds a run ({os.path.basename(path)}); continue it with "
                          f"init_from=resume, choose another out_dir, or set overwrite=True to replace it")
 

@@ -32,17 +32,17 @@ from config import cli_config
 from model import GPT, document_ids
 from muon import CombinedOptimizer, Muon
 from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, checkpoint_path, continue_run,
-                      ensure_data, gather_rng_states, gradient_sync, is_checkpoint, load_checkpoint, load_model,
+                      ensure_data, gather_rng_states, gradient_sync, load_checkpoint, load_model,
                       load_sharded_optimizer, micro_batches_per_process, peak_flops, progress_bar, record_config,
-                      refuse_existing_run, save_checkpoint, save_sharded_checkpoint, set_rng_state, setup_compute,
-                      setup_processes, shard_model, unwrap, wrap_ddp)
+                      refuse_existing_run, run_checkpoint, save_checkpoint, save_sharded_checkpoint, set_rng_state,
+                      setup_compute, setup_processes, shard_model, unwrap, wrap_ddp)
 
 
 def train(cfg):
     """Pretrain as cfg says; returns a summary dict (iterations, best metric, the model)."""
     procs = setup_processes(cfg)
     if cfg.init_from == "auto":  # restarts (torchrun --max_restarts, a requeued job) continue the run
-        cfg.set("init_from", "resume" if is_checkpoint(checkpoint_path(cfg.out_dir, "last")) else "scratch")
+        cfg.set("init_from", "resume" if run_checkpoint(cfg.out_dir) else "scratch")
     resuming = cfg.init_from == "resume"
     if resuming:  # the run's own settings come first: its data, its model, its optimizer
         loaded = load_model(cfg)

@@ -336,8 +336,7 @@ class DatasetWriter:
 
     NAMES_KEPT = 10_000  # per split: meta.json lists document names up to this many
 
-    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000, overwrite=False):
-        refuse_existing_dataset(data_dir, overwrite)
+    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000):
         self.out, self.tok = data_dir, tok
         self.dtype = token_dtype_for(tok.vocab_size, token_dtype)
         self.work = os.path.join(data_dir, ".prepare-partial")
@@ -421,8 +420,8 @@ def publish(work, out, files):
 
 
 def refuse_existing_dataset(data_dir, overwrite):
-    """A prepared dataset is the user's work: it is replaced only on request, and this is checked
-    before any work starts."""
+    """A prepared dataset is the user's work: it is replaced only on request. Each prepare script
+    calls this first, before any work starts."""
     if not overwrite and os.path.isfile(os.path.join(data_dir, "meta.json")):
         raise DataError(f"{data_dir} already holds a prepared dataset (meta.json); choose another --data_dir, "
                         f"or set --overwrite=True to replace it")
@@ -433,7 +432,7 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     cfg.data_dir (the built-in datasets; prepare/text.py streams through DatasetWriter itself)."""
     from tqdm import tqdm
     check_splits(splits)
-    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.overwrite) as out:
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
                 out.add(split, name, tok.encode_document(text, out.dtype), len(text))

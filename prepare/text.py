@@ -269,7 +269,7 @@ def write_corpus(cfg, inputs, tok):
     """Stream every document into cfg.data_dir's shards; returns meta."""
     seen = SeenDigests()
     stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
-    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.overwrite) as out, \
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
         for name, digest, split, ids, characters, scrubbed in processed(cfg, inputs, tok.meta(), out.dtype):
             bar.update()
@@ -292,8 +292,6 @@ def empty_corpus(cfg):
 def prepare(cfg):
     if cfg.data_dir.startswith(os.path.join("data", f"{cfg.dataset}_")) and cfg.input:
         raise DataError("set --data_dir for your corpus (the default names the built-in dataset)")
-    if cfg.num_proc < 0 or cfg.shard_tokens < 1:
-        raise DataError("num_proc must be >= 0 (0 = one per core) and shard_tokens >= 1")
     refuse_existing_dataset(cfg.data_dir, cfg.overwrite)
     inputs = find_inputs(cfg)
     tok = build_tokenizer(cfg, training_sample(cfg, inputs))
