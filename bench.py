@@ -8,6 +8,8 @@ off and on. Uses train.py's own step on real batches, so what it measures is wha
 Record results in docs/benchmarks.md with the date, machine, torch version and exact command.
 """
 
+import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
+
 import resource
 import time
 

@@ -145,7 +145,7 @@ KEYS = [
        ["auto", "float32", "bfloat16", "float16"], LOADS_MODEL),
     _k("compile", False, "torch.compile the model (bench.py measures both)", scripts=TRAINS),
     _k("overwrite", False, "replace what is already there instead of stopping: a run in out_dir (train, finetune), "
-       "a prepared dataset in data_dir (prepare), a non-empty --export_hf folder (sample)",
+       "a prepared dataset in data_dir or task set in task_dir (prepare), a non-empty --export_hf folder (sample)",
        scripts=("prepare", "train", "finetune", "sample")),
     _k("parallel", "ddp", "how processes under torchrun share the model: ddp (a full copy each) or fsdp (FSDP2: "
        "weights, gradients and optimizer state sharded; checkpoints sharded as ckpt_*.dcp folders)",
@@ -445,5 +445,6 @@ def cli_config(argv=None):
 
 
 def save_json(cfg, path):
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
+    os.replace(f"{path}.tmp", path)  # whole or not at all

@@ -33,6 +33,8 @@ config), appended as a markdown table to out_dir/eval.md, and loss curves from m
 redrawn to out_dir/loss.png.
 """
 
+import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
+
 import json
 import math
 import os
@@ -44,7 +46,7 @@ import torch
 from config import cli_config
 from generate import generate
 from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
-from prepare.common import DataError, SplitTokens
+from prepare.common import DataError, SplitTokens, load_meta
 from tasks import (classification_report, keep_last, lm_metrics, prompt_ids, read_jsonl, sequence_logprob,
                    task_path)
 
@@ -58,6 +60,7 @@ def text_length(tok, ids):
 
 def eval_lm(model, tok, cfg, data_dir, device):
     ids = SplitTokens(data_dir, cfg.eval_split)  # the split's shards, read as one sequence
+    ids.check_ids()
     stride = cfg.eval_stride or max(1, model.config.block_size // 2)
     t0 = time.time()
     total, count, heads = lm_metrics(model, ids, stride, cfg.batch_size, device)
@@ -301,7 +304,11 @@ def main(argv=None):
 def run_task(model, tok, cfg, device, loaded):
     """(metrics, dataset name) of cfg.eval_task."""
     if cfg.eval_task == "lm":
-        data_dir = loaded.data_dir or cfg.data_dir
+        # the run's own data, unless the command names other data (prepared with the same tokenizer)
+        data_dir = cfg.data_dir if "data_dir" in cfg.chosen or not loaded.data_dir else loaded.data_dir
+        if load_meta(data_dir)["tokenizer"] != loaded.tokenizer:
+            raise DataError(f"{data_dir} was prepared with another tokenizer than {loaded.source} uses; evaluate "
+                            f"on data prepared with the model's tokenizer")
         return eval_lm(model, tok, cfg, data_dir, device), data_dir
     if cfg.eval_task == "generate":
         return eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")

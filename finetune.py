@@ -17,6 +17,8 @@ fine-tuning. Read it in order:
   4. finetune()         puts them together and calls fit()
 """
 
+import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
+
 import importlib
 import os
 import re

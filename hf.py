@@ -33,12 +33,33 @@ def gpt2_config(name):
 def load_hf_state_dict(path):
     """Read a Hugging Face checkpoint folder's weights without running code from it."""
     st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-        return load_file(st)
-    if os.path.isfile(binf):
+    if not os.path.isfile(st) and not os.path.isfile(binf):
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+            return load_file(st)
         return torch.load(binf, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    except Exception as e:  # a truncated download, or not a weights file at all
+        raise ValueError(f"{st if os.path.isfile(st) else binf}: unreadable ({type(e).__name__}); download it "
+                         f"again") from None
+
+
+def check_hf_weights(path, hf_weights, ours, vocab_size):
+    """Every weight of our model, and nothing else, with the shape ours needs; else one error
+    (loading a folder that lacks weights would leave them random without a word)."""
+    missing, unexpected = sorted(ours.keys() - hf_weights.keys()), sorted(hf_weights.keys() - ours.keys())
+    if missing or unexpected:
+        listed = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                  for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise ValueError(f"{path}: weights do not match its config.json: {'; '.join(listed)}")
+    for k, v in hf_weights.items():
+        shape = ours[k].shape[::-1] if k.endswith(HF_TRANSPOSED) else ours[k].shape
+        if k == "wte.weight":
+            shape = (vocab_size, shape[1])  # (our table has padding rows past the vocabulary)
+        if tuple(v.shape) != tuple(shape):
+            raise ValueError(f"{path}: weight {k} has shape {tuple(v.shape)}, but its config.json implies "
+                             f"{tuple(shape)}")
 
 
 def from_hf(path, **overrides):
@@ -56,16 +77,20 @@ def from_hf(path, **overrides):
         raise ValueError(f"{cfg_path}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints import")
     if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise ValueError(f"{cfg_path}: activation/epsilon differ from GPT-2's; cannot import exactly")
-    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                  n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides)
+    try:
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides)
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: lacks {e.args[0]!r}, which a GPT-2 config.json has") from None
     model = GPT(config)
-    sd = {k.removeprefix("transformer."): v for k, v in load_hf_state_dict(path).items()}
-    ours = model.state_dict()
+    # older transformers save causal-mask buffers; the head is tied to wte
+    sd = {k.removeprefix("transformer."): v for k, v in load_hf_state_dict(path).items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    check_hf_weights(path, sd, ours, config.vocab_size)
     with torch.no_grad():
         for k, v in sd.items():
-            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-                continue  # causal-mask buffers; the head is tied to wte
-            target = ours[f"transformer.{k}"]
+            target = ours[k]
             if k.endswith(HF_TRANSPOSED):
                 v = v.t()
             if k == "wte.weight":  # our table has padding rows past the true vocabulary

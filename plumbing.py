@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+import exits
 from adapters import GPTClassifier, add_lora, merge_lora
 from config import ConfigError, save_json
 from hf import GPT2_SIZES, from_hf
@@ -299,11 +300,15 @@ class RandomBatches:
 class TokenLoader(RandomBatches):
     """Random windows of block_size + 1 tokens from a split's shards, memory-mapped and read as one
     sequence: the same batches whether the split is one file or many. With align_eot, windows
-    start only where token align_eot (end-of-text, which opens every document) stands."""
+    start only where token align_eot (end-of-text, which opens every document) stands. check_ids:
+    scan the split for ids outside the vocabulary first (once per run; see SplitTokens.check_ids)."""
 
-    def __init__(self, data_dir, split, batch_size, block_size, accum, world, rank, seed, device, align_eot=None):
+    def __init__(self, data_dir, split, batch_size, block_size, accum, world, rank, seed, device, align_eot=None,
+                 check_ids=False):
         try:
             self.data = SplitTokens(data_dir, split)
+            if check_ids:
+                self.data.check_ids()
         except DataError as e:
             raise SystemExit(f"error: {e}") from None
         if len(self.data) < block_size + 2:
@@ -532,14 +537,36 @@ def gather_rng_states(world):
 
 def save_checkpoint(state, path):
     """Write atomically: a temporary file, fsync, then rename over the old one. A crash at any
-    moment leaves either the old checkpoint or the new one, never half of one."""
+    moment leaves either the old checkpoint or the new one, never half of one; a write that fails
+    (a full disk) removes its partial file and stops with one line."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as a RuntimeError)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise SystemExit(write_error(path, e)) from None
     fsync_folder(os.path.dirname(os.path.abspath(path)))  # make the rename itself durable
+
+
+def write_error(path, e):
+    # (torch.save's own message for a short write is about zip offsets; say what it means)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (is the disk full?)"
+    return (f"error: could not write {path}: {reason}; the previous checkpoint is kept. Free disk space or fix "
+            f"the folder's permissions, then continue with init_from=resume")
+
+
+def remove_interrupted_saves(out_dir):
+    """A save cut short (a kill, a full disk) leaves ckpt_*.tmp, which nothing reads, and a crash in
+    a sharded save's swap may leave ckpt_*.dcp.old beside the new folder: remove them."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name.startswith("ckpt_") and (name.endswith(".tmp") or name.endswith(".old") and is_checkpoint(path[:-4])):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def fsync_folder(folder):
@@ -576,8 +603,13 @@ def save_sharded_checkpoint(ckpt, path, model, optimizer, master):
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
     barrier()
     weights, optimizer_state = get_state_dict(model, optimizer)  # this process's shards, by parameter name
-    dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp,
-             no_dist=not torch_dist.is_initialized())
+    try:
+        dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp,
+                 no_dist=not torch_dist.is_initialized())
+    except Exception as e:  # every process gets the failure of any (a full disk)
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(write_error(path, e) if master else 1) from None
     if master:
         save_checkpoint(ckpt, os.path.join(tmp, "state.pt"))  # last: a folder without it is no checkpoint
         if os.path.isdir(path):
@@ -644,10 +676,23 @@ class MetricsLogger:
         if start_iter == 0 and os.path.exists(self.path):
             os.remove(self.path)  # a fresh run starts a fresh log; a resumed one appends
         elif os.path.exists(self.path):
-            self.evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_metrics(self.path)
-                          if r["kind"] == "eval" and r["iter"] <= start_iter]
+            self.evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in self.rows_until(start_iter)
+                          if r["kind"] == "eval"]
         if cfg.wandb_log:
             self.wandb = start_wandb(cfg)
+
+    def rows_until(self, start_iter):
+        """Keep only the log's rows up to the checkpoint a resume starts from: a crashed run logged
+        steps past its last save, which the resumed run logs again."""
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if r["iter"] <= start_iter]
+        with open(self.path) as f:
+            torn = not f.read().endswith("\n")  # a crash during a write cut the last line short
+        if len(kept) < len(rows) or torn:
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
+        return kept
 
     def _write(self, record):
         if not self.master:
@@ -703,8 +748,13 @@ def start_wandb(cfg):
 
 
 def read_metrics(path):
+    """metrics.jsonl's rows; a line cut short by a crash is skipped."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
 
 
 def plot_losses(metrics_path, png_path):
@@ -761,7 +811,7 @@ def progress_write(text):
 
 class GracefulStop:
     """SIGINT/SIGTERM ask the loop to finish its step, save, and exit 0 (preemptible clusters).
-    A second Ctrl-C stops at once."""
+    A second Ctrl-C stops at once. Outside the loop, exits.py's handlers rule."""
 
     def __init__(self):
         self.requested = False
@@ -776,7 +826,7 @@ class GracefulStop:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            exits.stop(signum, frame, "stopped at once, without saving the steps since the last checkpoint")
         self.requested = True
 
     def agreed(self, world, device, check_now):

@@ -13,6 +13,8 @@ or from init_from=hf:PATH / a GPT-2 name. Text is decoded with the run's own tok
 from the checkpoint's data_dir meta.json); GPT-2 weights use GPT-2 BPE.
 """
 
+import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
+
 import os
 import sys
 import time

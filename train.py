@@ -18,6 +18,8 @@ weights of N steps + init_from=resume + N steps. Everything that decides the nex
 the checkpoint: model, optimizer, scaler, iteration, RNG states, and the loader's position.
 """
 
+import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
+
 import math
 import os
 import time
@@ -34,8 +36,9 @@ from muon import CombinedOptimizer, Muon
 from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, checkpoint_path, continue_run,
                       ensure_data, gather_rng_states, gradient_sync, load_checkpoint, load_model,
                       load_sharded_optimizer, micro_batches_per_process, peak_flops, progress_bar, record_config,
-                      refuse_existing_run, run_checkpoint, save_checkpoint, save_sharded_checkpoint, set_rng_state,
-                      setup_compute, setup_processes, shard_model, unwrap, wrap_ddp)
+                      refuse_existing_run, remove_interrupted_saves, run_checkpoint, save_checkpoint,
+                      save_sharded_checkpoint, set_rng_state, setup_compute, setup_processes, shard_model, unwrap,
+                      wrap_ddp)
 
 
 def train(cfg):
@@ -111,6 +114,8 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     compute = setup_compute(cfg, procs.device)
     model = model.to(compute.device)
     record_config(cfg, model.config, procs.master)
+    if procs.master:
+        remove_interrupted_saves(cfg.out_dir)
     for gpt in (m for m in model.modules() if isinstance(m, GPT)):
         gpt.checkpoint_blocks = cfg.activation_checkpointing
     if cfg.parallel == "fsdp":
@@ -145,48 +150,50 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     log, stop = MetricsLogger(cfg, procs.master, state.it), GracefulStop()
     pbar = progress_bar(max_iters, state.it, procs.master)
     t0, tokens_at_t0, train_loss, early = time.time(), state.loader.tokens, None, False
-    while state.it < max_iters:
-        lr = lr_at(state.it, cfg, max_iters)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        loss, grad_norm = train_step(model, state.optimizer, state.scaler, state.loader, cfg, compute.autocast,
-                                     task.loss, grad_filter, state.it)
-        state.it += 1
-        pbar.update(1)
-        log_now = state.it % cfg.log_interval == 0 or state.it == max_iters
-        eval_now = state.it % cfg.eval_interval == 0 or state.it == max_iters
-        if log_now:
-            dt, t0 = time.time() - t0, time.time()
-            train_loss = loss.item()  # a host sync, so only at log steps
-            tokens_per_s = (state.loader.tokens - tokens_at_t0) / dt
-            tokens_at_t0 = state.loader.tokens
-            mfu = flops_per_token * tokens_per_s / (peak * procs.world) if peak else None
-            log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu)
-            pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        stop_now = stop.agreed(procs.world, compute.device, check_now=log_now or eval_now)
-        if eval_now:
-            results = task.evaluate(model, compute.autocast)
-            improved, early = state_after_eval(state, cfg, results)
-            log.eval(state.it, results, improved)
-            save_run(state, cfg, procs, improved, extra_state)
-            t0 = time.time()  # evaluation time is not training throughput
-        elif stop_now:
-            save_run(state, cfg, procs, False, extra_state)
-        if stop_now:
-            pbar.write(f"stopped by signal at iteration {state.it}; saved {cfg.out_dir}/ckpt_last.pt "
-                       f"(continue with init_from=resume)")
-            break
-        if early:
-            pbar.write(f"early stopping at iteration {state.it}: {cfg.best_metric} has not improved by more than "
-                       f"{cfg.min_delta} for {cfg.patience} evaluations; best {state.best:.4f} restored from "
-                       f"ckpt_best.pt")
-            best = load_checkpoint(checkpoint_path(cfg.out_dir, "best"))["model"]
-            # every process passes the full weights; under FSDP each keeps its own shard of them
-            set_model_state_dict(state.model, best, options=StateDictOptions(full_state_dict=True))
-            break
-    pbar.close()
-    log.close()
-    stop.close()
+    try:
+        while state.it < max_iters:
+            lr = lr_at(state.it, cfg, max_iters)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            loss, grad_norm = train_step(model, state.optimizer, state.scaler, state.loader, cfg, compute.autocast,
+                                         task.loss, grad_filter, state.it)
+            state.it += 1
+            pbar.update(1)
+            log_now = state.it % cfg.log_interval == 0 or state.it == max_iters
+            eval_now = state.it % cfg.eval_interval == 0 or state.it == max_iters
+            if log_now:
+                dt, t0 = time.time() - t0, time.time()
+                train_loss = loss.item()  # a host sync, so only at log steps
+                tokens_per_s = (state.loader.tokens - tokens_at_t0) / dt
+                tokens_at_t0 = state.loader.tokens
+                mfu = flops_per_token * tokens_per_s / (peak * procs.world) if peak else None
+                log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu)
+                pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            stop_now = stop.agreed(procs.world, compute.device, check_now=log_now or eval_now)
+            if eval_now:
+                results = task.evaluate(model, compute.autocast)
+                improved, early = state_after_eval(state, cfg, results)
+                log.eval(state.it, results, improved)
+                save_run(state, cfg, procs, improved, extra_state)
+                t0 = time.time()  # evaluation time is not training throughput
+            elif stop_now:
+                save_run(state, cfg, procs, False, extra_state)
+            if stop_now:
+                pbar.write(f"stopped by signal at iteration {state.it}; saved {cfg.out_dir}/ckpt_last.pt "
+                           f"(continue with init_from=resume)")
+                break
+            if early:
+                pbar.write(f"early stopping at iteration {state.it}: {cfg.best_metric} has not improved by more than "
+                           f"{cfg.min_delta} for {cfg.patience} evaluations; best {state.best:.4f} restored from "
+                           f"ckpt_best.pt")
+                best = load_checkpoint(checkpoint_path(cfg.out_dir, "best"))["model"]
+                # every process passes the full weights; under FSDP each keeps its own shard of them
+                set_model_state_dict(state.model, best, options=StateDictOptions(full_state_dict=True))
+                break
+    finally:  # however the loop ends, an error included: end the progress bar's line, restore signals
+        pbar.close()
+        log.close()
+        stop.close()
     if procs.master and compute.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
     if procs.world > 1:
@@ -216,10 +223,15 @@ def state_after_eval(state, cfg, results):
 def save_run(state, cfg, procs, is_best, extra_state):
     """ckpt_last always, ckpt_best too when the best metric improved: .pt files that only the
     master writes, or under FSDP .dcp folders that every process writes its shard into. Every
-    process builds the state (it gathers their RNG states)."""
+    process builds the state (it gathers their RNG states).
+
+    ckpt_last is what a resume reads, so ckpt_best is written first: a crash between the two
+    leaves ckpt_last one evaluation behind, and the resumed run redoes that evaluation and
+    writes the same ckpt_best again. (The other order would leave ckpt_last recording a best
+    that ckpt_best does not hold.)"""
     sharded = cfg.parallel == "fsdp"
     ckpt = state.checkpoint(cfg, procs.world, extra_state or {}, weights=not sharded)
-    for which in ("last", "best") if is_best else ("last",):
+    for which in ("best", "last") if is_best else ("last",):
         path = os.path.join(cfg.out_dir, f"ckpt_{which}.dcp" if sharded else f"ckpt_{which}.pt")
         if sharded:
             save_sharded_checkpoint(ckpt, path, state.model, state.optimizer, procs.master)
@@ -236,7 +248,10 @@ class LMTask:
         accum = micro_batches_per_process(cfg, procs.world)
         self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
                                   procs.rank, cfg.seed, procs.device,
-                                  align_eot=meta["eot_id"] if cfg.align_to_documents else None)
+                                  align_eot=meta["eot_id"] if cfg.align_to_documents else None, check_ids=True)
+        # val is first read at the first evaluation: open it now, so a missing or damaged one stops at once
+        TokenLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, 1, 1, 0, cfg.seed, procs.device,
+                    check_ids=True)
         self.train_size = len(self.loader.data)  # tokens
         self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 

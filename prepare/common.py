@@ -266,9 +266,24 @@ class SplitTokens:
         meta = load_meta(data_dir)
         if meta.get("shards") is not None and split not in meta["shards"]:
             raise DataError(f"{data_dir}/meta.json: no {split} split; re-run the prepare script for it")
-        self.parts = [read_tokens(os.path.join(data_dir, f)) for f in split_files(meta, split)]
+        self.files = [os.path.join(data_dir, f) for f in split_files(meta, split)]
+        self.parts = [read_tokens(f) for f in self.files]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # where each shard starts
         self.dtype = self.parts[0].dtype
+        self.vocab_size = meta["vocab_size"]
+
+    def check_ids(self, chunk=1 << 24):
+        """DataError naming the file and position of the first id outside meta.json's vocabulary
+        (a damaged file, or shards of another dataset): caught when the data is opened, not as an
+        index error inside the model. A scan at memory speed (a GB in well under a second)."""
+        for path, part in zip(self.files, self.parts):
+            for i in range(0, len(part), chunk):
+                piece = part[i:i + chunk]
+                if len(piece) and piece.max() >= self.vocab_size:
+                    at = int(np.argmax(piece >= self.vocab_size))
+                    raise DataError(f"{path}: token {i + at:,} is id {piece[at]}, outside the {self.vocab_size}-token "
+                                    f"vocabulary of meta.json; the file is damaged or from another dataset: "
+                                    f"prepare the data again")
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -419,11 +434,15 @@ def publish(work, out, files):
         os.replace(os.path.join(work, name), os.path.join(out, name))
 
 
-def refuse_existing_dataset(data_dir, overwrite):
-    """A prepared dataset is the user's work: it is replaced only on request. Each prepare script
-    calls this first, before any work starts."""
-    if not overwrite and os.path.isfile(os.path.join(data_dir, "meta.json")):
-        raise DataError(f"{data_dir} already holds a prepared dataset (meta.json); choose another --data_dir, "
+TASK_SET_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json")
+
+
+def refuse_existing_dataset(folder, overwrite, files=("meta.json",), key="data_dir"):
+    """A prepared dataset (token files: meta.json; a task set: TASK_SET_FILES) is the user's work:
+    it is replaced only on request. Each prepare script calls this first, before any work starts."""
+    there = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+    if there and not overwrite:
+        raise DataError(f"{folder} already holds a prepared dataset ({', '.join(there)}); choose another --{key}, "
                         f"or set --overwrite=True to replace it")
 
 

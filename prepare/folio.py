@@ -26,7 +26,9 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import run_main, task_dir_of, write_jsonl_splits  # noqa: E402
+import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
+from prepare.common import (TASK_SET_FILES, refuse_existing_dataset, run_main, task_dir_of,  # noqa: E402
+                            write_jsonl_splits)
 from prepare.shakespeare import WORKS, read_texts, split_of  # noqa: E402
 
 MIN_COVER = 0.5
@@ -117,7 +119,9 @@ def folio_splits(cache_dir):
 
 
 def prepare(cfg):
-    write_jsonl_splits(task_dir_of(cfg, "folio"), *folio_splits(cfg.cache_dir))
+    task_dir = task_dir_of(cfg, "folio")
+    refuse_existing_dataset(task_dir, cfg.overwrite, TASK_SET_FILES, key="task_dir")
+    write_jsonl_splits(task_dir, *folio_splits(cfg.cache_dir))
 
 
 def main():

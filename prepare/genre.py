@@ -15,7 +15,9 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import DataError, run_main, task_dir_of, write_jsonl_splits  # noqa: E402
+import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
+from prepare.common import (TASK_SET_FILES, DataError, refuse_existing_dataset, run_main, task_dir_of,  # noqa: E402
+                            write_jsonl_splits)
 from prepare.shakespeare import WORKS, read_texts, split_of  # noqa: E402
 
 PASSAGE_LINES = 20
@@ -49,7 +51,9 @@ def genre_splits(cache_dir):
 
 
 def prepare(cfg):
-    write_jsonl_splits(task_dir_of(cfg, "genre"), *genre_splits(cfg.cache_dir))
+    task_dir = task_dir_of(cfg, "genre")
+    refuse_existing_dataset(task_dir, cfg.overwrite, TASK_SET_FILES, key="task_dir")
+    write_jsonl_splits(task_dir, *genre_splits(cfg.cache_dir))
 
 
 def main():

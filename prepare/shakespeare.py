@@ -21,6 +21,7 @@ import sys
 import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
 from prepare.common import (DataError, check_splits, clean_text, decode_utf8, dedup, fetch_sdist,  # noqa: E402
                             refuse_existing_dataset, run_main, write_dataset)
 from tokenizer import build_tokenizer  # noqa: E402

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
 from prepare.common import (DataError, DatasetWriter, SeenDigests, clean_text, decode_utf8,  # noqa: E402
                             document_digest, refuse_existing_dataset, run_main, scrub_pii)
 from tokenizer import build_tokenizer, from_meta  # noqa: E402

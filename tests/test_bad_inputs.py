@@ -95,6 +95,21 @@ CASES = [
     (["finetune.py", *SMALL, "--init_from={run}", "--out_dir={tmp}/ft", "--task=sft", "--task_dir={tmp}"],
      ["train.jsonl"], "bad_jsonl"),
     (["evaluate.py", "--out_dir={tmp}"], ["no checkpoint"]),
+    # ---- checked when the data is opened, before the first step
+    (["train.py", *SMALL, "--out_dir={tmp}/new"], ["val_00000.bin", "missing"], "missing_val"),
+    (["train.py", *SMALL, "--out_dir={tmp}/new"], ["train_00000.bin", "outside the", "vocabulary"], "out_of_vocab"),
+    (["evaluate.py", "--eval_split=val"], ["val_00000.bin", "outside the", "vocabulary"], "out_of_vocab"),
+    # ---- Hugging Face folders that are not whole GPT-2 checkpoints
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["2 missing", "h.0.attn.c_attn.weight"], "hf_missing_weights"),
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["1 unexpected", "h.7.mlp.c_fc.weight"], "hf_unexpected_weight"),
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["wpe.weight", "shape"], "hf_wrong_shape"),
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["model.safetensors", "unreadable"], "hf_corrupt_safetensors"),
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'n_layer'"], "hf_config_lacks_key"),
+    # ---- task sets, and where a run cannot be written
+    (["prepare/genre.py", "--task_dir={tmp}"], ["already holds a prepared dataset", "train.jsonl", "task_dir"],
+     "bad_jsonl"),
+    (["prepare/folio.py", "--task_dir={tmp}"], ["already holds a prepared dataset", "overwrite=True"], "bad_jsonl"),
+    (["train.py", *SMALL, "--out_dir={tmp}/a.txt/run"], ["a.txt/run", "Not a directory"], "text_file"),
 ]
 
 
@@ -128,8 +143,64 @@ def bad_jsonl(fill):
         (fill["tmp"] / name).write_text('{"text": "fine"}\nnot json at all\n')
 
 
+def missing_val(fill):
+    (fill["data"] / "val_00000.bin").unlink()
+
+
+def out_of_vocab(fill):
+    """The last id of each split's shard set to 65535, far past the char vocabulary."""
+    for name in ("train_00000.bin", "val_00000.bin"):
+        path = fill["data"] / name
+        path.write_bytes(path.read_bytes()[:-2] + b"\xff\xff")
+
+
+def hf_folder(fill, edit_weights=None, edit_config=None):
+    """A small GPT-2 folder written by our exporter, then damaged by edit_weights / edit_config."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from hf import export_hf
+    from model import GPT, GPTConfig
+    folder = fill["tmp"] / "hf"
+    export_hf(GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)), str(folder))
+    if edit_weights:
+        weights = load_file(folder / "model.safetensors")
+        edit_weights(weights)
+        save_file(weights, folder / "model.safetensors")
+    if edit_config:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+
+
+def hf_missing_weights(fill):
+    hf_folder(fill, lambda w: [w.pop(f"transformer.h.0.attn.c_attn.{p}") for p in ("weight", "bias")])
+
+
+def hf_unexpected_weight(fill):
+    def add(weights):
+        weights["transformer.h.7.mlp.c_fc.weight"] = weights["transformer.h.0.mlp.c_fc.weight"].clone()
+    hf_folder(fill, add)
+
+
+def hf_wrong_shape(fill):
+    hf_folder(fill, lambda w: w.update({"transformer.wpe.weight": w["transformer.wpe.weight"][:8].contiguous()}))
+
+
+def hf_corrupt_safetensors(fill):
+    hf_folder(fill)
+    path = fill["tmp"] / "hf" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def hf_config_lacks_key(fill):
+    hf_folder(fill, edit_config=lambda c: c.pop("n_layer"))
+
+
 SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_checkpoint, truncated_tokens,
-                                  meta_not_json, bad_jsonl)}
+                                  meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
+                                  hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key)}
 
 
 def hashes(*folders):
@@ -176,3 +247,24 @@ def test_bad_input_is_one_line_and_changes_nothing(case, char_data, finished_run
     assert len(errors) == 1, done.stderr[-2000:]
     assert all(w in errors[0] for w in words), errors[0]
     assert hashes(data, run, tmp) == before
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (a tmpfs mounted ro): chmod would not stop root, who runs CI."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()[:100]}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_read_only_out_dir_is_one_line(char_data, read_only_folder):
+    argv = ["train.py", *SMALL, f"--data_dir={char_data}", f"--out_dir={read_only_folder}/run", f"--cache_dir={CACHE}"]
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and f"{read_only_folder}/run" in errors[0] and "Read-only" in errors[0], errors

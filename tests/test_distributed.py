@@ -270,3 +270,25 @@ def test_the_newer_checkpoint_wins_when_a_run_changed_parallel_mode(tmp_path):
     time.sleep(0.01)
     P.save_checkpoint({"iter_num": 3}, str(tmp_path / "ckpt_last.pt"))
     assert P.checkpoint_path(str(tmp_path), "last").endswith("ckpt_last.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("target", ["workers", "torchrun"])
+def test_sigterm_under_torchrun_saves(char_data, tmp_path, target):
+    """SIGTERM to the workers (what a scheduler's signal to the job reaches): they agree on a
+    step, save and exit 0, and so does torchrun. SIGTERM to torchrun itself: it forwards the
+    signal and the workers save just the same, but torchrun reports its own signal as a failure
+    (exit code 1 and its SignalException): torchrun's behaviour, which README's Safety says."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(char_data, tmp_path, "--max_iters=100000", "--eval_interval=100000", *STEADY)[1:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:
+        if line.startswith("iter 3:"):
+            break
+    for pid in descendants(proc.pid) if target == "workers" else [proc.pid]:
+        os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "stopped by signal at iteration" in out, err[-3000:]
+    assert P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] >= 3
+    assert proc.returncode == (0 if target == "workers" else 1), err[-3000:]

@@ -258,7 +258,9 @@ def test_end_to_end_report_and_compare(char_data, tmp_path):
     for split in ("train", "val"):
         (old / f"{split}.bin").write_bytes((char_data / f"{split}_00000.bin").read_bytes())
     done = evaluate_cli(f"--out_dir={runs[0]}", f"--data_dir={old}", "--eval_stride=32", "--batch_size=64")
-    assert done.returncode == 0, done.stderr  # the checkpoint's own data_dir is used, not --data_dir
+    assert done.returncode == 1 and "old_data/test.bin: missing" in done.stderr  # a data_dir named wins
+    done = evaluate_cli(f"--out_dir={runs[0]}", "--eval_stride=32", "--batch_size=64")
+    assert done.returncode == 0, done.stderr  # else the checkpoint's own data_dir
     done = evaluate_cli(f"--out_dir={runs[1]}", "--eval_stride=32", "--batch_size=64")
     assert done.returncode == 0, done.stderr
     result = json.loads((runs[0] / "eval.json").read_text())
