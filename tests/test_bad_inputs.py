@@ -110,6 +110,10 @@ CASES = [
      "bad_jsonl"),
     (["prepare/folio.py", "--task_dir={tmp}"], ["already holds a prepared dataset", "overwrite=True"], "bad_jsonl"),
     (["train.py", *SMALL, "--out_dir={tmp}/a.txt/run"], ["a.txt/run", "Not a directory"], "text_file"),
+    # ---- bench.py opens the data as training does
+    (["bench.py", *SMALL, "--dataset=none", "--data_dir={tmp}/new"], ["not prepared"]),
+    (["bench.py", *SMALL], ["train_00000.bin", "truncated"], "truncated_tokens"),
+    (["bench.py", *SMALL], ["val_00000.bin", "missing"], "missing_val"),
 ]
 
 

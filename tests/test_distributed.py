@@ -288,7 +288,12 @@ def test_sigterm_under_torchrun_saves(char_data, tmp_path, target):
             break
     for pid in descendants(proc.pid) if target == "workers" else [proc.pid]:
         os.kill(pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:  # a hang must not leave processes behind
+        if proc.poll() is None:
+            for pid in [*descendants(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
     assert "stopped by signal at iteration" in out, err[-3000:]
     assert P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] >= 3
     assert proc.returncode == (0 if target == "workers" else 1), err[-3000:]
