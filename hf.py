@@ -13,6 +13,7 @@ Conv1D (in, out), transposed against nn.Linear.
 
 import json
 import os
+import shutil
 from dataclasses import asdict, fields
 
 import torch
@@ -126,7 +127,27 @@ def gpt2_incompatibilities(config):
 def export_hf(model, out_dir, tokenizer_meta=None):
     """Write a GPT-2-compatible model as a transformers GPT2LMHeadModel folder (safetensors +
     config.json, and tokenizer files for GPT-2 BPE). Other models get safetensors + our config,
-    with a message saying that transformers' GPT-2 class cannot load them."""
+    with a message saying that transformers' GPT-2 class cannot load them.
+
+    The folder is written as out_dir.tmp, then moved into place: in one rename when out_dir is
+    missing or empty, else file by file (each file whole; files the export does not write stay).
+    So an interrupted export never leaves a folder that looks finished."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted export's leftovers
+    what = write_hf_folder(model, tmp, tokenizer_meta)
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+    if os.path.isdir(out_dir):
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.rmdir(tmp)
+    else:
+        os.replace(tmp, out_dir)
+    return f"wrote {out_dir}{what}"
+
+
+def write_hf_folder(model, out_dir, tokenizer_meta):
+    """export_hf's files in out_dir; returns what the folder is, for the message."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     config = model.config
@@ -137,8 +158,8 @@ def export_hf(model, out_dir, tokenizer_meta=None):
                   os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "gpt_config.json"), "w") as f:
             json.dump(asdict(config), f, indent=2)
-        return (f"wrote {out_dir} in this project's format: transformers' GPT-2 class cannot load this "
-                f"model because it uses {', '.join(problems)}")
+        return (f" in this project's format: transformers' GPT-2 class cannot load this model because it uses "
+                f"{', '.join(problems)}")
     hf = {}
     for k, v in sd.items():
         if k == "lm_head.weight":
@@ -162,4 +183,4 @@ def export_hf(model, out_dir, tokenizer_meta=None):
     if tokenizer_meta and tokenizer_meta.get("kind") == "gpt2":
         from tokenizer import write_gpt2_tokenizer_files
         write_gpt2_tokenizer_files(out_dir)
-    return f"wrote {out_dir}: loads with transformers.GPT2LMHeadModel.from_pretrained"
+    return ": loads with transformers.GPT2LMHeadModel.from_pretrained"

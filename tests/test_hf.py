@@ -1,5 +1,7 @@
 """GPT-2 import and export against Hugging Face transformers, the independent reference."""
 
+import os
+
 import pytest
 import torch
 
@@ -64,3 +66,23 @@ def test_gpt2_124m_parameter_count():
     assert GPT(c).num_params() == 124_439_808
 
 
+
+
+def test_an_interrupted_export_leaves_no_folder_that_looks_finished(tmp_path, monkeypatch):
+    import hf
+    model, out = seeded_model(tiny()), tmp_path / "export"
+    real = hf.write_hf_folder
+
+    def dies_half_way(model, folder, tokenizer_meta):
+        real(model, folder, tokenizer_meta)
+        os.remove(os.path.join(folder, "config.json"))  # as if killed before its last file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "write_hf_folder", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(model, str(out))
+    assert not out.exists()
+    monkeypatch.setattr(hf, "write_hf_folder", real)
+    export_hf(model, str(out))  # the next export clears the leftovers and publishes whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
