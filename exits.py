@@ -6,7 +6,8 @@ Every script imports this module first, before torch (whose imports take seconds
   - SIGINT (Ctrl-C) or SIGTERM ends the program with one line and exit code 128 + the signal's
     number, instead of a traceback (SIGINT) or a silent death (SIGTERM). Nothing is left
     half-written that a later run would read: checkpoints, Hugging Face exports and config.json
-    are written under a temporary name and renamed, and a prepared dataset only counts once its meta.json is there.
+    are written under a temporary name and renamed, and a prepared dataset only counts once its
+    meta.json is there.
     During the training loop plumbing.GracefulStop takes over (finish the step, save, exit 0)
     and hands back to this when the loop ends.
   - an OSError about a file (no space left, permission denied, read-only file system, a folder

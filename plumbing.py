@@ -565,7 +565,7 @@ def remove_interrupted_saves(out_dir):
     a sharded save's swap may leave ckpt_*.dcp.old beside the new folder: remove them."""
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
-        if name.startswith("ckpt_") and (name.endswith(".tmp") or name.endswith(".old") and is_checkpoint(path[:-4])):
+        if name.startswith("ckpt_") and (name.endswith(".tmp") or (name.endswith(".old") and is_checkpoint(path[:-4]))):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
@@ -826,7 +826,7 @@ class GracefulStop:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            exits.stop(signum, frame, "stopped at once, without saving the steps since the last checkpoint")
+            exits.stop(signum, frame, "a second time, so at once, without saving the steps since the last checkpoint")
         self.requested = True
 
     def agreed(self, world, device, check_now):
