@@ -17,25 +17,38 @@ from model import GPT
 
 class GPTClassifier(GPT):
     """The same trunk with a classification head: logits over labels from the last real token's
-    hidden state (pool='last') or the mean over real tokens (pool='mean'). The LM head is unused."""
+    hidden state (pool='last'), the mean over real tokens (pool='mean'), or BERT's pooler, a
+    dense layer and tanh on the first token (pool='first': in an encoder it sees every token).
+    The LM head is unused. An encoder's padding is masked out of attention."""
 
     def __init__(self, config, n_labels, pool="last"):
         super().__init__(config)
         self.pool = pool
+        self.pooler = nn.Linear(config.n_embd, config.n_embd) if pool == "first" else None
         self.cls_head = nn.Linear(config.n_embd, n_labels)
-        nn.init.normal_(self.cls_head.weight, std=0.02)
-        nn.init.zeros_(self.cls_head.bias)
+        for head in (self.cls_head, self.pooler):
+            if head is not None:
+                nn.init.normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
+        # no gradient ever reaches the LM head here (DDP would wait for one)
+        unused = [*(self.mlm_transform.parameters() if self.mlm_transform is not None else ()), self.lm_head.bias]
         if not config.tie_embeddings:
-            self.lm_head.weight.requires_grad_(False)  # no gradient ever reaches it here
+            unused.append(self.lm_head.weight)
+        for p in unused:
+            if p is not None:
+                p.requires_grad_(False)
 
     def forward(self, idx, lengths, labels=None):
         """idx (B, T) right-padded, lengths (B,) -> (label logits (B, n_labels), loss or None)."""
-        h = self.transformer.ln_f(self.hidden(idx)[0])  # (B, T, C)
+        real = torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]  # (B, T)
+        # a decoder's real tokens never see the right padding; an encoder's would, unless masked
+        h = self.transformer.ln_f(self.hidden(idx, valid=None if self.config.causal else real)[0])  # (B, T, C)
         if self.pool == "last":
             pooled = h[torch.arange(len(idx), device=idx.device), lengths - 1]  # (B, C)
+        elif self.pool == "first":
+            pooled = torch.tanh(self.pooler(h[:, 0]))
         else:
-            real = (torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]).unsqueeze(-1)
-            pooled = (h * real).sum(1) / lengths[:, None]
+            pooled = (h * real.unsqueeze(-1)).sum(1) / lengths[:, None]
         logits = self.cls_head(pooled).float()
         return logits, None if labels is None else F.cross_entropy(logits, labels)
 

@@ -33,7 +33,7 @@ def measure(cfg, compile_model):
     model = torch.compile(raw) if compile_model else raw
     optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    task = LMTask(cfg, Processes(0, 1, device), meta)
+    task = LMTask(cfg, Processes(0, 1, device), meta, raw.config.arch)
     loader = task.loader
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":

@@ -98,8 +98,15 @@ KEYS = [
     _k("token_dtype", "auto", "dtype of token files; auto = uint16 when the vocabulary fits",
        ["auto", "uint16", "uint32"], MAKES_DATA),
     # ---- model (model.GPTConfig) ----
-    _k("preset", "", "set the architecture keys at once: gpt2 (the classic) or modern (see PRESETS); applied "
-       "where it appears, so later keys still override", ["", "gpt2", "modern"], FRESH_MODEL),
+    _k("preset", "", "set the architecture keys at once: gpt2 (the classic), modern, or bert (BERT's encoder) "
+       "(see PRESETS); applied where it appears, so later keys still override", ["", "gpt2", "modern", "bert"],
+       FRESH_MODEL),
+    _k("arch", "gpt", "gpt: a causal decoder (next-token prediction); bert: the same blocks as a bidirectional "
+       "encoder, pretrained as a masked language model; lstm: a recurrent baseline (n_layer LSTM layers of "
+       "width n_embd)", ["gpt", "bert", "lstm"], FRESH_MODEL),
+    _k("mask_prob", 0.15, "bert: fraction of tokens the masked-LM loss predicts (of those, 80% are shown as the "
+       "mask token, 10% as a random token, 10% unchanged)", scripts=("train", "finetune", "bench", "evaluate"),
+       allowed="(0, 1)"),
     _k("n_layer", 6, "transformer blocks", scripts=FRESH_MODEL, allowed="[1, inf)"),
     _k("n_head", 6, "attention (query) heads", scripts=FRESH_MODEL, allowed="[1, inf)"),
     _k("n_kv_head", 0, "key/value heads for GQA/MQA; 0 = n_head (plain multi-head)", scripts=FRESH_MODEL,
@@ -110,9 +117,16 @@ KEYS = [
     _k("dropout", 0.0, "dropout on embeddings, attention and residual branches", scripts=FRESH_MODEL, allowed="[0, 1)"),
     _k("bias", True, "biases in linear layers and LayerNorm (GPT-2 has them)", scripts=FRESH_MODEL),
     _k("norm", "layernorm", "normalisation layer", ["layernorm", "rmsnorm"], FRESH_MODEL),
+    _k("norm_position", "pre", "pre: x + f(norm(x)) and a final norm (GPT-2); post: norm(x + f(x)) and a norm "
+       "after the embeddings (BERT)", ["pre", "post"], FRESH_MODEL),
+    _k("norm_eps", 1e-5, "epsilon of every normalisation layer (BERT: 1e-12)", scripts=FRESH_MODEL,
+       allowed="(0, 1)"),
+    _k("type_vocab_size", 0, "token-type (segment) embeddings, BERT's; 0 = none", scripts=FRESH_MODEL,
+       allowed="[0, inf)"),
     _k("pos", "learned", "position encoding", ["learned", "rope"], FRESH_MODEL),
     _k("rope_theta", 10000.0, "RoPE base frequency", scripts=FRESH_MODEL, allowed="(0, inf)"),
-    _k("mlp", "gelu", "MLP type", ["gelu", "swiglu", "relu2"], FRESH_MODEL),
+    _k("mlp", "gelu", "MLP type (gelu: GPT-2's tanh approximation; gelu_exact: BERT's)",
+       ["gelu", "gelu_exact", "swiglu", "relu2"], FRESH_MODEL),
     _k("qk_norm", False, "RMS-normalise queries and keys per head before attention", scripts=FRESH_MODEL),
     _k("tie_embeddings", True, "share the token embedding with the output head", scripts=FRESH_MODEL),
     _k("logit_softcap", 0.0, "cap logits with c*tanh(x/c); 0 = off", scripts=FRESH_MODEL, allowed="[0, inf)"),
@@ -214,7 +228,9 @@ KEYS = [
     _k("lora_dropout", 0.0, "dropout on the LoRA branch's input", scripts=FINETUNE, allowed="[0, 1)"),
     _k("lora_targets", "c_attn,c_proj,c_fc", "comma-separated names of the linear layers that get adapters",
        scripts=FINETUNE),
-    _k("classify_pool", "last", "classify: the hidden state the head reads", ["last", "mean"], FINETUNE),
+    _k("classify_pool", "last", "classify: the hidden state the head reads: the last real token's, the mean, "
+       "or first: BERT's pooler (dense + tanh) on the first token, which sees every other in an encoder",
+       ["last", "mean", "first"], FINETUNE),
     _k("skip_long", False, "sft (and evaluate.py generate): skip (and count) examples whose prompt does not fit "
        "block_size instead of stopping with an error", scripts=("finetune", "evaluate")),
     _k("keep_mtp_heads", True, "a multi-token base model keeps its extra heads (they train on the task too); "
@@ -262,12 +278,15 @@ KEY_BY_NAME = {k.name: k for k in KEYS}
 # Architecture bundles for the preset key. gpt2 is GPT-2 as published (and this file's defaults).
 # modern is what recent speedrun-style models use: rotary positions, RMSNorm without biases,
 # normalised queries and keys, a ReLU² MLP, an untied output head, residual projections that
-# start at zero (every block begins as the identity) and a logit softcap.
+# start at zero (every block begins as the identity) and a logit softcap. bert is BERT's
+# encoder (Devlin et al. 2019): post-norm LayerNorm at eps 1e-12, exact GELU, two token types.
+_CLASSIC = dict(arch="gpt", norm="layernorm", norm_position="pre", norm_eps=1e-5, type_vocab_size=0, pos="learned",
+                mlp="gelu", qk_norm=False, bias=True, tie_embeddings=True, zero_init_proj=False, logit_softcap=0.0)
 PRESETS = {
-    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, bias=True, tie_embeddings=True,
-                 zero_init_proj=False, logit_softcap=0.0),
-    "modern": dict(norm="rmsnorm", pos="rope", mlp="relu2", qk_norm=True, bias=False, tie_embeddings=False,
+    "gpt2": _CLASSIC,
+    "modern": dict(_CLASSIC, norm="rmsnorm", pos="rope", mlp="relu2", qk_norm=True, bias=False, tie_embeddings=False,
                    zero_init_proj=True, logit_softcap=15.0),
+    "bert": dict(_CLASSIC, arch="bert", norm_position="post", norm_eps=1e-12, type_vocab_size=2, mlp="gelu_exact"),
 }
 assert len(KEY_BY_NAME) == len(KEYS), "duplicate config key"
 

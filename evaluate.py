@@ -12,7 +12,8 @@ Tasks (eval_task):
             split (test by default: never read by training or early stopping). A sliding window
             scores every token exactly once, each with up to block_size - eval_stride tokens of
             context. Bits per character/byte divide the total loss by the text's length, so
-            models with different tokenizers compare.
+            models with different tokenizers compare. An encoder (arch=bert) gets its own
+            objective's scores instead: masked-LM loss and masked-token accuracy (see eval_mlm).
   generate  JSONL {"prompt", "completion"} (or "references": [...]): decode each prompt shown
             through prompt_template, score with sacrebleu's BLEU and chrF (signatures printed),
             and report the copy baseline (output = prompt) beside the model.
@@ -47,8 +48,9 @@ from config import cli_config
 from generate import generate
 from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
 from prepare.common import DataError, SplitTokens, load_meta
-from tasks import (classification_report, keep_last, lm_metrics, prompt_ids, read_jsonl, sequence_logprob,
-                   task_path)
+from tasks import (classification_report, keep_last, lm_metrics, mlm_metrics, prompt_ids, read_jsonl,
+                   sequence_logprob, task_path)
+from tokenizer import mask_id_of
 
 
 def text_length(tok, ids):
@@ -71,6 +73,19 @@ def eval_lm(model, tok, cfg, data_dir, device):
             "bits_per_byte": total / math.log(2) / nbytes, **{f"loss_head{i + 1}": h for i, h in enumerate(heads)},
             "tokens": count, "characters": chars, "stride": stride, "context": model.config.block_size,
             "tokens_per_s": count / seconds}
+
+
+def eval_mlm(model, tok, cfg, data_dir, device, tok_meta):
+    """An encoder's scores on a token split: masked-LM loss and masked-token accuracy, with a
+    masking fixed by seed. No perplexity: it would need p(text) as a product of next-token
+    probabilities, and an encoder predicts each masked token from both sides, so its losses do
+    not multiply into a probability of the text (and would flatter it: it sees the future)."""
+    ids = SplitTokens(data_dir, cfg.eval_split)
+    ids.check_ids()
+    print("an encoder: masked-LM loss and masked-token accuracy; no perplexity (it predicts each masked token "
+          "from both sides, so its losses are not a probability of the text)")
+    return mlm_metrics(model, ids, mask_id_of(tok_meta), tok.eot_id, cfg.mask_prob, cfg.batch_size, cfg.seed,
+                       device)
 
 
 # ----------------------------------------------------------------------------- the other tasks
@@ -309,7 +324,13 @@ def run_task(model, tok, cfg, device, loaded):
         if load_meta(data_dir)["tokenizer"] != loaded.tokenizer:
             raise DataError(f"{data_dir} was prepared with another tokenizer than {loaded.source} uses; evaluate "
                             f"on data prepared with the model's tokenizer")
+        if model.config.arch == "bert":
+            return eval_mlm(model, tok, cfg, data_dir, device, loaded.tokenizer), data_dir
         return eval_lm(model, tok, cfg, data_dir, device), data_dir
+    if model.config.arch == "bert" and not (cfg.eval_task == "classify" and loaded.labels):
+        raise SystemExit(f"error: eval_task={cfg.eval_task} scores text by next-token likelihood, which an encoder "
+                         f"(arch=bert) does not give; use eval_task=lm (masked-LM scores), or classify with a "
+                         f"model fine-tuned by finetune.py task=classify")
     if cfg.eval_task == "generate":
         return eval_generate(model, tok, cfg, device, cfg.out_dir), task_path(cfg, "folio")
     if cfg.eval_task == "classify":

@@ -276,7 +276,7 @@ def build_finetune_model(cfg, base, task):
     if cfg.task == "classify":
         model = GPTClassifier(base.config, len(task.labels), cfg.classify_pool)
         missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
-        assert all(k.startswith("cls_head.") for k in missing), missing
+        assert all(k.startswith(("cls_head.", "pooler.")) for k in missing), missing
     if cfg.lora_rank > 0:
         lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                 "targets": [t for t in cfg.lora_targets.split(",") if t]}
@@ -290,7 +290,7 @@ def apply_freezing(model, cfg, lora):
     """With LoRA only the adapters (and a new head) train; freeze= patterns freeze more."""
     if lora:
         for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name or name.startswith("cls_head."))
+            p.requires_grad_("lora_" in name or name.startswith(("cls_head.", "pooler.")))
     freeze_by_pattern(model, cfg.freeze)
 
 
@@ -308,9 +308,11 @@ def finetune(cfg):
         set_dropout(base, cfg.dropout)
         if cfg.block_size > base.config.block_size:
             raise SystemExit(f"error: block_size={cfg.block_size} exceeds the base model's {base.config.block_size}")
+    arch = (base if ckpt is None else model_to_resume).config.arch
+    check_task_fits(cfg, arch)
     try:
         tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
-        task = make_task(cfg, procs, tok, tok_meta)
+        task = make_task(cfg, procs, tok, tok_meta, arch)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     if ckpt is not None:
@@ -329,7 +331,17 @@ def finetune(cfg):
                extra_state=extra)
 
 
-def make_task(cfg, procs, tok, tok_meta):
+def check_task_fits(cfg, arch):
+    """What a base model's architecture cannot do, said before any work."""
+    if arch == "bert" and cfg.task == "sft":
+        raise SystemExit("error: task=sft trains next-token prediction, which an encoder (arch=bert) does not do; "
+                         "fine-tune it with task=classify, or task=lm (more masked-LM training)")
+    if arch == "lstm" and (cfg.task == "classify" or cfg.lora_rank > 0):
+        raise SystemExit("error: the classification head and LoRA adapters are built on transformer blocks; "
+                         "fine-tune an LSTM (arch=lstm) with task=lm or task=sft, without lora_rank")
+
+
+def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
     """The task object fit() trains; its data must be in the base model's tokenizer."""
     if cfg.task == "lm":
         meta = read_meta(cfg.data_dir)
@@ -337,7 +349,7 @@ def make_task(cfg, procs, tok, tok_meta):
             raise DataError(f"{cfg.data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
                             f"{meta['vocab_size']}), not the base model's {tok_meta['kind']} tokenizer; prepare it "
                             f"with the same tokenizer")
-        return LMTask(cfg, procs, meta)
+        return LMTask(cfg, procs, meta, arch)
     name = "folio" if cfg.task == "sft" else "genre"
     task_dir = task_dir_of(cfg, name)
     if not cfg.task_dir and not os.path.isfile(os.path.join(task_dir, "train.jsonl")) and procs.master:

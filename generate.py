@@ -3,6 +3,7 @@ Text generation from a GPT: a KV cache, sampling, and self-speculative decoding.
 
 Read in order:
   1. KVCache                 keys and values of every layer for the tokens seen so far
+                             (RecurrentCache: an LSTM's state, all it needs to go on)
   2. generate()              prefill the prompts once, then one token per step; the slow
                              reference (use_cache=False) recomputes the window and gives the same tokens
   3. sample_next()           temperature, top-k, top-p
@@ -57,6 +58,13 @@ class KVCache:
         return new_valid
 
 
+class RecurrentCache:
+    """An LSTM's cache: its state (h, c) after the tokens seen so far (rnn.LSTMLM.hidden)."""
+
+    def __init__(self):
+        self.state, self.length = None, 0
+
+
 def left_pad(prompts, device):
     """Token lists of any lengths -> (tokens (B, L) left-padded with 0, valid (B, L) bool)."""
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -83,7 +91,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     re-prefilled (positions restart at 0, as if that text were the prompt).
     """
     limit = model.config.block_size
-    device = model.transformer.wte.weight.device
+    device = next(model.parameters()).device
     if any(len(p) > limit - 1 for p in prompts):
         warnings.warn(f"prompt longer than block_size-1={limit - 1} tokens: keeping its last {limit - 1}")
         prompts = [p[-(limit - 1):] for p in prompts]
@@ -103,7 +111,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         if not use_cache:
             h = model.hidden(tokens, valid=padding)[0]
         elif cache is None:  # prefill
-            cache = KVCache(model, B, limit)
+            cache = RecurrentCache() if model.config.arch == "lstm" else KVCache(model, B, limit)
             h = model.hidden(tokens, cache=cache, valid=padding)[0]
         else:
             h = model.hidden(tokens[:, -1:], cache=cache, valid=padding)[0]

@@ -1,14 +1,17 @@
 """
-GPT-2 weights in and out of this project's GPT, in Hugging Face transformers' format.
+GPT-2 and BERT weights in and out of this project's GPT, in Hugging Face transformers' format.
 
     from_hf(path)        a GPT holding a transformers GPT-2 folder's weights (or a GPT-2 name,
-                         downloaded from the hub when it is reachable)
-    export_hf(model, d)  write a GPT2LMHeadModel folder (safetensors + config.json, and the
-                         tokenizer files for GPT-2 BPE); other architectures get our own format
+                         downloaded from the hub when it is reachable), or an encoder holding a
+                         BertForMaskedLM folder's (hf_tokenizer_meta: the tokenizer to go with it)
+    export_hf(model, d)  write a GPT2LMHeadModel or BertForMaskedLM folder (safetensors +
+                         config.json, and the tokenizer files: GPT-2 BPE, BERT's vocab.txt);
+                         other architectures get our own format
 
 Exactness is tested against transformers itself: logits to 1e-4, export and reload, greedy
-generation. The one difference in layout: transformers' GPT-2 stores its matmul weights as
-Conv1D (in, out), transposed against nn.Linear.
+generation. The differences in layout: transformers' GPT-2 stores its matmul weights as Conv1D
+(in, out), transposed against nn.Linear; BERT keeps query, key and value apart, where our
+c_attn holds the three stacked.
 """
 
 import json
@@ -19,6 +22,7 @@ from dataclasses import asdict, fields
 import torch
 
 from model import GPT, GPTConfig
+from tokenizer import GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
@@ -46,18 +50,17 @@ def load_hf_state_dict(path):
                          f"again") from None
 
 
-def check_hf_weights(path, hf_weights, ours, vocab_size):
-    """Every weight of our model, and nothing else, with the shape ours needs; else one error
-    (loading a folder that lacks weights would leave them random without a word)."""
-    missing, unexpected = sorted(ours.keys() - hf_weights.keys()), sorted(hf_weights.keys() - ours.keys())
+def check_hf_weights(path, hf_weights, shapes):
+    """Every weight our model needs ({name: shape} in the folder's naming), and nothing else,
+    with that shape; else one error (loading a folder that lacks weights would leave them
+    random without a word)."""
+    missing, unexpected = sorted(shapes.keys() - hf_weights.keys()), sorted(hf_weights.keys() - shapes.keys())
     if missing or unexpected:
         listed = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                   for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise ValueError(f"{path}: weights do not match its config.json: {'; '.join(listed)}")
     for k, v in hf_weights.items():
-        shape = ours[k].shape[::-1] if k.endswith(HF_TRANSPOSED) else ours[k].shape
-        if k == "wte.weight":
-            shape = (vocab_size, shape[1])  # (our table has padding rows past the vocabulary)
+        shape = shapes[k]
         if tuple(v.shape) != tuple(shape):
             raise ValueError(f"{path}: weight {k} has shape {tuple(v.shape)}, but its config.json implies "
                              f"{tuple(shape)}")
@@ -74,8 +77,10 @@ def from_hf(path, **overrides):
         raise FileNotFoundError(f"{path}: no config.json; init_from=hf:PATH needs a Hugging Face GPT-2 folder")
     with open(cfg_path) as f:
         hf = json.load(f)
+    if hf.get("model_type") == "bert":
+        return bert_from_hf(path, hf, overrides)
     if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{cfg_path}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints import")
+        raise ValueError(f"{cfg_path}: model_type {hf.get('model_type')!r}; only GPT-2 and BERT checkpoints import")
     if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise ValueError(f"{cfg_path}: activation/epsilon differ from GPT-2's; cannot import exactly")
     try:
@@ -88,7 +93,9 @@ def from_hf(path, **overrides):
     sd = {k.removeprefix("transformer."): v for k, v in load_hf_state_dict(path).items()
           if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
     ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    check_hf_weights(path, sd, ours, config.vocab_size)
+    shapes = {k: v.shape[::-1] if k.endswith(HF_TRANSPOSED) else v.shape for k, v in ours.items()}
+    shapes["wte.weight"] = (config.vocab_size, config.n_embd)  # (ours has padding rows past the vocabulary)
+    check_hf_weights(path, sd, shapes)
     with torch.no_grad():
         for k, v in sd.items():
             target = ours[k]
@@ -100,6 +107,110 @@ def from_hf(path, **overrides):
             else:
                 target.copy_(v)
     return model
+
+
+# ----------------------------------------------------------------------------- BERT
+
+# our name inside transformer.h.{i}  <-  transformers' inside bert.encoder.layer.{i}
+BERT_LAYER = {"attn.c_proj": "attention.output.dense", "ln_1": "attention.output.LayerNorm",
+              "mlp.c_fc": "intermediate.dense", "mlp.c_proj": "output.dense", "ln_2": "output.LayerNorm"}
+BERT_TOP = {"transformer.wte": "bert.embeddings.word_embeddings",
+            "transformer.wpe": "bert.embeddings.position_embeddings",
+            "transformer.wtt": "bert.embeddings.token_type_embeddings", "transformer.ln_e": "bert.embeddings.LayerNorm",
+            "mlm_transform.dense": "cls.predictions.transform.dense",
+            "mlm_transform.norm": "cls.predictions.transform.LayerNorm"}
+# in a BertForPreTraining folder (bert-base-uncased's): the pooler and next-sentence head, which a
+# masked LM does not use; the decoder is tied to the word embeddings and cls.predictions.bias
+BERT_UNUSED = ("bert.pooler.", "cls.seq_relationship.", "cls.predictions.decoder.", "bert.embeddings.position_ids")
+
+
+def bert_layout(config):
+    """[(transformers' name, our name, rows of ours it fills)] for every weight of a
+    BertForMaskedLM of config's shape. Rows: query, key and value are thirds of c_attn; the
+    vocabulary's rows are the first vocab_size of our padded table."""
+    C, vocab = config.n_embd, slice(0, config.vocab_size)
+    layout = [(f"{hf}.{w}", f"{ours}.{w}", vocab if ours == "transformer.wte" else None)
+              for ours, hf in BERT_TOP.items() for w in (("weight",) if "LayerNorm" not in hf and "dense" not in hf
+                                                         else ("weight", "bias"))]
+    for i in range(config.n_layer):
+        hf, ours = f"bert.encoder.layer.{i}.", f"transformer.h.{i}."
+        for j, part in enumerate(("query", "key", "value")):
+            layout += [(f"{hf}attention.self.{part}.{w}", f"{ours}attn.c_attn.{w}", slice(j * C, (j + 1) * C))
+                       for w in ("weight", "bias")]
+        layout += [(f"{hf}{theirs}.{w}", f"{ours}{mine}.{w}", None) for mine, theirs in BERT_LAYER.items()
+                   for w in ("weight", "bias")]
+    return layout + [("cls.predictions.bias", "lm_head.bias", vocab)]
+
+
+def bert_from_hf(path, hf, overrides):
+    """An encoder (arch='bert', BERT's architecture) holding a BertForMaskedLM folder's weights."""
+    cfg_path = os.path.join(path, "config.json")
+    exact = (hf.get("hidden_act", "gelu") == "gelu" and hf.get("position_embedding_type", "absolute") == "absolute"
+             and hf.get("tie_word_embeddings", True) and hf.get("intermediate_size") == 4 * hf.get("hidden_size", 0))
+    if not exact:
+        raise ValueError(f"{cfg_path}: hidden_act, position_embedding_type, intermediate_size or untied embeddings "
+                         f"differ from BERT's (gelu, absolute, 4 x hidden_size, tied); cannot import exactly")
+    try:
+        config = GPTConfig(arch="bert", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                           n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                           n_embd=hf["hidden_size"], norm_position="post", norm_eps=hf["layer_norm_eps"],
+                           type_vocab_size=hf["type_vocab_size"], mlp="gelu_exact", **overrides)
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: lacks {e.args[0]!r}, which a BERT config.json has") from None
+    model = GPT(config)
+    sd = {k: v for k, v in load_hf_state_dict(path).items() if not k.startswith(BERT_UNUSED)}
+    ours = model.state_dict()
+    layout = bert_layout(config)
+    check_hf_weights(path, sd, {hf_name: ours[name][rows].shape if rows else ours[name].shape
+                                for hf_name, name, rows in layout})
+    with torch.no_grad():
+        for hf_name, name, rows in layout:
+            (ours[name][rows] if rows else ours[name]).copy_(sd[hf_name])
+    return model
+
+
+def bert_incompatibilities(config):
+    """What in config a transformers BertForMaskedLM cannot represent (empty = exportable)."""
+    bert = GPTConfig(**{f.name: getattr(config, f.name) for f in fields(config)
+                        if f.name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
+                                      "attn_backend", "pad_vocab_to", "zero_init_proj", "norm_eps")},
+                     arch="bert", norm_position="post", type_vocab_size=max(1, config.type_vocab_size),
+                     mlp="gelu_exact")
+    return [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
+            if getattr(config, f.name) != getattr(bert, f.name)]
+
+
+def write_bert_folder(model, out_dir, tokenizer_meta):
+    """A BertForMaskedLM folder of an encoder with BERT's architecture (export_hf's part)."""
+    from safetensors.torch import save_file
+    config, sd = model.config, model.state_dict()
+    weights = {hf_name: (sd[name][rows] if rows else sd[name]).detach().cpu().contiguous()
+               for hf_name, name, rows in bert_layout(config)}
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": config.vocab_size,
+                 "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+                 "num_attention_heads": config.n_head, "intermediate_size": 4 * config.n_embd, "hidden_act": "gelu",
+                 "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.dropout,
+                 "max_position_embeddings": config.block_size, "type_vocab_size": config.type_vocab_size,
+                 "initializer_range": 0.02, "layer_norm_eps": config.norm_eps, "position_embedding_type": "absolute",
+                 "pad_token_id": 0, "tie_word_embeddings": True}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer_meta and tokenizer_meta.get("kind") == "wordpiece":
+        write_wordpiece_files(tokenizer_meta, out_dir)
+    return ": loads with transformers.BertForMaskedLM.from_pretrained"
+
+
+def hf_tokenizer_meta(path):
+    """The tokenizer (its meta()) of a Hugging Face folder or GPT-2 name: GPT-2's BPE, or for
+    a BERT folder the WordPiece vocabulary in its vocab.txt."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return dict(GPT2_META)
+    with open(cfg_path) as f:
+        if json.load(f).get("model_type") != "bert":
+            return dict(GPT2_META)
+    return WordPieceTokenizer.from_folder(path).meta()
 
 
 def download_hf(name):
@@ -152,13 +263,16 @@ def write_hf_folder(model, out_dir, tokenizer_meta):
     os.makedirs(out_dir, exist_ok=True)
     config = model.config
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    problems = gpt2_incompatibilities(config)
+    if config.arch == "bert" and not bert_incompatibilities(config):
+        return write_bert_folder(model, out_dir, tokenizer_meta)
+    problems = bert_incompatibilities(config) if config.arch == "bert" else gpt2_incompatibilities(config)
     if problems:
         save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight" or not config.tie_embeddings},
                   os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "gpt_config.json"), "w") as f:
             json.dump(asdict(config), f, indent=2)
-        return (f" in this project's format: transformers' GPT-2 class cannot load this model because it uses "
+        return (f" in this project's format: transformers' {'BERT' if config.arch == 'bert' else 'GPT-2'} class "
+                f"cannot load this model because it uses "
                 f"{', '.join(problems)}")
     hf = {}
     for k, v in sd.items():
@@ -181,6 +295,5 @@ def write_hf_folder(model, out_dir, tokenizer_meta):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     if tokenizer_meta and tokenizer_meta.get("kind") == "gpt2":
-        from tokenizer import write_gpt2_tokenizer_files
         write_gpt2_tokenizer_files(out_dir)
     return ": loads with transformers.GPT2LMHeadModel.from_pretrained"

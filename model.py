@@ -1,7 +1,9 @@
 """
 A GPT written out by hand: exactly GPT-2 in its default setting, with the options current
 practice uses (RoPE, RMSNorm, QK-norm, SwiGLU / ReLU², GQA, untied embeddings, logit softcap,
-sliding-window and document-masked attention, multi-token heads) one config key away.
+sliding-window and document-masked attention, multi-token heads) one config key away. With
+arch='bert' the same blocks without the causal mask make an encoder, trained to fill in masked
+tokens (BERT: post-norm, token-type embeddings and its output transform, one key each).
 
 The transformer and nothing else (generation: generate.py; GPT-2 weights: hf.py; LoRA and the
 classifier: adapters.py). Read it top to bottom:
@@ -9,7 +11,8 @@ classifier: adapters.py). Read it top to bottom:
   2. attention    who may attend to whom (one rule; backends math = the readable reference, sdpa,
                   flex), rotary positions, the attention layer
   3. MLP, Block   the rest of a transformer block
-  4. GPT          embeddings -> blocks -> final norm -> logits; the loss; multi-token heads; which
+  4. GPT          embeddings -> blocks -> final norm -> logits (a decoder, or with arch='bert' an
+                  encoder); the loss; multi-token heads; which
                   parameters are hidden matrices; parameter and FLOP accounting
 Shapes: B batch, T time, C = n_embd, nh / nkv query / key-value heads, hd = C // nh, V vocabulary.
 """
@@ -29,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class GPTConfig:
+    arch: str = "gpt"            # gpt: causal decoder; bert: bidirectional encoder; lstm: rnn.LSTMLM
     vocab_size: int = 50257      # true vocabulary; embeddings are padded past it (pad_vocab_to)
     block_size: int = 1024
     n_layer: int = 12
@@ -38,6 +42,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     norm: str = "layernorm"
+    norm_position: str = "pre"   # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (BERT)
+    norm_eps: float = 1e-5
+    type_vocab_size: int = 0     # token-type (segment) embeddings, BERT's; 0 = none
     pos: str = "learned"
     rope_theta: float = 10000.0
     mlp: str = "gelu"
@@ -57,7 +64,7 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.n_layer < 1:
             raise ValueError(f"n_layer={self.n_layer}: a GPT needs at least one block")
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+        if self.arch != "lstm" and (self.n_embd % self.n_head or self.n_head % self.n_kv_head):
             raise ValueError(f"n_embd={self.n_embd} must divide by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -66,7 +73,13 @@ class GPTConfig:
             raise ValueError(f"mtp_heads={self.mtp_heads} must be between 1 and n_layer+1")
         if self.mtp_weights and len(self.mtp_weights.split(",")) != self.mtp_heads:
             raise ValueError(f"mtp_weights={self.mtp_weights!r} needs one weight per head ({self.mtp_heads})")
+        if self.arch == "bert" and self.mtp_heads > 1:
+            raise ValueError("arch='bert' predicts masked tokens in place: mtp_heads must be 1")
         check_flex_dropout(self.attn_backend, self.dropout)
+
+    @property
+    def causal(self):
+        return self.arch != "bert"
 
     @property
     def padded_vocab(self):
@@ -89,16 +102,17 @@ def check_flex_dropout(backend, dropout):
 CAUSAL = "causal"  # sentinel: plain causal mask over a full sequence (lets sdpa use flash kernels)
 
 
-def mask_rule(q_idx, kv_idx, doc_q=None, doc_k=None, window=0, valid_k=None):
+def mask_rule(q_idx, kv_idx, doc_q=None, doc_k=None, window=0, valid_k=None, causal=True):
     """True where a query may attend to a key, elementwise on tensors of any broadcastable shape:
-    the dense masks and FlexAttention's mask_mod share this one definition. doc_q, doc_k:
-    document ids (packed sequences); window: sliding-window span (0 = off); valid_k: False for a
-    padding key, attended to by itself only (so no row of the attention matrix is empty)."""
-    keep = q_idx >= kv_idx
+    the dense masks and FlexAttention's mask_mod share this one definition. A decoder's query
+    sees keys up to itself (causal); an encoder's sees every key. doc_q, doc_k: document ids
+    (packed sequences); window: sliding-window span (0 = off); valid_k: False for a padding
+    key, attended to by itself only (so no row of the attention matrix is empty)."""
+    keep = q_idx >= kv_idx if causal else torch.ones_like(q_idx - kv_idx, dtype=torch.bool)
     if doc_q is not None:
         keep = keep & (doc_q == doc_k)
     if window > 0:
-        keep = keep & (q_idx - kv_idx < window)
+        keep = keep & ((q_idx - kv_idx).abs() < window)
     if valid_k is not None:
         keep = keep & (valid_k | (q_idx == kv_idx))
     return keep
@@ -110,12 +124,12 @@ def document_ids(idx, eot_id):
     return (idx == eot_id).cumsum(dim=1)
 
 
-def flex_block_mask(doc_ids, valid, window, B, T, device):
+def flex_block_mask(doc_ids, valid, window, B, T, device, causal=True):
     """FlexAttention's block mask for mask_rule. Data-dependent masks (documents, padding) are
     built per batch; the plain causal or sliding-window one depends only on T and is cached
     (inside torch.compile(model) it is built in the graph: the compiler ignores the cache)."""
     if doc_ids is None and valid is None and not torch.compiler.is_compiling():
-        return causal_block_mask(T, window, str(device))
+        return plain_block_mask(T, window, str(device), causal)
 
     def mask_mod(b, h, q_idx, kv_idx):
         doc_q = doc_k = valid_k = None
@@ -123,14 +137,15 @@ def flex_block_mask(doc_ids, valid, window, B, T, device):
             doc_q, doc_k = doc_ids[b, q_idx], doc_ids[b, kv_idx]
         if valid is not None:
             valid_k = valid[b, kv_idx]
-        return mask_rule(q_idx, kv_idx, doc_q, doc_k, window, valid_k)
+        return mask_rule(q_idx, kv_idx, doc_q, doc_k, window, valid_k, causal)
 
     return create_block_mask(mask_mod, B, None, T, T, device=device)
 
 
 @functools.lru_cache(maxsize=16)
-def causal_block_mask(T, window, device):
-    return create_block_mask(lambda b, h, q, kv: mask_rule(q, kv, window=window), None, None, T, T, device=device)
+def plain_block_mask(T, window, device, causal):
+    return create_block_mask(lambda b, h, q, kv: mask_rule(q, kv, window=window, causal=causal), None, None, T, T,
+                             device=device)
 
 
 @functools.cache
@@ -144,7 +159,8 @@ def compiled_flex_attention(device_type):
 
 def attend(q, k, v, mask, backend, dropout_p):
     """softmax(q kᵀ / √hd + mask) v. q (B, nh, Tq, hd); k, v (B, nkv, Tk, hd) -> (B, nh, Tq, hd).
-    mask: CAUSAL, a bool tensor (B|1, 1, Tq, Tk) with True = attend, or a flex BlockMask."""
+    mask: CAUSAL, None (an encoder's: every key), a bool tensor (B|1, 1, Tq, Tk) with True =
+    attend, or a flex BlockMask."""
     gqa = q.shape[1] != k.shape[1]
     if backend == "math":
         if gqa:  # each group of nh/nkv query heads shares one key/value head
@@ -154,7 +170,8 @@ def attend(q, k, v, mask, backend, dropout_p):
         if mask is CAUSAL:
             Tq, Tk = att.shape[-2:]
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
         att = F.dropout(F.softmax(att, dim=-1), dropout_p)
         return att @ v
     if backend == "sdpa":
@@ -185,7 +202,7 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
@@ -222,8 +239,8 @@ class CausalSelfAttention(nn.Module):
 
 def make_norm(config):
     if config.norm == "layernorm":
-        return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-    return nn.RMSNorm(config.n_embd, eps=1e-5)
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
 
 
 class MLP(nn.Module):
@@ -242,6 +259,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        elif self.kind == "gelu_exact":
+            h = F.gelu(h)  # BERT's
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -253,17 +272,21 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config, layer_idx)
+        self.ln_1, self.attn = make_norm(config), SelfAttention(config, layer_idx)
         self.ln_2, self.mlp = make_norm(config), MLP(config)
         # x0_mix: the block's input is a * x + b * x0, a blend of the residual stream and the token
         # embeddings, so every layer can reach the token's identity directly (modded-nanogpt).
         # a = 1, b = 0 at init: the plain residual stream.
         self.x0_weights = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
+        self.post_norm = config.norm_position == "post"
 
     def forward(self, x, x0, rope=None, mask=CAUSAL, cache=None):
         """x: the residual stream (B, T, C); x0: the embedded tokens (B, T, C), read with x0_mix."""
         if self.x0_weights is not None:
             x = self.x0_weights[0] * x + self.x0_weights[1] * x0
+        if self.post_norm:  # the original transformer's and BERT's order: normalise the sum
+            x = self.ln_1(x + self.attn(x, rope, mask, cache))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -273,6 +296,12 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Token ids -> embeddings -> blocks -> final norm -> logits.
+
+    arch='bert' makes it an encoder: every position attends to every other, and the logits at a
+    position predict the token there, which the input hid behind the mask token (masked language
+    modelling; train.py masks the batches). Its head is BERT's: a dense layer, GELU and a norm
+    before the unembedding, which has a bias. norm_position='post' (BERT) normalises after each
+    residual sum and the embeddings once (ln_e) instead of before each branch and at the end.
 
     Multi-token prediction (Gloeckle et al. 2024): with mtp_heads = n, the blocks but the last
     are a shared trunk; head 1 is the last block, heads 2..n one extra block each (self.mtp),
@@ -285,12 +314,15 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None,
+            wtt=nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None,
+            ln_e=make_norm(config) if config.norm_position == "post" else None,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=make_norm(config),
+            ln_f=make_norm(config) if config.norm_position == "pre" else nn.Identity(),
         ))
         self.mtp = nn.ModuleList(Block(config, config.n_layer + i) for i in range(config.mtp_heads - 1))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
+        self.mlm_transform = MLMTransform(config) if config.arch == "bert" else None
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=config.arch == "bert")
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if config.pos == "rope":
@@ -337,6 +369,10 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if config.pos == "learned":
             x = x + self.transformer.wpe(pos)
+        if config.type_vocab_size:  # every token is segment A: no task here pairs two texts
+            x = x + self.transformer.wtt.weight[0]
+        if self.transformer.ln_e is not None:
+            x = self.transformer.ln_e(x)
         rope = None
         if config.pos == "rope":
             rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B|1, T, 1, hd/2)
@@ -346,9 +382,9 @@ class GPT(nn.Module):
     def attention_mask(self, B, T, start, doc_ids, valid, cached, device):
         config = self.config
         if config.attn_backend == "flex" and not cached:
-            return flex_block_mask(doc_ids, valid, config.attn_window, B, T, device)
+            return flex_block_mask(doc_ids, valid, config.attn_window, B, T, device, config.causal)
         if start == 0 and doc_ids is None and config.attn_window == 0 and valid is None:
-            return CAUSAL
+            return CAUSAL if config.causal else None
         q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         kv_idx = torch.arange(start + T, device=device)[None, :]       # (1, Tk)
         doc_q = doc_k = valid_k = None
@@ -356,7 +392,7 @@ class GPT(nn.Module):
             doc_q, doc_k = doc_ids[:, :, None], doc_ids[:, None, :]       # (B, T, 1), (B, 1, T)
         if valid is not None:
             valid_k = valid[:, None, :]                                   # (B, 1, Tk)
-        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k)
+        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k, config.causal)
         return keep.reshape(-1, 1, T, start + T)  # (B|1, 1, Tq, Tk)
 
     def trunk(self, idx, doc_ids=None, cache=None, valid=None):
@@ -388,7 +424,10 @@ class GPT(nn.Module):
 
     def head(self, h):
         """(B, T, C) -> logits (B, T, V) over the true vocabulary (padding columns cut off)."""
-        logits = self.lm_head(self.transformer.ln_f(h))
+        h = self.transformer.ln_f(h)
+        if self.mlm_transform is not None:
+            h = self.mlm_transform(h)
+        logits = self.lm_head(h)
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -396,6 +435,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, doc_ids=None):
         """idx (B, T) -> (next-token logits (B, T, V), loss or None). Targets of -1 are ignored.
+        (An encoder's logits at t are for the token at t, and its targets are the masked tokens.)
         With mtp_heads > 1 and targets, the loss is the weighted mean of every head's
         cross-entropy and no logits are returned (each head's are freed as soon as scored)."""
         if self.config.mtp_heads == 1 or targets is None:
@@ -459,9 +499,8 @@ class GPT(nn.Module):
         depth = {id(p): top for p in self.parameters()}
         for i, block in enumerate(self.transformer.h):
             depth.update({id(p): i for p in block.parameters()})
-        for emb in (self.transformer.wte, self.transformer.wpe):
-            if emb is not None:
-                depth[id(emb.weight)] = -1
+        for emb in (self.transformer.wte, self.transformer.wpe, self.transformer.wtt, self.transformer.ln_e):
+            depth.update({id(p): -1 for p in (emb.parameters() if emb is not None else ())})
         return {name: depth[id(p)] for name, p in self.named_parameters()}
 
     def num_params(self, embeddings=True):
@@ -469,9 +508,8 @@ class GPT(nn.Module):
         position tables, but an untied output head still counts (it is a matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.transformer.wte.weight.numel()
-            if self.transformer.wpe is not None:
-                n -= self.transformer.wpe.weight.numel()
+            for emb in (self.transformer.wte, self.transformer.wpe, self.transformer.wtt):
+                n -= emb.weight.numel() if emb is not None else 0
         return n
 
     def flops_per_token(self, seq_len=None):
@@ -482,7 +520,20 @@ class GPT(nn.Module):
         T = seq_len or config.block_size
         matmul = sum(p.numel() for p in self.hidden_matrices())
         matmul += config.padded_vocab * config.n_embd * config.mtp_heads  # every head runs the unembedding
+        if self.mlm_transform is not None:
+            matmul += self.mlm_transform.dense.weight.numel()
         return 6 * matmul + 12 * (config.n_layer + config.mtp_heads - 1) * config.n_embd * T
+
+
+class MLMTransform(nn.Module):
+    """BERT's output transform before the unembedding: dense, GELU, norm. (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense, self.norm = nn.Linear(config.n_embd, config.n_embd, bias=config.bias), make_norm(config)
+
+    def forward(self, h):
+        return self.norm(F.gelu(self.dense(h)))
 
 
 # Rows of logits upcast to float32 at once when the loss is computed in eager mode from

@@ -33,10 +33,11 @@ import torch.distributed as torch_dist
 import exits
 from adapters import GPTClassifier, add_lora, merge_lora
 from config import ConfigError, save_json
-from hf import GPT2_SIZES, from_hf
+from hf import GPT2_SIZES, from_hf, hf_tokenizer_meta
 from model import GPT, Block, GPTConfig
 from prepare.common import DataError, SplitTokens, load_meta
-from tokenizer import GPT2_META, from_meta
+from rnn import LSTMLM
+from tokenizer import from_meta, model_vocab_size
 
 # torch.distributed.checkpoint warns whenever it reads or writes in one process, which is on
 # purpose here; FSDP2 warns that the model returns a view (the logits, cut to the true
@@ -185,6 +186,8 @@ def check_fsdp(cfg, dtype):
                          "whole); use optimizer=adamw, or parallel=ddp")
     if dtype == torch.float16:
         raise SystemExit("error: parallel=fsdp trains in bfloat16 or float32; set dtype=bfloat16 (or float32)")
+    if cfg.arch == "lstm":
+        raise SystemExit("error: parallel=fsdp shards transformer blocks; arch=lstm trains with parallel=ddp")
 
 
 def gradient_sync(model, enabled):
@@ -353,7 +356,7 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
     """The one way every script gets a model. init_from (default cfg.init_from) is one of
         scratch      fresh weights shaped by cfg, for the vocabulary of data_dir (meta)
         resume       out_dir/ckpt_last.pt, LoRA adapters kept, with the state to continue
-        hf:PATH      a Hugging Face GPT-2 folder; gpt2, gpt2-medium, ... download one
+        hf:PATH      a Hugging Face GPT-2 or BERT folder; gpt2, gpt2-medium, ... download one
         a folder     a run folder: its ckpt_best.pt, else ckpt_last.pt; or a checkpoint file
     LoRA adapters are merged into the weights unless merge=False. A bad source ends the
     program with one line."""
@@ -362,13 +365,14 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
         try:
             model = from_hf(source.removeprefix("hf:"), dropout=cfg.dropout, attn_backend=cfg.attn_backend,
                             pad_vocab_to=cfg.pad_vocab_to)
+            tok_meta = hf_tokenizer_meta(source.removeprefix("hf:"))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: init_from={source}: {e}") from None
-        return Loaded(model, GPT2_META, source=source)
+        return Loaded(model, tok_meta, source=source)
     if source == "scratch":
         meta = meta or ensure_data(cfg, master=True)
         try:
-            model = GPT(GPTConfig.from_config(cfg, meta["vocab_size"]))
+            model = build_model(GPTConfig.from_config(cfg, model_vocab_size(meta["tokenizer"], cfg.arch)))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
@@ -457,15 +461,20 @@ def is_gpt2_source(init_from):
     return init_from.startswith("hf:") or init_from in GPT2_SIZES
 
 
+def build_model(config):
+    """A fresh model of config's architecture: the transformer (decoder or encoder) or the LSTM."""
+    return LSTMLM(config) if config.arch == "lstm" else GPT(config)
+
+
 def model_from_checkpoint(ckpt, merge=True):
-    """The checkpoint's model: a GPT, or a fine-tuned GPTClassifier; LoRA adapters are merged
-    into the weights unless merge=False (resuming a LoRA run)."""
+    """The checkpoint's model: a GPT, an LSTMLM, or a fine-tuned GPTClassifier; LoRA adapters
+    are merged into the weights unless merge=False (resuming a LoRA run)."""
     config = GPTConfig(**ckpt["model_args"])
     finetune = ckpt.get("finetune") or {}
     if finetune.get("task") == "classify":
         model = GPTClassifier(config, len(finetune["labels"]), finetune["classify_pool"])
     else:
-        model = GPT(config)
+        model = build_model(config)
     if finetune.get("lora"):
         add_lora(model, **finetune["lora"])
     model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))

@@ -6,6 +6,7 @@ Sample from a trained model, or from GPT-2 weights.
     python sample.py --out_dir=out/run --export_hf=exported/    # write a Hugging Face folder instead
     python sample.py --out_dir=out/fsdp_run --export_ckpt=model.pt   # an FSDP run's shards as one file
     python sample.py --out_dir=out/mtp --speculative=True --temperature=0   # multi-token heads draft
+    python sample.py --out_dir=out/bert --start="To be, or not to <|mask|>"  # an encoder fills in masks
 
 The model comes from out_dir's checkpoint (ckpt_best, or ckpt_last with checkpoint=last; a .pt
 file, or the .dcp folder of shards an FSDP run writes, gathered on load),
@@ -22,7 +23,7 @@ import time
 import torch
 
 from config import cli_config
-from generate import generate, speculative_generate
+from generate import generate, sample_next, speculative_generate
 from hf import export_hf
 from plumbing import checkpoint_path, export_checkpoint, load_for_inference, setup_compute
 
@@ -39,6 +40,25 @@ def read_prompt(start):
             raise SystemExit(f"error: --start=FILE:{path}: not UTF-8 (byte {e.start}); convert the file to "
                              f"UTF-8") from None
     return start
+
+
+@torch.no_grad()
+def fill_masks(model, tok, text, cfg):
+    """An encoder does not continue text: it fills in every <|mask|> of the prompt at once, each
+    with its likeliest token (temperature=0) or one sampled like generated text. Prints
+    num_samples fillings."""
+    ids = tok.encode_with_masks(text)[-(model.config.block_size - 1):]
+    if tok.mask_id not in ids:
+        raise SystemExit("error: an encoder (arch=bert) fills in masked tokens: put <|mask|> in --start, e.g. "
+                         "--start='To be, or not to <|mask|>'")
+    x = torch.tensor([[tok.eot_id] + ids], device=next(model.parameters()).device)  # documents open with it
+    masked = x[0] == tok.mask_id
+    logits = model(x)[0][0, masked].float()  # (masks, V)
+    for i in range(cfg.num_samples):
+        filled = x[0].clone()
+        filled[masked] = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        print(tok.decode(filled[1:].tolist()))
+        print("-" * 40 if i + 1 < cfg.num_samples else "")
 
 
 def compare_speculative(model, tok, prompt, cfg, autocast):
@@ -79,6 +99,8 @@ def main():
     if cfg.export_hf:
         print(export_hf(model, cfg.export_hf, loaded.tokenizer))
         return
+    if model.config.arch == "bert":
+        return fill_masks(model, tok, read_prompt(cfg.start), cfg)
     prompt = tok.encode(read_prompt(cfg.start)) or [tok.eot_id]  # an empty prompt starts a new document
     stop_text = cfg.stop
     should_stop = (lambda ids: stop_text in tok.decode(ids)) if stop_text else None

@@ -7,6 +7,7 @@ model, scoring text under the model, and classification metrics.
     scoring_windows           how a text longer than the context is scored: overlapping windows
     score_tokens, lm_metrics, continuation_score
                               log-likelihood of tokens given what comes before them
+    mask_tokens, mlm_metrics  an encoder's objective: hide tokens, score how well it fills them in
     classification_report     accuracy, per-class and macro precision / recall / F1, confusion
 """
 
@@ -144,6 +145,55 @@ def continuation_score(model, context, continuation, device):
 
 def sequence_logprob(model, context, continuation, device):
     return continuation_score(model, context, continuation, device)[0]
+
+
+# ----------------------------------------------------------------------------- masked language modelling
+
+
+def mask_tokens(x, mask_id, vocab_size, eot_id, prob=0.15, generator=None):
+    """RoBERTa's dynamic masking (Liu et al. 2019), drawn afresh for every batch. x (B, T): token
+    ids below vocab_size (the model's). Each token but end-of-text (a document boundary, like
+    BERT's special tokens) is chosen with probability prob; a chosen token is shown as mask_id 80%
+    of the time, as a random token 10% (never the mask), and unchanged 10%, so the model cannot
+    rely on seeing the mask. Returns (inputs (B, T), targets (B, T): the original token where
+    chosen, -1 elsewhere). generator: a fixed masking for evaluation (a CPU torch.Generator);
+    None draws from the global RNG on x's device, which checkpoints save, so a resumed run masks
+    alike."""
+    device = x.device if generator is None else "cpu"
+    roll = torch.rand((3, *x.shape), generator=generator, device=device).to(x.device)  # (3, B, T)
+    chosen = (roll[0] < prob) & (x != eot_id)
+    random_ids = torch.randint(vocab_size - 1, x.shape, generator=generator, device=device).to(x.device)
+    random_ids = random_ids + (random_ids >= mask_id).long()  # any id but the mask's
+    inputs = torch.where(chosen & (roll[1] < 0.8), mask_id, x)
+    inputs = torch.where(chosen & (roll[1] >= 0.8) & (roll[2] < 0.5), random_ids, inputs)
+    return inputs, torch.where(chosen, x, -1)
+
+
+@torch.no_grad()
+def mlm_metrics(model, ids, mask_id, eot_id, prob, batch_size, seed, device):
+    """An encoder's score on a token split (ids: anything sliced to numpy arrays): mean
+    cross-entropy over masked positions and the share of them it predicts exactly (masked-token
+    accuracy), over consecutive windows of block_size tokens with a masking fixed by seed.
+    Perplexity does not apply: an encoder is not a probability model of text (each prediction
+    sees the rest of the window)."""
+    T = min(model.config.block_size, len(ids))
+    windows = len(ids) // T
+    gen = torch.Generator().manual_seed(seed)
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, windows, batch_size):
+        chunk = ids[i * T:min(i + batch_size, windows) * T]  # (read a batch at a time: a split may be large)
+        x, y = mask_tokens(torch.as_tensor(chunk.astype("int64")).view(-1, T), mask_id, model.config.vocab_size,
+                           eot_id, prob, gen)
+        logits = model(x.to(device))[0].float()
+        y = y.to(device)
+        scored = y >= 0
+        total += F.cross_entropy(logits[scored], y[scored], reduction="sum").item()
+        correct += int((logits.argmax(dim=-1)[scored] == y[scored]).sum())
+        count += int(scored.sum())
+    if not count:
+        raise DataError("no token was masked: the split is too short to score")
+    return {"mlm_loss": total / count, "masked_accuracy": correct / count, "masked_tokens": count,
+            "tokens": windows * T, "mask_prob": prob}
 
 
 # ----------------------------------------------------------------------------- classification

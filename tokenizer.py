@@ -1,8 +1,13 @@
 """
-Three tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str,
-vocab_size, eot_id (the end-of-text id that separates documents), meta() -> a JSON-able dict
-from which from_meta() rebuilds the same tokenizer without the source data, and
-encode_document(), a document as a token file holds it.
+Three tokenizers (and BERT's, for imported BERT folders) behind one small interface:
+encode(str) -> list[int], decode(list[int]) -> str, vocab_size, eot_id (the end-of-text id
+that separates documents), meta() -> a JSON-able dict from which from_meta() rebuilds the same
+tokenizer without the source data, and encode_document(), a document as a token file holds it.
+
+Every tokenizer also has a mask token for encoders (arch='bert'): mask_id, the id right after
+its text vocabulary, so data prepared for a decoder trains an encoder as it is (an encoder's
+embedding table has that one extra row: model_vocab_size). Text never encodes to it, except
+the literal <|mask|> through encode_with_masks() (sample.py fills those in).
 
 - char: one id per character seen in the training split, then two specials: <|endoftext|> and
   <|unk|>. A character never seen in training (say an accent that only the test split has) is
@@ -30,6 +35,7 @@ from prepare.common import DataError, fetch_sdist_member
 
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
+MASK = "<|mask|>"
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k/gpt2 split regex)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT_ID = 50256
@@ -43,7 +49,29 @@ GPT2_META = {"kind": "gpt2", "vocab_size": GPT2_EOT_ID + 1, "eot_id": GPT2_EOT_I
 
 
 class Tokenizer:
-    """What the three share: a document as written to a token file."""
+    """What the three share: a document as written to a token file, and the mask token."""
+
+    @property
+    def mask_id(self):
+        return self.vocab_size
+
+    def encode_with_masks(self, text):
+        """encode(), with each literal <|mask|> in text as mask_id."""
+        ids = []
+        for i, part in enumerate(text.split(MASK)):
+            ids += ([self.mask_id] if i else []) + self.encode(part)
+        return ids
+
+    def decode(self, ids):
+        """Text of ids, the mask token shown as <|mask|>."""
+        parts, run = [], []
+        for i in ids:
+            if i == self.mask_id:
+                parts += [self.decode_text(run), MASK]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts + [self.decode_text(run)])
 
     def encode_document(self, text, dtype):
         """<|endoftext|> then the tokens of text, as a numpy array of dtype."""
@@ -73,7 +101,7 @@ class CharTokenizer(Tokenizer):
     def encode(self, text):
         return [self.stoi.get(c, self.unk_id) for c in text]
 
-    def decode(self, ids):
+    def decode_text(self, ids):
         specials = {self.eot_id: EOT, self.unk_id: "\ufffd"}
         return "".join(specials[i] if i in specials else self.chars[i] for i in ids)
 
@@ -100,7 +128,7 @@ class GPT2Tokenizer(Tokenizer):
             return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         return super().encode_array(text)
 
-    def decode(self, ids):
+    def decode_text(self, ids):
         return self.enc.decode(ids)
 
     def meta(self):
@@ -140,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text):
         return self.sp.encode(text)
 
-    def decode(self, ids):
+    def decode_text(self, ids):
         eot = self.eot_id
         # sentencepiece drops control ids when decoding; show end-of-text like the others do
         parts, run = [], []
@@ -155,6 +183,87 @@ class SentencePieceTokenizer(Tokenizer):
     def meta(self):
         return {"kind": "sentencepiece", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                 "model_b64": base64.b64encode(self.proto).decode("ascii")}
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's tokenizer, for BERT folders imported with init_from=hf:PATH: split text into words
+    and punctuation (lower-cased and accents stripped for uncased models), then each word into
+    the longest pieces of vocab.txt from the left, continuations marked ##. [CLS], which opens
+    every BERT input, plays end-of-text's part (it opens each document here); [MASK] is the
+    mask token. The vocabulary lives in meta(), so checkpoints carry it."""
+    kind = "wordpiece"
+
+    def __init__(self, vocab, lowercase=True):
+        self.vocab, self.lowercase = list(vocab), lowercase
+        self.ids = {piece: i for i, piece in enumerate(self.vocab)}
+        missing = [t for t in ("[CLS]", "[MASK]", "[UNK]") if t not in self.ids]
+        if missing:
+            raise ValueError(f"a BERT vocabulary needs {', '.join(missing)}")
+        self.vocab_size, self.eot_id, self.unk_id = len(self.vocab), self.ids["[CLS]"], self.ids["[UNK]"]
+
+    @property
+    def mask_id(self):
+        return self.ids["[MASK]"]
+
+    @classmethod
+    def from_folder(cls, path):
+        vocab_path = os.path.join(path, "vocab.txt")
+        if not os.path.isfile(vocab_path):
+            raise FileNotFoundError(f"{path}: no vocab.txt, the BERT tokenizer's vocabulary")
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = [line.rstrip("\n") for line in f]
+        settings_path = os.path.join(path, "tokenizer_config.json")
+        settings = json.load(open(settings_path)) if os.path.isfile(settings_path) else {}
+        return cls(vocab, settings.get("do_lower_case", True))
+
+    def words(self, text):
+        """BERT's basic tokenizer: whitespace and punctuation split, control characters dropped."""
+        import unicodedata
+        if self.lowercase:
+            text = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+        words, word = [], []
+        for c in text:
+            cat = unicodedata.category(c)
+            if (cat in ("Cc", "Cf") and c not in "\t\n\r") or c in "\x00\ufffd":
+                continue
+            if c in " \t\n\r" or cat == "Zs" or cat.startswith("P") or (c.isascii() and not c.isalnum()):
+                words += ["".join(word)] if word else []
+                word = []
+                if not (c in " \t\n\r" or cat == "Zs"):
+                    words.append(c)  # punctuation is a word of its own
+            else:
+                word.append(c)
+        return words + (["".join(word)] if word else [])
+
+    def encode(self, text):
+        ids = []
+        for word in self.words(text):
+            pieces, start = [], 0
+            while start < len(word) and len(word) <= 100:
+                end = len(word)
+                while end > start and (("##" if start else "") + word[start:end]) not in self.ids:
+                    end -= 1
+                if end == start:
+                    break
+                pieces.append(self.ids[("##" if start else "") + word[start:end]])
+                start = end
+            ids += pieces if start == len(word) and pieces else [self.unk_id]
+        return ids
+
+    def decode_text(self, ids):
+        return " ".join(self.vocab[i] for i in ids).replace(" ##", "")
+
+    def meta(self):
+        return {"kind": "wordpiece", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "mask_id": self.mask_id,
+                "lowercase": self.lowercase, "vocab": self.vocab}
+
+
+def write_wordpiece_files(meta, out_dir):
+    """vocab.txt + tokenizer_config.json, for transformers' BertTokenizer."""
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(piece + "\n" for piece in meta["vocab"]))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": meta["lowercase"]}, f)
 
 
 # sentencepiece's trainer silently skips every line longer than max_sentence_length bytes: a
@@ -218,6 +327,17 @@ def take_sample(texts, limit):
     return sample, {"documents": len(sample), "characters": chars, "whole_split": whole, "limit": limit}
 
 
+def mask_id_of(meta):
+    """The mask token's id for a tokenizer's meta(): right after its text vocabulary."""
+    return meta.get("mask_id", meta["vocab_size"])
+
+
+def model_vocab_size(meta, arch):
+    """The rows a model's embedding table needs for a tokenizer (its meta()): an encoder's has
+    one more, for the mask token."""
+    return meta["vocab_size"] + 1 if arch == "bert" and meta.get("mask_id") is None else meta["vocab_size"]
+
+
 def from_meta(meta, bpe_path="", cache_dir="data/cache"):
     """Rebuild a tokenizer from the dict its meta() wrote (meta.json['tokenizer'])."""
     kind = meta["kind"]
@@ -227,6 +347,8 @@ def from_meta(meta, bpe_path="", cache_dir="data/cache"):
         return GPT2Tokenizer(bpe_path, cache_dir)
     if kind == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(meta["model_b64"]))
+    if kind == "wordpiece":
+        return WordPieceTokenizer(meta["vocab"], meta["lowercase"])
     raise ValueError(f"unknown tokenizer kind {kind!r} in meta.json")
 
 

@@ -20,6 +20,7 @@ the checkpoint: model, optimizer, scaler, iteration, RNG states, and the loader'
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
+import functools
 import math
 import os
 import time
@@ -39,6 +40,8 @@ from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, chec
                       refuse_existing_run, remove_interrupted_saves, run_checkpoint, save_checkpoint,
                       save_sharded_checkpoint, set_rng_state, setup_compute, setup_processes, shard_model, unwrap,
                       wrap_ddp)
+from tasks import mask_tokens
+from tokenizer import mask_id_of, model_vocab_size
 
 
 def train(cfg):
@@ -54,13 +57,14 @@ def train(cfg):
     if not resuming:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         loaded = load_model(cfg, meta=meta)
-    if loaded.model.config.vocab_size != meta["vocab_size"]:
+    arch = loaded.model.config.arch
+    if loaded.model.config.vocab_size != model_vocab_size(meta["tokenizer"], arch):
         raise SystemExit(f"error: init_from={cfg.init_from} has a {loaded.model.config.vocab_size}-token vocabulary "
                          f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; prepare it with its tokenizer")
     if resuming and loaded.tokenizer != meta["tokenizer"]:
         raise SystemExit(f"error: {cfg.data_dir} was prepared with another tokenizer than the run in {cfg.out_dir} "
                          f"was trained on; resume with the run's data, or start a new out_dir")
-    task = LMTask(cfg, procs, meta)
+    task = LMTask(cfg, procs, meta, arch)
     return fit(cfg, procs, loaded.model, task, loaded.checkpoint, extra_state={"tokenizer": meta["tokenizer"]})
 
 
@@ -244,11 +248,17 @@ def save_run(state, cfg, procs, is_best, extra_state):
 
 
 class LMTask:
-    """Next-token prediction over token files (pretraining, and finetune.py's task=lm)."""
+    """Language modelling over token files (pretraining, and finetune.py's task=lm): next-token
+    prediction for a decoder; for an encoder (arch='bert') the masked tokens of each window."""
 
-    def __init__(self, cfg, procs, meta):
+    def __init__(self, cfg, procs, meta, arch="gpt"):
         self.cfg, self.procs = cfg, procs
         self.eot_id = meta["eot_id"] if cfg.doc_mask else None
+        self.masking = None
+        if arch == "bert":  # the batch's windows, masked: (x, generator=None) -> (inputs, targets)
+            self.masking = functools.partial(mask_tokens, mask_id=mask_id_of(meta["tokenizer"]),
+                                             vocab_size=model_vocab_size(meta["tokenizer"], arch),
+                                             eot_id=meta["eot_id"], prob=cfg.mask_prob)
         accum = micro_batches_per_process(cfg, procs.world)
         self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
                                   procs.rank, cfg.seed, procs.device,
@@ -261,10 +271,13 @@ class LMTask:
 
     def loss(self, model, batch):
         x, y = batch
-        return model(x, y, doc_ids=document_ids(x, self.eot_id) if self.eot_id is not None else None)[1]
+        doc_ids = document_ids(x, self.eot_id) if self.eot_id is not None else None
+        if self.masking is not None:
+            x, y = self.masking(x)
+        return model(x, y, doc_ids=doc_ids)[1]
 
     def evaluate(self, model, autocast):
-        return estimate_loss(model, self.cfg, self.procs, autocast, self.eot_id)
+        return estimate_loss(model, self.cfg, self.procs, autocast, self.eot_id, self.masking)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -295,14 +308,19 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_fi
 
 
 @torch.no_grad()
-def estimate_loss(model, cfg, procs, autocast, eot_id=None):
+def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None):
     """Mean loss over cfg.eval_iters batches per split. The batches are the same at every
-    evaluation (a fixed seed), so curves compare like with like and training RNG is untouched."""
+    evaluation (a fixed seed), so curves compare like with like and training RNG is untouched.
+    masking: an encoder's (LMTask.masking), drawn from a generator seeded alike every time."""
     out = {}
     for split in ("train", "val"):
         loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
                              cfg.eval_iters, procs.world, procs.rank, seed=cfg.seed + 1, device=procs.device)
-        losses = heldout_losses(model, (loader.next() for _ in range(cfg.eval_iters)), autocast, procs, eot_id)
+        batches = (loader.next() for _ in range(cfg.eval_iters))
+        if masking is not None:
+            generator = torch.Generator().manual_seed(cfg.seed + 2 + procs.rank)
+            batches = (masking(x, generator=generator) for x, _ in batches)
+        losses = heldout_losses(model, batches, autocast, procs, eot_id)
         out[split] = losses[0]
         if split == "val" and len(losses) > 1:
             out.update({f"val_head{i + 1}": m for i, m in enumerate(losses)})

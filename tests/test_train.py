@@ -154,10 +154,11 @@ def test_sigterm_saves_and_exits_zero(char_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--mtp_heads=2", "--optimizer=muon"]], ids=["adamw", "mtp+muon"])
+@pytest.mark.parametrize("extra", [[], ["--mtp_heads=2", "--optimizer=muon"], ["--arch=lstm", "--n_embd=48"]],
+                         ids=["adamw", "mtp+muon", "lstm"])
 def test_ddp_matches_gradient_accumulation(char_data, tmp_path, extra):
     """torchrun with 2 gloo processes == 1 process with accumulation 2 (same data, same steps),
-    also with multi-token heads (checkpointed backward) and Muon."""
+    also with multi-token heads (checkpointed backward) and Muon, and for the LSTM."""
     common = ["--max_iters=4", "--eval_interval=4", "--dropout=0.0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same matmul reduction order in every process
     single = subprocess.run(train_cmd(char_data, tmp_path / "one", "--gradient_accumulation_steps=2", *common),
