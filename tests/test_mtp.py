@@ -66,7 +66,7 @@ def test_memory_efficient_gradients_equal_naive(kw):
 
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from model import GPT, GPTConfig
 torch.manual_seed(0)
@@ -74,10 +74,15 @@ n, efficient = {n}, {efficient}
 m = GPT(GPTConfig(vocab_size=32768, block_size=512, n_layer=3, n_head=2, n_embd=32, mtp_heads=n))
 x = torch.randint(0, 32768, (4, 512))
 y = torch.roll(x, -1, 1)
-# the resident set now, not the peak so far: an earlier transient peak (imports) would hide growth
-before = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+def status(field):  # KiB
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+# Reset the peak mark (VmHWM) to the resident set now: an earlier transient peak (imports) would
+# hide growth. (Not ru_maxrss: Linux carries the parent's peak into it across fork and exec, so a
+# pytest process that once held 1.2 GB made every child's "peak" at least that.)
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
 sum(m.head_losses(x, y, memory_efficient=efficient)).backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB -> MiB
+print((status("VmHWM") - before) / 1024)  # KiB -> MiB
 """
 
 
