@@ -50,7 +50,6 @@ from plumbing import load_for_inference, plot_losses, read_metrics, setup_comput
 from prepare.common import DataError, SplitTokens, load_meta
 from tasks import (classification_report, keep_last, lm_metrics, mlm_metrics, prompt_ids, read_jsonl,
                    sequence_logprob, task_path)
-from tokenizer import mask_id_of
 
 
 def text_length(tok, ids):
@@ -75,7 +74,7 @@ def eval_lm(model, tok, cfg, data_dir, device):
             "tokens_per_s": count / seconds}
 
 
-def eval_mlm(model, tok, cfg, data_dir, device, tok_meta):
+def eval_mlm(model, tok, cfg, data_dir, device):
     """An encoder's scores on a token split: masked-LM loss and masked-token accuracy, with a
     masking fixed by seed. No perplexity: it would need p(text) as a product of next-token
     probabilities, and an encoder predicts each masked token from both sides, so its losses do
@@ -84,8 +83,7 @@ def eval_mlm(model, tok, cfg, data_dir, device, tok_meta):
     ids.check_ids()
     print("an encoder: masked-LM loss and masked-token accuracy; no perplexity (it predicts each masked token "
           "from both sides, so its losses are not a probability of the text)")
-    return mlm_metrics(model, ids, mask_id_of(tok_meta), tok.eot_id, cfg.mask_prob, cfg.batch_size, cfg.seed,
-                       device)
+    return mlm_metrics(model, ids, tok.mask_id, tok.eot_id, cfg.mask_prob, cfg.batch_size, cfg.seed, device)
 
 
 # ----------------------------------------------------------------------------- the other tasks
@@ -325,7 +323,7 @@ def run_task(model, tok, cfg, device, loaded):
             raise DataError(f"{data_dir} was prepared with another tokenizer than {loaded.source} uses; evaluate "
                             f"on data prepared with the model's tokenizer")
         if model.config.arch == "bert":
-            return eval_mlm(model, tok, cfg, data_dir, device, loaded.tokenizer), data_dir
+            return eval_mlm(model, tok, cfg, data_dir, device), data_dir
         return eval_lm(model, tok, cfg, data_dir, device), data_dir
     if model.config.arch == "bert" and not (cfg.eval_task == "classify" and loaded.labels):
         raise SystemExit(f"error: eval_task={cfg.eval_task} scores text by next-token likelihood, which an encoder "

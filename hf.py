@@ -21,6 +21,7 @@ from dataclasses import asdict, fields
 
 import torch
 
+from config import PRESETS
 from model import GPT, GPTConfig
 from tokenizer import GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
 
@@ -74,7 +75,8 @@ def from_hf(path, **overrides):
         path = download_hf(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json; init_from=hf:PATH needs a Hugging Face GPT-2 folder")
+        raise FileNotFoundError(f"{path}: no config.json; init_from=hf:PATH needs a Hugging Face GPT-2 or BERT "
+                                f"folder")
     with open(cfg_path) as f:
         hf = json.load(f)
     if hf.get("model_type") == "bert":
@@ -151,10 +153,11 @@ def bert_from_hf(path, hf, overrides):
         raise ValueError(f"{cfg_path}: hidden_act, position_embedding_type, intermediate_size or untied embeddings "
                          f"differ from BERT's (gelu, absolute, 4 x hidden_size, tied); cannot import exactly")
     try:
-        config = GPTConfig(arch="bert", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                           n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-                           n_embd=hf["hidden_size"], norm_position="post", norm_eps=hf["layer_norm_eps"],
-                           type_vocab_size=hf["type_vocab_size"], mlp="gelu_exact", **overrides)
+        config = GPTConfig(**{**PRESETS["bert"], "vocab_size": hf["vocab_size"],
+                              "block_size": hf["max_position_embeddings"], "n_layer": hf["num_hidden_layers"],
+                              "n_head": hf["num_attention_heads"], "n_embd": hf["hidden_size"],
+                              "norm_eps": hf["layer_norm_eps"], "type_vocab_size": hf["type_vocab_size"]},
+                           **overrides)
     except KeyError as e:
         raise ValueError(f"{cfg_path}: lacks {e.args[0]!r}, which a BERT config.json has") from None
     model = GPT(config)
@@ -167,17 +170,6 @@ def bert_from_hf(path, hf, overrides):
         for hf_name, name, rows in layout:
             (ours[name][rows] if rows else ours[name]).copy_(sd[hf_name])
     return model
-
-
-def bert_incompatibilities(config):
-    """What in config a transformers BertForMaskedLM cannot represent (empty = exportable)."""
-    bert = GPTConfig(**{f.name: getattr(config, f.name) for f in fields(config)
-                        if f.name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
-                                      "attn_backend", "pad_vocab_to", "zero_init_proj", "norm_eps")},
-                     arch="bert", norm_position="post", type_vocab_size=max(1, config.type_vocab_size),
-                     mlp="gelu_exact")
-    return [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
-            if getattr(config, f.name) != getattr(bert, f.name)]
 
 
 def write_bert_folder(model, out_dir, tokenizer_meta):
@@ -224,15 +216,28 @@ def download_hf(name):
                                 f"download it elsewhere and use init_from=hf:PATH") from None
 
 
-def gpt2_incompatibilities(config):
-    """What in config config a transformers GPT2LMHeadModel cannot represent (empty = exportable)."""
-    # what may differ: the shape, and what does not change the function (dropout, the attention
-    # backend, vocabulary padding, zero_init_proj, which only sets the initialisation)
-    same = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attn_backend", "pad_vocab_to",
-            "zero_init_proj")
-    gpt2 = GPTConfig(**{name: getattr(config, name) for name in same})
+# what may differ from an exported architecture: the shape, and what does not change the function
+# (dropout, the attention backend, vocabulary padding, zero_init_proj, which only sets the initialisation)
+FUNCTION_NEUTRAL = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attn_backend",
+                    "pad_vocab_to", "zero_init_proj")
+
+
+def incompatibilities(config, preset, **carried):
+    """What in config the transformers class of a preset (config.PRESETS: gpt2 -> GPT2LMHeadModel,
+    bert -> BertForMaskedLM) cannot represent; empty = exportable. carried: the values that
+    class's config.json holds for keys beyond the shape."""
+    reference = GPTConfig(**{**PRESETS[preset], **{name: getattr(config, name) for name in FUNCTION_NEUTRAL},
+                             **carried})
     return [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
-            if getattr(config, f.name) != getattr(gpt2, f.name)]
+            if getattr(config, f.name) != getattr(reference, f.name)]
+
+
+def export_problems(config):
+    """incompatibilities() with the transformers class config's architecture would export to."""
+    if config.arch == "bert":  # BERT's config.json holds its epsilon and any number (>= 1) of token types
+        return incompatibilities(config, "bert", norm_eps=config.norm_eps,
+                                 type_vocab_size=config.type_vocab_size or PRESETS["bert"]["type_vocab_size"])
+    return incompatibilities(config, "gpt2")
 
 
 def export_hf(model, out_dir, tokenizer_meta=None):
@@ -262,18 +267,17 @@ def write_hf_folder(model, out_dir, tokenizer_meta):
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     config = model.config
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if config.arch == "bert" and not bert_incompatibilities(config):
+    problems = export_problems(config)
+    if config.arch == "bert" and not problems:
         return write_bert_folder(model, out_dir, tokenizer_meta)
-    problems = bert_incompatibilities(config) if config.arch == "bert" else gpt2_incompatibilities(config)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if problems:
         save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight" or not config.tie_embeddings},
                   os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "gpt_config.json"), "w") as f:
             json.dump(asdict(config), f, indent=2)
         return (f" in this project's format: transformers' {'BERT' if config.arch == 'bert' else 'GPT-2'} class "
-                f"cannot load this model because it uses "
-                f"{', '.join(problems)}")
+                f"cannot load this model because it uses {', '.join(problems)}")
     hf = {}
     for k, v in sd.items():
         if k == "lm_head.weight":

@@ -10,7 +10,7 @@ classifier: adapters.py). Read it top to bottom:
   1. GPTConfig    the architecture, built from the shared config namespace
   2. attention    who may attend to whom (one rule; backends math = the readable reference, sdpa,
                   flex), rotary positions, the attention layer
-  3. MLP, Block   the rest of a transformer block
+  3. MLP, Block   the rest of a transformer block; MLMTransform, an encoder's output transform
   4. GPT          embeddings -> blocks -> final norm -> logits (a decoder, or with arch='bert' an
                   encoder); the loss; multi-token heads; which
                   parameters are hidden matrices; parameter and FLOP accounting
@@ -291,6 +291,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class MLMTransform(nn.Module):
+    """BERT's output transform before the unembedding: dense, GELU, norm. (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense, self.norm = nn.Linear(config.n_embd, config.n_embd, bias=config.bias), make_norm(config)
+
+    def forward(self, h):
+        return self.norm(F.gelu(self.dense(h)))
+
+
 # ----------------------------------------------------------------------------- 4. the model
 
 
@@ -523,17 +534,6 @@ class GPT(nn.Module):
         if self.mlm_transform is not None:
             matmul += self.mlm_transform.dense.weight.numel()
         return 6 * matmul + 12 * (config.n_layer + config.mtp_heads - 1) * config.n_embd * T
-
-
-class MLMTransform(nn.Module):
-    """BERT's output transform before the unembedding: dense, GELU, norm. (B, T, C) -> (B, T, C)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dense, self.norm = nn.Linear(config.n_embd, config.n_embd, bias=config.bias), make_norm(config)
-
-    def forward(self, h):
-        return self.norm(F.gelu(self.dense(h)))
 
 
 # Rows of logits upcast to float32 at once when the loss is computed in eager mode from

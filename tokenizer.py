@@ -62,12 +62,16 @@ class Tokenizer:
             ids += ([self.mask_id] if i else []) + self.encode(part)
         return ids
 
+    def shown_specials(self):
+        """{id: text} of the special ids decode_text() cannot show itself: the mask token."""
+        return {self.mask_id: MASK}
+
     def decode(self, ids):
-        """Text of ids, the mask token shown as <|mask|>."""
-        parts, run = [], []
+        """Text of ids: runs of ordinary ids through decode_text(), special ids by name."""
+        specials, parts, run = self.shown_specials(), [], []
         for i in ids:
-            if i == self.mask_id:
-                parts += [self.decode_text(run), MASK]
+            if i in specials:
+                parts += [self.decode_text(run), specials[i]]
                 run = []
             else:
                 run.append(i)
@@ -168,17 +172,12 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text):
         return self.sp.encode(text)
 
-    def decode_text(self, ids):
-        eot = self.eot_id
+    def shown_specials(self):
         # sentencepiece drops control ids when decoding; show end-of-text like the others do
-        parts, run = [], []
-        for i in ids:
-            if i == eot:
-                parts += [self.sp.decode(run), EOT]
-                run = []
-            else:
-                run.append(i)
-        return "".join(parts + [self.sp.decode(run)])
+        return {**super().shown_specials(), self.eot_id: EOT}
+
+    def decode_text(self, ids):
+        return self.sp.decode(ids)
 
     def meta(self):
         return {"kind": "sentencepiece", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
@@ -213,7 +212,10 @@ class WordPieceTokenizer(Tokenizer):
         with open(vocab_path, encoding="utf-8") as f:
             vocab = [line.rstrip("\n") for line in f]
         settings_path = os.path.join(path, "tokenizer_config.json")
-        settings = json.load(open(settings_path)) if os.path.isfile(settings_path) else {}
+        settings = {}
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                settings = json.load(f)
         return cls(vocab, settings.get("do_lower_case", True))
 
     def words(self, text):
@@ -335,7 +337,7 @@ def mask_id_of(meta):
 def model_vocab_size(meta, arch):
     """The rows a model's embedding table needs for a tokenizer (its meta()): an encoder's has
     one more, for the mask token."""
-    return meta["vocab_size"] + 1 if arch == "bert" and meta.get("mask_id") is None else meta["vocab_size"]
+    return max(meta["vocab_size"], mask_id_of(meta) + 1) if arch == "bert" else meta["vocab_size"]
 
 
 def from_meta(meta, bpe_path="", cache_dir="data/cache"):
