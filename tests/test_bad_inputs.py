@@ -114,6 +114,12 @@ CASES = [
     (["bench.py", *SMALL, "--dataset=none", "--data_dir={tmp}/new"], ["not prepared"]),
     (["bench.py", *SMALL], ["train_00000.bin", "truncated"], "truncated_tokens"),
     (["bench.py", *SMALL], ["val_00000.bin", "missing"], "missing_val"),
+    # ---- the other architectures
+    (["train.py", "--arch=transformer"], ["arch", "transformer"]),
+    (["train.py", "--mask_prob=1.0"], ["mask_prob", "(0, 1)"]),
+    (["train.py", *SMALL, "--out_dir={tmp}/new", "--arch=lstm", "--pos=rope"], ["arch='lstm'", "pos='rope'"]),
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
+    (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]
 
 
@@ -158,16 +164,19 @@ def out_of_vocab(fill):
         path.write_bytes(path.read_bytes()[:-2] + b"\xff\xff")
 
 
-def hf_folder(fill, edit_weights=None, edit_config=None):
-    """A small GPT-2 folder written by our exporter, then damaged by edit_weights / edit_config."""
+def hf_folder(fill, edit_weights=None, edit_config=None, preset="gpt2"):
+    """A small GPT-2 (or BERT) folder written by our exporter, then damaged by edit_weights /
+    edit_config."""
     import json
 
     from safetensors.torch import load_file, save_file
 
+    from config import PRESETS
     from hf import export_hf
     from model import GPT, GPTConfig
     folder = fill["tmp"] / "hf"
-    export_hf(GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)), str(folder))
+    export_hf(GPT(GPTConfig(**PRESETS[preset], vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)),
+              str(folder))
     if edit_weights:
         weights = load_file(folder / "model.safetensors")
         edit_weights(weights)
@@ -192,6 +201,14 @@ def hf_wrong_shape(fill):
     hf_folder(fill, lambda w: w.update({"transformer.wpe.weight": w["transformer.wpe.weight"][:8].contiguous()}))
 
 
+def bert_folder_without_vocab(fill):
+    hf_folder(fill, preset="bert")  # exported without a tokenizer: no vocab.txt
+
+
+def bert_config_lacks_key(fill):
+    hf_folder(fill, edit_config=lambda c: c.pop("layer_norm_eps"), preset="bert")
+
+
 def hf_corrupt_safetensors(fill):
     hf_folder(fill)
     path = fill["tmp"] / "hf" / "model.safetensors"
@@ -204,7 +221,8 @@ def hf_config_lacks_key(fill):
 
 SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_checkpoint, truncated_tokens,
                                   meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
-                                  hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key)}
+                                  hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key,
+                                  bert_folder_without_vocab, bert_config_lacks_key)}
 
 
 def hashes(*folders):
