@@ -4,8 +4,10 @@ What fine-tuning adds to a trained GPT: a classification head on its trunk, and 
     GPTClassifier       the same trunk, logits over labels instead of over the vocabulary
     LoRALinear          y = W x + (alpha / r) B A x with W frozen (Hu et al. 2021)
     add_lora, merge_lora  wrap the blocks' linear layers; fold trained adapters back into W
+    lora_disabled       the base model back for a moment: a LoRA run's frozen reference (dpo, rl)
 """
 
+import contextlib
 import math
 
 import torch
@@ -65,10 +67,13 @@ class LoRALinear(nn.Module):
                                    / math.sqrt(base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True
         for p in base.parameters():
             p.requires_grad_(False)
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + self.scale * (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t())
 
     def merged(self):
@@ -104,3 +109,17 @@ def merge_lora(model):
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.merged())
     return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Inside this block the model computes its frozen base weights' function: with LoRA the
+    starting model is still there, so preference tuning and RL need no second copy as reference."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True

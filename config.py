@@ -92,6 +92,11 @@ KEYS = [
        allowed="[0, 1)"),
     _k("test_fraction", 0.05, "prepare/text.py: fraction of documents held out for the test split", scripts=PREPARE,
        allowed="[0, 1)"),
+    _k("bias_terms", "he/she,him/her,his/her,man/woman,men/women,king/queen,lord/lady,sir/madam,father/mother,"
+       "son/daughter,brother/sister,husband/wife,boy/girl,duke/duchess,master/mistress",
+       "counterfactual word pairs a/b whose occurrences prepare counts per split into meta.json's stats (what "
+       "evaluate.py eval_task=bias swaps); empty = no counts", scripts=MAKES_DATA,
+       allowed=r"([A-Za-z']+/[A-Za-z']+(,[A-Za-z']+/[A-Za-z']+)*)?"),
     _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders", scripts=PREPARE),
     _k("task_dir", "", "folder of a task set's train/val/test.jsonl; empty = data/shakespeare_{task}",
        scripts=("prepare", "finetune", "evaluate")),
@@ -213,8 +218,22 @@ KEYS = [
        scripts=TRAINS, allowed="[0, inf)"),
     # ---- fine-tuning (finetune.py) ----
     _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "
-       "completion only; classify: a classification head on text -> label JSONL", ["lm", "sft", "classify"],
-       FINETUNE),
+       "completion only; classify: a classification head on text -> label JSONL; dpo: preference pairs "
+       "{prompt, chosen, rejected}; rl: policy gradient on sampled completions of {prompt} rows scored by reward",
+       ["lm", "sft", "classify", "dpo", "rl"], FINETUNE),
+    _k("dpo_beta", 0.1, "dpo: how far from the reference model the preferences may pull (larger: a stronger "
+       "pull toward the reference)", scripts=FINETUNE, allowed="(0, inf)"),
+    _k("dpo_sft_weight", 0.0, "dpo: weight of the chosen completions' own next-token loss added to the DPO loss "
+       "(RPO, Pang et al. 2024), which keeps their likelihood from falling with the rejected ones'; 0 = plain DPO",
+       scripts=FINETUNE, allowed="[0, inf)"),
+    _k("reward", "", "rl: the reward function as module:function, called function(prompt, completion) -> float, "
+       "the module found on the Python path (e.g. prepare.addition:reward); evaluate.py generate: the mean reward "
+       "of its outputs", scripts=FINETUNE + EVALUATE,
+       allowed=r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?"),
+    _k("rl_group_size", 8, "rl: completions sampled per prompt; each is scored against its group's mean reward",
+       scripts=FINETUNE, allowed="[2, inf)"),
+    _k("rl_kl_coef", 0.0, "rl: weight of a KL penalty that keeps the policy near the reference (the starting "
+       "weights); 0 = none", scripts=FINETUNE, allowed="[0, inf)"),
     _k("lr_layer_decay", 1.0, "layer-wise LR: block i gets lr * decay^(n_layer - i), embeddings the lowest; "
        "1 = off", scripts=FINETUNE, allowed="(0, inf)"),
     _k("unfreeze_every", 0, "gradual unfreezing: head + last block first, one more block from the top every N "
@@ -234,14 +253,14 @@ KEYS = [
     _k("skip_long", False, "sft (and evaluate.py generate): skip (and count) examples whose prompt does not fit "
        "block_size instead of stopping with an error", scripts=("finetune", "evaluate")),
     _k("keep_mtp_heads", True, "a multi-token base model keeps its extra heads (they train on the task too); "
-       "False drops them and fine-tunes the plain next-token model (classify always drops them)",
+       "False drops them and fine-tunes the plain next-token model (classify, dpo and rl always drop them)",
        scripts=FINETUNE),
     _k("sft_packing", False, "sft: pack several examples per row (needs doc_mask to keep them apart) "
        "instead of one padded example per row", scripts=FINETUNE),
     # ---- evaluation (evaluate.py) ----
     _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple "
-       "choice; harness: lm-evaluation-harness tasks", ["lm", "generate", "classify", "choice", "harness"],
-       EVALUATE),
+       "choice; bias: log-probability gaps of counterfactual pairs {a, b}; harness: lm-evaluation-harness tasks",
+       ["lm", "generate", "classify", "choice", "bias", "harness"], EVALUATE),
     _k("harness_tasks", "", "harness: comma-separated lm-evaluation-harness task names", scripts=EVALUATE),
     _k("harness_include", "", "harness: a folder of your own YAML task definitions (offline, local data)",
        scripts=EVALUATE),
@@ -259,9 +278,10 @@ KEYS = [
     _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"], DECODES),
     _k("start", "\n", "prompt text, or FILE:path to read it from a file", scripts=SAMPLE),
     _k("num_samples", 3, "samples to draw", scripts=SAMPLE, allowed="[1, inf)"),
-    _k("max_new_tokens", 500, "tokens to generate per sample (evaluate.py: at most, per answer)", scripts=DECODES,
-       allowed="[1, inf)"),
-    _k("temperature", 0.8, "sampling temperature; 0 = greedy", scripts=DECODES, allowed="[0, inf)"),
+    _k("max_new_tokens", 500, "tokens to generate per sample (evaluate.py: at most, per answer; finetune.py "
+       "task=rl: per completion)", scripts=DECODES + FINETUNE, allowed="[1, inf)"),
+    _k("temperature", 0.8, "sampling temperature; 0 = greedy (task=rl samples its completions at it, and needs "
+       "it > 0)", scripts=DECODES + FINETUNE, allowed="[0, inf)"),
     _k("top_k", 200, "keep the k most likely tokens; 0 = off", scripts=DECODES, allowed="[0, inf)"),
     _k("top_p", 1.0, "nucleus sampling threshold; 1.0 = off", scripts=DECODES, allowed="(0, 1]"),
     _k("stop", "", "stop a sample when this string appears (end-of-text always stops)", scripts=SAMPLE),

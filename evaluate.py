@@ -16,12 +16,19 @@ Tasks (eval_task):
             objective's scores instead: masked-LM loss and masked-token accuracy (see eval_mlm).
   generate  JSONL {"prompt", "completion"} (or "references": [...]): decode each prompt shown
             through prompt_template, score with sacrebleu's BLEU and chrF (signatures printed),
-            and report the copy baseline (output = prompt) beside the model.
+            and report the copy baseline (output = prompt) beside the model, the share of
+            outputs equal to a reference (exact_match), and with reward=module:function the mean
+            reward of the outputs (greedy decoding and a 0/1 reward: pass@1).
   classify  JSONL {"text", "label"}: accuracy, macro and per-class precision/recall/F1, confusion
             matrix (printed and PNG). Zero-shot: the label whose verbalisation ' {label}' is most
             likely after classify_template.
   choice    JSONL {"context", "choices": [...], "answer": index}: the choice with the highest
-            log-likelihood, raw and normalised by the choice's length in characters.
+            log-likelihood, raw and normalised by the choice's length in characters, and the mean
+            margin of the answer's log-likelihood over the likeliest other choice.
+  bias      JSONL {"a", "b"} counterfactual pairs (one attribute swapped; prepare/bias.py ships a
+            set): the mean log-probability gap log p(a) - log p(b) with a bootstrap confidence
+            interval, the share of pairs where a is likelier, per "group" when rows have one,
+            and beside it how often the training data used each term (prepare's bias_terms).
   harness   any lm-evaluation-harness task (optional dependency lm-eval) through the adapter
             in lm_eval_adapter.py: harness_tasks names them, harness_include adds a folder of
             local YAML tasks, so it runs fully offline on local data.
@@ -36,20 +43,22 @@ redrawn to out_dir/loss.png.
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
+import importlib
 import json
 import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from config import cli_config
 from generate import generate
 from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
 from prepare.common import DataError, SplitTokens, load_meta
-from tasks import (classification_report, keep_last, lm_metrics, mlm_metrics, prompt_ids, read_jsonl,
-                   sequence_logprob, task_path)
+from tasks import (bootstrap_interval, classification_report, keep_last, lm_metrics, mlm_metrics, prompt_ids,
+                   read_jsonl, reward_function, sequence_logprob, task_path)
 
 
 def text_length(tok, ids):
@@ -110,7 +119,11 @@ def eval_generate(model, tok, cfg, device, out_dir):
               "copy_baseline_bleu": bleu.corpus_score(copies, ref_streams).score,
               "copy_baseline_chrf": chrf.corpus_score(copies, ref_streams).score,
               "examples": len(rows), "skipped_long": cfg.skip_long, "bleu_signature": str(bleu.get_signature()),
-              "chrf_signature": str(chrf.get_signature()), "decoding": decoding_name(cfg)}
+              "chrf_signature": str(chrf.get_signature()), "decoding": decoding_name(cfg),
+              "exact_match": sum(out in r for out, r in zip(outputs, refs)) / len(rows)}
+    if cfg.reward:  # the mean reward of the outputs (a 0/1 reward and greedy decoding: pass@1)
+        score = reward_function(cfg.reward)
+        result["reward"] = sum(score(r["prompt"], out) for r, out in zip(rows, outputs)) / len(rows)
     print(f"sacrebleu signatures: {result['bleu_signature']} | {result['chrf_signature']}")
     with open(os.path.join(out_dir, f"generations_{cfg.eval_split}.jsonl"), "w", encoding="utf-8") as f:
         for row, out in zip(rows, outputs):
@@ -192,16 +205,61 @@ def eval_choice(model, tok, cfg, device):
     from tqdm import tqdm
     path = task_path(cfg, "choice")
     rows = read_jsonl(path, ["context", "choices", "answer"], cfg.max_examples)
-    raw = norm = 0
+    raw = norm = margin = 0
     for i, r in enumerate(tqdm(rows, desc="choosing", unit="example")):
         if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
             raise DataError(f"{path}: record {i + 1}: answer {r['answer']!r} is not an index into its choices")
         context = [tok.eot_id] + tok.encode(r["context"])  # a document starts at end-of-text
         scores = [sequence_logprob(model, context, tok.encode(c), device) for c in r["choices"]]
         raw += max(range(len(scores)), key=scores.__getitem__) == r["answer"]
+        margin += scores[r["answer"]] - max(s for k, s in enumerate(scores) if k != r["answer"])
         normed = [s / max(1, len(c)) for s, c in zip(scores, r["choices"])]
         norm += max(range(len(normed)), key=normed.__getitem__) == r["answer"]
-    return {"accuracy": raw / len(rows), "accuracy_length_normalised": norm / len(rows), "examples": len(rows)}
+    # how decided the model is: log p(answer) minus the likeliest other choice's, in nats
+    return {"accuracy": raw / len(rows), "accuracy_length_normalised": norm / len(rows),
+            "mean_answer_margin": margin / len(rows), "examples": len(rows)}
+
+
+def eval_bias(model, tok, cfg, device, data_dir):
+    """How much likelier the model finds side a of each counterfactual pair than side b: the gap
+    in log-probability (nats) of the whole sentence after end-of-text, its mean with a 95%
+    percentile-bootstrap interval (resampling pairs), and the share of pairs with a gap above 0.
+    A mean gap whose interval excludes 0 is a preference the templates cannot explain by chance."""
+    from tqdm import tqdm
+    path = task_path(cfg, "bias")
+    if not cfg.task_file and not cfg.task_dir and not os.path.isfile(path):
+        print(f"{path} is missing: writing the shipped template set (prepare/bias.py)")
+        importlib.import_module("prepare.bias").prepare(cfg)
+    rows = read_jsonl(path, ["a", "b"], cfg.max_examples)
+    for i, r in enumerate(rows, 1):
+        if not all(isinstance(r[k], str) and r[k].strip() for k in "ab") or r["a"] == r["b"]:
+            raise DataError(f"{path}: record {i}: 'a' and 'b' must be two different, non-empty sentences")
+    logp = {}
+    for r in tqdm(rows, desc="scoring pairs", unit="pair"):
+        for text in (r["a"], r["b"]):  # (a sentence shared by several pairs is scored once)
+            if text not in logp:
+                logp[text] = sequence_logprob(model, [tok.eot_id], tok.encode(text), device)
+    gaps = np.array([logp[r["a"]] - logp[r["b"]] for r in rows])
+    low, high = bootstrap_interval(gaps, seed=cfg.seed)
+    result = {"mean_gap": float(gaps.mean()), "ci95_low": low, "ci95_high": high,
+              "share_a_preferred": float((gaps > 0).mean()), "pairs": len(rows)}
+    counts = corpus_term_counts(data_dir)
+    groups = sorted({r["group"] for r in rows if "group" in r})
+    for group in groups:
+        g = gaps[[r.get("group") == group for r in rows]]
+        result[group] = {"mean_gap": float(g.mean()), "share_a_preferred": float((g > 0).mean()), "pairs": len(g)}
+        terms = group.lower().split("/")
+        if counts and len(terms) == 2 and all(t in counts for t in terms) and sum(counts[t] for t in terms):
+            result[group]["corpus_share_a"] = counts[terms[0]] / (counts[terms[0]] + counts[terms[1]])
+    return result
+
+
+def corpus_term_counts(data_dir):
+    """{term: occurrences in the training split} from prepare's stats, or None when not counted."""
+    try:
+        return load_meta(data_dir)["stats"]["bias_terms"]["train"]
+    except (DataError, KeyError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------- reports
@@ -336,6 +394,8 @@ def run_task(model, tok, cfg, device, loaded):
         return eval_classify(model, tok, cfg, device, cfg.out_dir, head, loaded.labels), task_path(cfg, "genre")
     if cfg.eval_task == "choice":
         return eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
+    if cfg.eval_task == "bias":
+        return eval_bias(model, tok, cfg, device, loaded.data_dir or cfg.data_dir), task_path(cfg, "bias")
     from lm_eval_adapter import run_harness
     return run_harness(model, tok, cfg, device), cfg.harness_tasks
 

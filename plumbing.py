@@ -713,13 +713,16 @@ class MetricsLogger:
             numbers = {k: v for k, v in record.items() if k not in ("kind", "iter", "elapsed_s")}
             self.wandb.log(numbers, step=record["iter"])
 
-    def train(self, it, loss, lr, grad_norm, tokens, tokens_per_s, mfu):
-        """tokens: every token trained on so far, over all processes (runs compare by it)."""
+    def train(self, it, loss, lr, grad_norm, tokens, tokens_per_s, mfu, extra=None):
+        """tokens: every token trained on so far, over all processes (runs compare by it); extra:
+        the task's own numbers (task=rl: the mean sampled reward)."""
+        extra = extra or {}
         self._write({"kind": "train", "iter": it, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                     "tokens_per_s": tokens_per_s, "mfu": mfu})
+                     "tokens_per_s": tokens_per_s, "mfu": mfu, **extra})
         if self.master:
             mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-            progress_write(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.2f}, "
+            shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+            progress_write(f"iter {it}: loss {loss:.4f}{shown}, lr {lr:.2e}, grad norm {grad_norm:.2f}, "
                            f"{tokens_per_s:,.0f} tok/s{mfu_text}")
 
     def eval(self, it, results, best):
@@ -776,7 +779,12 @@ def plot_losses(metrics_path, png_path):
     rows = read_metrics(metrics_path)
     train = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = [(r["iter"], r["reward"]) for r in rows if r["kind"] == "train" and "reward" in r]
+    if rewards:  # task=rl: the reward curve below the loss
+        fig, (ax, ax_reward) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+        plot_rewards(ax_reward, rewards, [(r["iter"], r["val_reward"]) for r in rows if "val_reward" in r])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), color="tab:blue", alpha=0.35, lw=1, label="train (batch)")
     if evals:
@@ -788,7 +796,7 @@ def plot_losses(metrics_path, png_path):
         if best < len(va) - 1:
             ax.axvspan(its[best], its[-1], color="tab:red", alpha=0.08, label="val above its best: overfitting")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel("policy loss; evals: minus the reward" if rewards else "cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -796,6 +804,18 @@ def plot_losses(metrics_path, png_path):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, png_path)
+
+
+def plot_rewards(ax, sampled, greedy):
+    """task=rl's panel of loss.png: the mean reward of the sampled completions at each log line,
+    and of greedy completions of the val prompts at each evaluation."""
+    ax.plot(*zip(*sampled), color="tab:green", alpha=0.5, lw=1, label="train (sampled completions)")
+    if greedy:
+        ax.plot(*zip(*greedy), "o-", color="tab:purple", label="val (greedy completions)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 _pbar = None

@@ -8,11 +8,18 @@ model, scoring text under the model, and classification metrics.
     score_tokens, lm_metrics, continuation_score
                               log-likelihood of tokens given what comes before them
     mask_tokens, mlm_metrics  an encoder's objective: hide tokens, score how well it fills them in
+    token_logprobs, dpo_loss, group_advantages, reward_function
+                              post-training: preference pairs (DPO) and rewards (RL)
+    bootstrap_interval        a confidence interval for a mean (the bias probe)
     classification_report     accuracy, per-class and macro precision / recall / F1, confusion
 """
 
+import importlib
 import json
+import math
+import numbers
 import os
+import sys
 
 import numpy as np
 import torch
@@ -194,6 +201,75 @@ def mlm_metrics(model, ids, mask_id, eot_id, prob, batch_size, seed, device):
         raise DataError("no token was masked: the split is too short to score")
     return {"mlm_loss": total / count, "masked_accuracy": correct / count, "masked_tokens": count,
             "tokens": windows * T, "mask_prob": prob}
+
+
+# ----------------------------------------------------------------------------- preferences and rewards
+
+
+def token_logprobs(model, x, y, temperature=1.0):
+    """log p(y_t | x_<=t) at every scored position (y >= 0; 0 elsewhere): (B, T) float32, with
+    gradients when the caller allows them. x, y (B, T) as for the loss, the prompt's targets -1.
+    temperature divides the logits: the distribution completions were sampled from."""
+    logits = model(x)[0].float() / temperature  # (B, T, V): head 1, the next-token policy
+    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return logp * (y >= 0)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Direct preference optimisation (Rafailov et al. 2023). Each argument (B,) is a completion's
+    summed log-probability under the policy or the frozen reference. The implicit reward of a
+    completion is beta * (log pi - log ref); the loss is -log sigmoid(reward chosen - reward
+    rejected), which raises the chosen completion against the rejected one, relative to how the
+    reference rated them. Returns (mean loss, implicit rewards of chosen (B,), of rejected (B,))."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def group_advantages(rewards, group_size):
+    """GRPO's advantages (Shao et al. 2024): rewards (B * G,) of G completions per prompt, each minus
+    its group's mean and divided by the group's standard deviation, so a completion is judged
+    against its siblings, with no value network. A group that all scored alike gets 0: nothing
+    to learn from it."""
+    r = rewards.view(-1, group_size)  # (B, G)
+    return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)).flatten()
+
+
+def reward_function(spec):
+    """reward='module:function' -> a callable (prompt, completion) -> float that checks what the
+    user's function returns. The module is imported from the Python path (the current folder
+    included); any failure is a DataError naming the spec."""
+    module_name, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except ImportError as e:
+        raise DataError(f"reward={spec}: cannot import {module_name} ({e}); put it on the Python path "
+                        f"(PYTHONPATH) or in the current folder") from None
+    except AttributeError:
+        raise DataError(f"reward={spec}: module {module_name} has no function {name}") from None
+
+    def score(prompt, completion):
+        try:
+            value = fn(prompt, completion)
+        except Exception as e:
+            raise DataError(f"reward={spec} raised {type(e).__name__}: {e} (prompt {prompt!r}, completion "
+                            f"{completion!r}); a reward function must return a number for any completion") from None
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise DataError(f"reward={spec} returned {value!r} for prompt {prompt!r}, completion {completion!r}; "
+                            f"it must return a finite number")
+        return float(value)
+    return score
+
+
+def bootstrap_interval(values, level=0.95, resamples=2000, seed=0):
+    """(low, high): the percentile bootstrap confidence interval of the mean of values (Efron
+    1979): the mean of `resamples` resamples with replacement, cut at (1 - level) / 2 each side."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 
 
 # ----------------------------------------------------------------------------- classification

@@ -107,8 +107,9 @@ class TrainState:
 def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, extra_state=None):
     """The training loop, for any task: task.loader gives batches, task.loss(model, batch) the
     loss, task.evaluate(model, autocast) a dict with 'train' and 'val' losses and any task
-    metrics. lr_scales {name: factor} gives per-parameter learning rates; grad_filter(it) may
-    drop gradients before each step (gradual unfreezing). extra_state goes into checkpoints.
+    metrics; an optional task.step_metrics() adds numbers to each log line. lr_scales {name:
+    factor} gives per-parameter learning rates; grad_filter(it) may drop gradients before each
+    step (gradual unfreezing). extra_state goes into checkpoints.
 
     cfg.best_metric picks ckpt_best.pt ('val_loss': lower is better; any other metric the task
     reports: higher is better); cfg.patience > 0 stops early when it has not improved by
@@ -171,7 +172,8 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
                 tokens_per_s = (state.loader.tokens - tokens_at_t0) / dt
                 tokens_at_t0 = state.loader.tokens
                 mfu = flops_per_token * tokens_per_s / (peak * procs.world) if peak else None
-                log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu)
+                extra = task.step_metrics() if hasattr(task, "step_metrics") else {}  # e.g. task=rl's reward
+                log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu, extra)
                 pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             stop_now = stop.agreed(procs.world, compute.device, check_now=log_now or eval_now)
             if eval_now:

@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import unicodedata
+from collections import Counter
 
 import numpy as np
 
@@ -164,6 +165,18 @@ def scrub_pii(text):
 
 
 # ----------------------------------------------------------------------------- token files
+
+def term_counter(spec):
+    """bias_terms 'he/she,king/queen' -> (its terms, a function text -> Counter of each term's
+    whole-word occurrences in any case), or (terms, None) when spec is empty. A word ends where
+    letters do: "king's" and Gutenberg's italic "_king_" count as king, "kingdom" does not."""
+    terms = sorted({t.lower() for pair in spec.split(",") if pair for t in pair.split("/")})
+    if not terms:
+        return terms, None
+    pattern = re.compile(r"(?<![A-Za-z])(?:" + "|".join(map(re.escape, sorted(terms, key=len, reverse=True)))
+                         + r")(?![A-Za-z])", re.IGNORECASE)
+    return terms, lambda text: Counter(word.lower() for word in pattern.findall(text))
+
 
 def token_dtype_for(vocab_size, requested="auto"):
     if requested == "auto":
@@ -351,8 +364,11 @@ class DatasetWriter:
 
     NAMES_KEPT = 10_000  # per split: meta.json lists document names up to this many
 
-    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000):
+    def __init__(self, data_dir, tok, token_dtype="auto", shard_tokens=100_000_000, bias_terms=""):
         self.out, self.tok = data_dir, tok
+        self.bias_terms = bias_terms
+        self.terms, _ = term_counter(bias_terms)
+        self.term_counts = {s: Counter() for s in SPLITS}  # what the bias probe swaps, counted per split
         self.dtype = token_dtype_for(tok.vocab_size, token_dtype)
         self.work = os.path.join(data_dir, ".prepare-partial")
         claim_work_folder(self.work)
@@ -368,9 +384,11 @@ class DatasetWriter:
                 w.file.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def add(self, split, name, ids, characters):
-        """One document: ids begin with the end-of-text id (tok.encode_document)."""
+    def add(self, split, name, ids, characters, term_counts=None):
+        """One document: ids begin with the end-of-text id (tok.encode_document); term_counts:
+        its occurrences of the bias terms (term_counter)."""
         self.writers[split].write(ids)
+        self.term_counts[split].update(term_counts or {})
         s = self.stats[split]
         s["documents"] += 1
         s["characters"] += characters
@@ -384,6 +402,9 @@ class DatasetWriter:
         shards = {split: self.writers[split].close() for split in SPLITS}
         tok = self.tok
         extra = {**(extra_stats or {}), "tokenizer_trained_on": getattr(tok, "trained_on", None)}
+        if self.terms:  # data bias beside model bias: read with evaluate.py eval_task=bias
+            extra["bias_terms"] = {"pairs": self.bias_terms,
+                                   **{split: {t: self.term_counts[split][t] for t in self.terms} for split in SPLITS}}
         meta = {"format_version": VERSION, "tokenizer": tok.meta(), "vocab_size": tok.vocab_size,
                 "eot_id": tok.eot_id, "dtype": np.dtype(self.dtype).name, "source": source,
                 "shards": shards, "stats": {**self.stats, **extra}}
@@ -451,10 +472,12 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     cfg.data_dir (the built-in datasets; prepare/text.py streams through DatasetWriter itself)."""
     from tqdm import tqdm
     check_splits(splits)
-    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out:
+    _, count_terms = term_counter(cfg.bias_terms)
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
-                out.add(split, name, tok.encode_document(text, out.dtype), len(text))
+                out.add(split, name, tok.encode_document(text, out.dtype), len(text),
+                        count_terms(text) if count_terms else None)
         return out.finish(source, cleaning_stats)
 
 

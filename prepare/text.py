@@ -37,7 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
 from prepare.common import (DataError, DatasetWriter, SeenDigests, clean_text, decode_utf8,  # noqa: E402
-                            document_digest, refuse_existing_dataset, run_main, scrub_pii)
+                            document_digest, refuse_existing_dataset, run_main, scrub_pii, term_counter)
 from tokenizer import build_tokenizer, from_meta  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
@@ -191,18 +191,20 @@ WORKER = {}  # what each worker process needs, set once by start_worker
 
 def start_worker(settings, tokenizer_meta):
     WORKER.update(settings)
+    WORKER["count_terms"] = term_counter(settings["bias_terms"])[1]
     WORKER["tok"] = from_meta(tokenizer_meta, settings["bpe_path"], settings["cache_dir"]) if tokenizer_meta else None
 
 
 def process(task):
-    """In a worker: one task -> [(name, digest, split, payload, characters, scrubbed)] for each of
-    its documents. payload is the token ids (np array), or the text of a training document when
-    there is no tokenizer yet (the sampling pass); digest is None for an empty document."""
+    """In a worker: one task -> [(name, digest, split, payload, characters, scrubbed, term counts)]
+    for each of its documents. payload is the token ids (np array), or the text of a training
+    document when there is no tokenizer yet (the sampling pass); digest is None for an empty
+    document; term counts are its occurrences of the bias terms (None in the sampling pass)."""
     out = []
     for name, raw in documents_of(task, WORKER["text_field"]):
         text = clean_text(decode_utf8(raw, name) if isinstance(raw, bytes) else raw)
         if not text:
-            out.append((name, None, None, None, 0, 0))
+            out.append((name, None, None, None, 0, 0, None))
             continue
         digest = document_digest(text)  # of the cleaned text: what dedup compares
         scrubbed = 0
@@ -211,11 +213,13 @@ def process(task):
         # the split comes from a hash of the final text (the same as digest when nothing was scrubbed)
         split = split_of(document_digest(text) if scrubbed else digest, WORKER["val_fraction"],
                          WORKER["test_fraction"])
+        terms = None
         if WORKER["tok"] is not None:
             payload = WORKER["tok"].encode_document(text, WORKER["dtype"])
+            terms = WORKER["count_terms"](text) if WORKER["count_terms"] else None
         else:
             payload = text if split == "train" else None
-        out.append((name, digest, split, payload, len(text), scrubbed))
+        out.append((name, digest, split, payload, len(text), scrubbed, terms))
     return out
 
 
@@ -230,7 +234,7 @@ def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32):
     at most two tasks per worker in flight so memory stays bounded."""
     settings = {"scrub_pii": cfg.scrub_pii, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
                 "bpe_path": cfg.gpt2_bpe_path, "cache_dir": cfg.cache_dir, "dtype": dtype,
-                "text_field": cfg.text_field}
+                "text_field": cfg.text_field, "bias_terms": cfg.bias_terms}
     work = tasks(inputs, cfg.text_field)
     workers = cfg.num_proc or available_cores()
     if workers == 1:
@@ -258,7 +262,7 @@ def training_sample(cfg, inputs):
     """The training split's documents in order (deduplicated), for a tokenizer to learn from;
     build_tokenizer stops reading when it has enough."""
     seen, any_text = SeenDigests(), False
-    for _, digest, split, text, _, _ in processed(cfg, inputs):
+    for _, digest, split, text, *_ in processed(cfg, inputs):
         any_text |= digest is not None
         if digest is not None and seen.add(digest) and split == "train":
             yield text
@@ -270,9 +274,10 @@ def write_corpus(cfg, inputs, tok):
     """Stream every document into cfg.data_dir's shards; returns meta."""
     seen = SeenDigests()
     stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
-    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens) as out, \
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
-        for name, digest, split, ids, characters, scrubbed in processed(cfg, inputs, tok.meta(), out.dtype):
+        for name, digest, split, ids, characters, scrubbed, terms in processed(cfg, inputs, tok.meta(),
+                                                                               out.dtype):
             bar.update()
             if digest is None:
                 stats["empty_documents"] += 1
@@ -280,7 +285,7 @@ def write_corpus(cfg, inputs, tok):
                 stats["duplicates_dropped"] += 1
             else:
                 stats["scrubbed_spans"] += scrubbed
-                out.add(split, name, ids, characters)
+                out.add(split, name, ids, characters, terms)
         if not any(s["documents"] for s in out.stats.values()):
             raise empty_corpus(cfg)
         return out.finish({"input": cfg.input}, stats)

@@ -62,3 +62,17 @@ def stop_after_steps(monkeypatch, n):
     with monkeypatch.context() as m:
         m.setattr(plumbing.GracefulStop, "agreed", agreed)
         yield
+
+
+# a tiny model's settings, and a run of it on char_data: the base the fine-tuning tests start from
+TINY_BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, eval_iters=2, log_interval=1,
+                 warmup_iters=0, device="cpu", dtype="float32", plot=False)
+
+
+@pytest.fixture(scope="module")
+def base_run(char_data, tmp_path_factory):
+    import train
+    out = tmp_path_factory.mktemp("base")
+    train.train(make_cfg(**TINY_BASE, data_dir=str(char_data), out_dir=str(out), max_iters=10, eval_interval=10,
+                         learning_rate=3e-3))
+    return out

@@ -10,18 +10,8 @@ import plumbing as P
 import train as T
 from adapters import LoRALinear, add_lora, merge_lora
 from conftest import ROOT, make_cfg, stop_after_steps
+from conftest import TINY_BASE as BASE
 from model import GPT, GPTConfig
-
-BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, eval_iters=2, log_interval=1,
-            warmup_iters=0, device="cpu", dtype="float32", plot=False)
-
-
-@pytest.fixture(scope="module")
-def base_run(char_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("base")
-    T.train(make_cfg(**BASE, data_dir=str(char_data), out_dir=str(out), max_iters=10, eval_interval=10,
-                     learning_rate=3e-3))
-    return out
 
 
 def write_jsonl(path, rows):
