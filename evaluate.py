@@ -43,7 +43,6 @@ redrawn to out_dir/loss.png.
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
-import importlib
 import json
 import math
 import os
@@ -57,8 +56,8 @@ from config import cli_config
 from generate import generate
 from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
 from prepare.common import DataError, SplitTokens, load_meta
-from tasks import (bootstrap_interval, classification_report, keep_last, lm_metrics, mlm_metrics, prompt_ids,
-                   read_jsonl, reward_function, sequence_logprob, task_path)
+from tasks import (bootstrap_interval, classification_report, keep_last, lm_metrics, mlm_metrics,
+                   prepare_on_first_use, prompt_ids, read_jsonl, reward_function, sequence_logprob, task_path)
 
 
 def text_length(tok, ids):
@@ -227,9 +226,7 @@ def eval_bias(model, tok, cfg, device, data_dir):
     A mean gap whose interval excludes 0 is a preference the templates cannot explain by chance."""
     from tqdm import tqdm
     path = task_path(cfg, "bias")
-    if not cfg.task_file and not cfg.task_dir and not os.path.isfile(path):
-        print(f"{path} is missing: writing the shipped template set (prepare/bias.py)")
-        importlib.import_module("prepare.bias").prepare(cfg)
+    prepare_on_first_use(cfg, path)  # the shipped template set
     rows = read_jsonl(path, ["a", "b"], cfg.max_examples)
     for i, r in enumerate(rows, 1):
         if not all(isinstance(r[k], str) and r[k].strip() for k in "ab") or r["a"] == r["b"]:

@@ -24,7 +24,6 @@ fine-tuning. Read it in order:
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
 import copy
-import importlib
 import os
 import re
 
@@ -32,14 +31,14 @@ import torch
 import torch.distributed as torch_dist
 
 from adapters import GPTClassifier, add_lora, lora_disabled
-from config import Config, cli_config
+from config import cli_config
 from generate import generate
 from model import check_flex_dropout, document_ids
 from plumbing import (RandomBatches, continue_run, load_checkpoint, load_model, micro_batches_per_process,
                       model_from_checkpoint, read_meta, refuse_existing_run, save_checkpoint, setup_processes, unwrap)
 from prepare.common import DataError, task_dir_of
-from tasks import (classification_report, dpo_loss, group_advantages, keep_last, prompt_ids, read_jsonl,
-                   reward_function, token_logprobs)
+from tasks import (classification_report, dpo_loss, group_advantages, keep_last, prepare_on_first_use, prompt_ids,
+                   read_jsonl, reward_function, token_logprobs)
 from tokenizer import from_meta
 from train import LMTask, fit, heldout_losses
 
@@ -143,6 +142,13 @@ def pad_batch(rows, pad_id):
     return x, y
 
 
+def heldout_batches(splits, split, batch_size, procs):
+    """This process's batches of a split's held-out rows: every val row, and as many train rows
+    (so train and val are scored alike), dealt out among the processes a batch at a time."""
+    rows = splits[split][:len(splits["val"])]
+    return (rows[i:i + batch_size] for i in range(procs.rank * batch_size, len(rows), procs.world * batch_size))
+
+
 class ExampleLoader(RandomBatches):
     """Random batches of whole examples, padded per batch."""
 
@@ -183,11 +189,9 @@ class SFTTask:
         """Mean completion-token loss of head 1 (and of every head of a multi-token model) over
         the whole val split and as many train rows, the rows shared among the processes."""
         out = {}
-        B, rank, world = self.cfg.batch_size, self.procs.rank, self.procs.world
         for split in ("train", "val"):
-            rows = self.splits[split][:len(self.splits["val"])]
-            batches = (self.loader.to_device(*pad_batch(rows[i:i + B], self.pad_id))
-                       for i in range(rank * B, len(rows), world * B))
+            batches = (self.loader.to_device(*pad_batch(rows, self.pad_id))
+                       for rows in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs))
             losses = heldout_losses(model, batches, autocast, self.procs, self.doc_eot)
             out[split] = losses[0]
             if split == "val" and len(losses) > 1:
@@ -265,7 +269,7 @@ class PreferenceTask:
     one, measured against the frozen reference (the starting weights; see FrozenReference)."""
 
     def __init__(self, cfg, procs, tok, task_dir):
-        self.cfg, self.procs, self.pad_id = cfg, procs, tok.eot_id
+        self.cfg, self.procs = cfg, procs
         self.splits = {s: preference_pairs(os.path.join(task_dir, f"{s}.jsonl"), tok, cfg) for s in ("train", "val")}
         self.loader = PairLoader(self.splits["train"], tok.eot_id, cfg, procs)
         self.reference = None  # set by finetune() once the policy is built
@@ -292,22 +296,20 @@ class PreferenceTask:
         """DPO loss of the val pairs and as many train pairs; on val also the mean reward margin,
         the preference accuracy (chosen's implicit reward higher) and the policy's own accuracy
         (chosen more likely than rejected, whatever the reference thought): the behaviour itself."""
-        out, B, rank, world = {}, self.cfg.batch_size, self.procs.rank, self.procs.world
+        out, n_val = {}, len(self.splits["val"])
         raw = unwrap(model)
         raw.eval()
         for split in ("train", "val"):
-            pairs = self.splits[split][:len(self.splits["val"])]
             sums = torch.zeros(4, device=self.procs.device)  # loss, margin, preferred, policy prefers chosen
-            for i in range(rank * B, len(pairs), world * B):
-                batch = self.loader.make_batch(range(i, min(i + B, len(pairs))), pairs)
+            for pairs in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs):
                 with autocast:
-                    loss, chosen, rejected, logp_chosen, logp_rejected = self.scores(raw, batch)
+                    loss, chosen, rejected, logp_chosen, logp_rejected = self.scores(raw, self.loader.to_batch(pairs))
                 margin = chosen - rejected
                 sums += torch.stack([loss * len(margin), margin.sum(), (margin > 0).sum(),
                                      (logp_chosen > logp_rejected).sum()]).float()
-            if world > 1:
+            if self.procs.world > 1:
                 torch_dist.all_reduce(sums)
-            loss, margin, preferred, policy_prefers = (sums / len(pairs)).tolist()
+            loss, margin, preferred, policy_prefers = (sums / min(n_val, len(self.splits[split]))).tolist()
             out[split] = loss
         out.update(val_reward_margin=margin, val_preference_accuracy=preferred, val_policy_accuracy=policy_prefers)
         raw.train()
@@ -337,8 +339,10 @@ def preference_pairs(path, tok, cfg):
 class PairLoader(ExampleLoader):
     """Random batches of B preference pairs as one padded batch of 2B rows: chosen, then rejected."""
 
-    def make_batch(self, picks, pairs=None):
-        pairs = [(pairs or self.rows)[i] for i in picks]
+    def make_batch(self, picks):
+        return self.to_batch([self.rows[i] for i in picks])
+
+    def to_batch(self, pairs):
         return self.to_device(*pad_batch([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id))
 
     def count_tokens(self, picks):
@@ -362,10 +366,11 @@ class RewardTask:
         self.train_size = len(self.splits["train"])
         self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
 
-    def rollout(self, model, prompts, group_size, temperature):
-        """Sample group_size completions of each (text, ids) prompt; returns ((x, y) of every
-        prompt + completion, rewards (B * G,)). Sampling runs on the plain module in eval mode
-        (no dropout), from the global RNG, which checkpoints save: a resumed run samples alike."""
+    def sample_and_score(self, model, prompts, group_size, temperature):
+        """Sample group_size completions of each (text, ids) prompt; returns (the prompts repeated
+        group_size times, their completions' ids, rewards (B * G,)). Sampling runs on the plain
+        module in eval mode (no dropout), from the global RNG, which checkpoints save: a resumed
+        run samples alike."""
         raw = unwrap(model)
         raw.eval()
         repeated = [p for p in prompts for _ in range(group_size)]
@@ -374,8 +379,14 @@ class RewardTask:
         raw.train()
         rewards = [self.score(text, self.tok.decode([t for t in c if t != self.tok.eot_id]))
                    for (text, _), c in zip(repeated, completions)]
+        return repeated, completions, torch.tensor(rewards)
+
+    def rollout(self, model, prompts, group_size, temperature):
+        """sample_and_score, with the samples as a training batch: ((x, y) of every prompt +
+        completion, rewards (B * G,))."""
+        repeated, completions, rewards = self.sample_and_score(model, prompts, group_size, temperature)
         rows = [completion_example(ids, c, self.cfg.block_size)[:2] for (_, ids), c in zip(repeated, completions)]
-        return self.loader.to_device(*pad_batch(rows, self.tok.eot_id)), torch.tensor(rewards)
+        return self.loader.to_device(*pad_batch(rows, self.tok.eot_id)), rewards
 
     def loss(self, model, prompts):
         (x, y), rewards = self.rollout(model, prompts, self.cfg.rl_group_size, self.cfg.temperature)
@@ -399,16 +410,16 @@ class RewardTask:
         """The mean reward of greedy completions of the val prompts and as many train prompts
         (with a 0/1 reward: pass@1). Reported as train/val losses of minus the reward (lower is
         better, so best_metric=val_loss keeps the best-rewarded weights) and as val_reward."""
-        out, B, rank, world = {}, self.cfg.batch_size, self.procs.rank, self.procs.world
+        out, n_val = {}, len(self.splits["val"])
         for split in ("train", "val"):
-            prompts = self.splits[split][:len(self.splits["val"])]
             total = torch.zeros((), device=self.procs.device)
-            for i in range(rank * B, len(prompts), world * B):
+            for prompts in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs):
                 with autocast:
-                    total += self.rollout(model, prompts[i:i + B], 1, 0.0)[1].sum()
-            if world > 1:
+                    total += self.sample_and_score(model, prompts, 1, 0.0)[2].sum()
+            if self.procs.world > 1:
                 torch_dist.all_reduce(total)
-            out[split] = 0.0 - total.item() / len(prompts)  # (0.0 - : no "-0.0" in the logs)
+            # (0.0 - : no "-0.0" in the logs)
+            out[split] = 0.0 - total.item() / min(n_val, len(self.splits[split]))
         out["val_reward"] = -out["val"]
         return out
 
@@ -618,11 +629,8 @@ def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
                             f"with the same tokenizer")
         return LMTask(cfg, procs, meta, arch)
     task_dir = task_dir_of(cfg, DEFAULT_TASK_SET[cfg.task])
-    # a built-in task set's folder (data/shakespeare_{name}, named or by default) is prepared on first use
-    name = next((n for n in DEFAULT_TASK_SET.values() if os.path.normpath(task_dir) == task_dir_of(Config(), n)), None)
-    if name and not os.path.isfile(os.path.join(task_dir, "train.jsonl")) and procs.master:
-        print(f"{task_dir} is empty: preparing the {name} task set")
-        importlib.import_module(f"prepare.{name}").prepare(cfg)
+    if procs.master:
+        prepare_on_first_use(cfg, os.path.join(task_dir, "train.jsonl"))
     if procs.world > 1:
         torch_dist.barrier()
     tasks = {"sft": SFTTask, "classify": ClassifyTask, "dpo": PreferenceTask, "rl": RewardTask}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare.common import DataError, task_dir_of
+from prepare.common import DataError, default_task_dir, task_dir_of
 
 # ----------------------------------------------------------------------------- task files
 
@@ -57,6 +57,19 @@ def read_jsonl(path, fields, max_examples=0):
 def task_path(cfg, default_task):
     """cfg.task_file, or the eval_split file of the task set (task_dir or its default folder)."""
     return cfg.task_file or os.path.join(task_dir_of(cfg, default_task), f"{cfg.eval_split}.jsonl")
+
+
+BUILT_IN_TASK_SETS = ("folio", "genre", "folio_preferences", "addition", "bias")  # each by prepare/{name}.py
+
+
+def prepare_on_first_use(cfg, path):
+    """A missing file of a built-in task set (in data/shakespeare_{name}, whether task_dir names
+    that folder or defaults to it) is written by its prepare/{name}.py."""
+    folder = os.path.normpath(os.path.dirname(path))
+    name = next((n for n in BUILT_IN_TASK_SETS if folder == default_task_dir(n)), None)
+    if name and not os.path.isfile(path):
+        print(f"{path} is missing: preparing the {name} task set (prepare/{name}.py)")
+        importlib.import_module(f"prepare.{name}").prepare(cfg)
 
 
 def prompt_ids(tok, template, prompt):

@@ -491,7 +491,11 @@ def check_splits(splits):
 
 def task_dir_of(cfg, name):
     """Where task set `name` lives: cfg.task_dir, or data/shakespeare_{name} when unset."""
-    return cfg.task_dir or os.path.join("data", f"shakespeare_{name}")
+    return cfg.task_dir or default_task_dir(name)
+
+
+def default_task_dir(name):
+    return os.path.join("data", f"shakespeare_{name}")
 
 
 def write_jsonl_splits(out_dir, splits, stats):
