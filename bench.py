@@ -17,7 +17,7 @@ import torch
 
 from config import cli_config
 from plumbing import Processes, ensure_data, load_model, peak_flops, setup_compute
-from train import LMTask, configure_optimizer, train_step
+from train import LMTask, configure_optimizer, train_step, use_activation_checkpointing
 
 WARMUP, TIMED = 5, 20
 
@@ -29,7 +29,7 @@ def measure(cfg, compile_model):
     meta = ensure_data(cfg, master=True)
     torch.manual_seed(cfg.seed)
     raw = load_model(cfg, "scratch", meta).model.to(device)
-    raw.checkpoint_blocks = cfg.activation_checkpointing
+    use_activation_checkpointing(raw, cfg.activation_checkpointing)
     model = torch.compile(raw) if compile_model else raw
     optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

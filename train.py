@@ -104,6 +104,17 @@ class TrainState:
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
 
 
+def use_activation_checkpointing(model, on):
+    """Recompute each transformer block in backward (train.py's activation_checkpointing key). A
+    model without blocks (arch='lstm') refuses it rather than training silently without."""
+    transformers = [m for m in model.modules() if isinstance(m, GPT)]
+    if on and not transformers:
+        raise SystemExit("error: activation_checkpointing recomputes transformer blocks and arch='lstm' has "
+                         "none; set activation_checkpointing=False")
+    for gpt in transformers:
+        gpt.checkpoint_blocks = on
+
+
 def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, extra_state=None):
     """The training loop, for any task: task.loader gives batches, task.loss(model, batch) the
     loss, task.evaluate(model, autocast) a dict with 'train' and 'val' losses and any task
@@ -114,6 +125,7 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     cfg.best_metric picks ckpt_best.pt ('val_loss': lower is better; any other metric the task
     reports: higher is better); cfg.patience > 0 stops early when it has not improved by
     min_delta for that many evaluations, and the best weights are loaded back into the model."""
+    use_activation_checkpointing(model, cfg.activation_checkpointing)  # before anything is written
     if cfg.init_from != "resume":
         refuse_existing_run(cfg.out_dir, cfg.overwrite)
     compute = setup_compute(cfg, procs.device)
@@ -121,8 +133,6 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     record_config(cfg, model.config, procs.master)
     if procs.master:
         remove_interrupted_saves(cfg.out_dir)
-    for gpt in (m for m in model.modules() if isinstance(m, GPT)):
-        gpt.checkpoint_blocks = cfg.activation_checkpointing
     if cfg.parallel == "fsdp":
         check_fsdp(cfg, compute.dtype)
     sharded = cfg.parallel == "fsdp" and torch_dist.is_initialized()

@@ -122,6 +122,8 @@ CASES = [
     (["train.py", "--arch=transformer"], ["arch", "transformer"]),
     (["train.py", "--mask_prob=1.0"], ["mask_prob", "(0, 1)"]),
     (["train.py", *SMALL, "--out_dir={tmp}/new", "--arch=lstm", "--pos=rope"], ["arch='lstm'", "pos='rope'"]),
+    (["train.py", *SMALL, "--out_dir={tmp}/new", "--arch=lstm", "--activation_checkpointing=True"],
+     ["activation_checkpointing", "arch='lstm'"]),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]
