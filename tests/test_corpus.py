@@ -1,21 +1,25 @@
 """prepare/text.py at scale: every input format gives the same token files, workers and shard size
 change nothing, the loader reads many shards as one, and bad input is one line, never half a dataset."""
 
+import collections
 import gzip
 import json
 import os
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 import plumbing as P
 import train as T
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
-from prepare.common import SplitTokens, sha256_of
-from prepare.text import prepare
+from prepare.common import SplitTokens, clean_text, document_digest, sha256_of
+from prepare.text import prepare, split_of
+from test_posttrain import reference_term_counts
 
 WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may — naïve 日本".split()
 
@@ -151,8 +155,9 @@ def test_hf_dataset_goes_through_the_parquet_path(tmp_path, monkeypatch):
     import huggingface_hub
     inputs = write_formats(tmp_path / "in", corpus())
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda self, repo, repo_type=None: ["README.md", "data/other/x.parquet", "sample/a.parquet"])
+    listing = [SimpleNamespace(path=p, size=100) for p in ("README.md", "data/other/x.parquet", "sample/a.parquet")]
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree",
+                        lambda self, repo, folder=None, recursive=False, repo_type=None: listing)
 
     def download(repo, name, repo_type=None, local_dir=None):
         calls.append((repo, name, repo_type))
@@ -213,3 +218,30 @@ def test_an_unfinished_preparation_is_cleared_on_rerun(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "removing an unfinished preparation" in done.stdout and not work.exists()
     assert SplitTokens(tmp_path / "d", "train")[:].size > 0
+
+
+def test_bias_terms_of_a_large_corpus_are_counted_in_a_hash_chosen_sample(tmp_path):
+    inputs = write_formats(tmp_path / "in", corpus(n=400))
+    spec, terms = "thou/art,may/shake", ["art", "may", "shake", "thou"]
+    full = prep(tmp_path / "all", inputs["jsonl"], bias_terms=spec, bias_sample_bytes=0)["stats"]
+    quarter = os.path.getsize(inputs["jsonl"]) // 4
+    part = prep(tmp_path / "part", inputs["jsonl"], bias_terms=spec, bias_sample_bytes=quarter,
+                num_proc=2)["stats"]
+    assert full["bias_terms"]["share_of_documents"] == 1
+    assert full["bias_terms"]["documents_counted"] == {s: full[s]["documents"] for s in ("train", "val", "test")}
+    share = part["bias_terms"]["share_of_documents"]
+    assert share == pytest.approx(0.25, rel=1e-3)
+    # recount: each distinct non-blank document is in the sample when its digest's low 32 bits say so
+    expected = {s: collections.Counter() for s in ("train", "val", "test")}
+    sampled = collections.Counter()
+    for text in dict.fromkeys(filter(None, map(clean_text, corpus(n=400)))):
+        digest = document_digest(text)
+        if (digest & 0xFFFFFFFF) < share * 2**32:
+            split = split_of(digest, 0.2, 0.2)
+            expected[split] += reference_term_counts(terms, text)
+            sampled[split] += 1
+    assert part["bias_terms"]["documents_counted"] == dict(sampled)
+    assert 60 < sum(sampled.values()) < 140  # about a quarter of 398
+    for split in expected:
+        assert part["bias_terms"][split] == {t: expected[split][t] for t in terms}, split
+        assert all(part["bias_terms"][split][t] <= full["bias_terms"][split][t] for t in terms)

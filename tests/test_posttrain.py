@@ -1,9 +1,11 @@
 """Post-training beyond SFT: DPO (task=dpo), RL with a verifiable reward (task=rl), the bias probe
 (evaluate.py eval_task=bias) and the corpus term counts beside it."""
 
+import collections
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -301,6 +303,27 @@ def test_prepare_counts_the_bias_terms_per_split(char_data):
     assert terms == ["he", "king", "queen", "she"] and count("The KING, the queen's; he. she-wolf") == \
         {"king": 1, "queen": 1, "he": 1, "she": 1}
     assert term_counter("")[1] is None
+
+
+def reference_term_counts(terms, text):
+    """Whole-word, case-blind occurrences by a plain regex: the definition the fast counter keeps."""
+    words = "|".join(map(re.escape, sorted(terms, key=len, reverse=True)))
+    found = re.findall(rf"(?<![A-Za-z])(?:{words})(?![A-Za-z])", text, re.IGNORECASE)
+    return collections.Counter(w.lower() for w in found)
+
+
+def test_term_counter_equals_a_plain_regex_on_random_text():
+    rng = random.Random(0)
+    vocabulary = ["he", "she", "her", "hers", "the", "his", "him", "king", "kingdom", "ma'am", "am", "o'er", "er",
+                  "sir", "sirrah", "duke", "dukes", "naïve", "日本", "2", "_"]
+    for trial in range(200):
+        pairs = rng.sample(vocabulary[:14], 4)
+        spec = f"{pairs[0]}/{pairs[1]},{pairs[2]}/{pairs[3]}"
+        pieces = [rng.choice(vocabulary) for _ in range(rng.randint(0, 30))]
+        pieces = [p.upper() if rng.random() < 0.2 else p.title() if rng.random() < 0.2 else p for p in pieces]
+        text = "".join(p + rng.choice([" ", "  ", "\n", ", ", "'", "-", "", "_", "3", "é"]) for p in pieces)
+        terms, count = term_counter(spec)
+        assert count(text) == reference_term_counts(terms, text), (spec, text)
 
 
 def test_bias_probe_refuses_bad_pairs(base_run, tmp_path):
