@@ -255,6 +255,10 @@ def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32, bias_share=1.0)
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
+        # Let the workers finish and exit on their own: the `with` block's terminate() alone once
+        # hung here, joining a worker that was waiting for the task queue's lock.
+        pool.close()
+        pool.join()
 
 
 def available_cores():
