@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import cli_config
@@ -202,6 +201,8 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
                 pbar.write(f"early stopping at iteration {state.it}: {cfg.best_metric} has not improved by more than "
                            f"{cfg.min_delta} for {cfg.patience} evaluations; best {state.best:.4f} restored from "
                            f"ckpt_best.pt")
+                # imported here: torch.distributed.checkpoint adds ~1 s to every start of the script
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
                 best = load_checkpoint(checkpoint_path(cfg.out_dir, "best"))["model"]
                 # every process passes the full weights; under FSDP each keeps its own shard of them
                 set_model_state_dict(state.model, best, options=StateDictOptions(full_state_dict=True))
