@@ -16,9 +16,9 @@ Inputs, by extension (folders are searched recursively for all of these):
 Documents stream through cleaning, exact dedup, PII scrubbing (--scrub_pii=True), a split chosen
 by a hash of the text (a document's split never changes when others are added or removed, and no
 document is ever split), and tokenization into shards of shard_tokens tokens. The corpus is never
-held in memory: the main process reads documents and hands batches of them to num_proc worker
-processes, which clean, hash and tokenize; it takes their results back in order, drops duplicates
-and writes. So the output is the same whatever num_proc is.
+held in memory: the main process cuts the input into batches of documents (~1 MB each) and hands
+them to num_proc worker processes, which read, parse, clean, hash and tokenize them; it takes their
+results back in order, drops duplicates and writes. So the output is the same whatever num_proc is.
 
 Tokenizers that learn (char, sentencepiece) first read the training split's first
 tokenizer_sample_chars characters in a separate pass; meta.json records how much they read.
@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
-from prepare.common import (DataError, DatasetWriter, SeenDigests, bias_share, clean_text,  # noqa: E402
+from prepare.common import (SPLITS, DataError, DatasetWriter, SeenDigests, bias_share, clean_text,  # noqa: E402
                             decode_utf8, document_digest, refuse_existing_dataset, run_main, scrub_pii,
                             term_counter, terms_counted)
-from tokenizer import build_tokenizer, from_meta  # noqa: E402
+from tokenizer import build_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # one document per row
@@ -96,18 +96,19 @@ def hf_parquet_files(spec, cache_dir):
 
 
 def tasks(inputs, text_field):
-    """The corpus cut into units of work, in order, each about TASK_BYTES: ("files", [(name,
-    bytes)]) of whole text files, ("lines", label, first_line_number, bytes) of JSONL lines, or
-    ("rows", label, path, row_group, first_row) of a Parquet file. The main process only reads
-    bytes (and checks Parquet schemas); workers parse, so parsing scales with num_proc too."""
+    """The corpus cut into units of work, in order, each about TASK_BYTES: ("files", [(name, path)])
+    of whole text files, ("lines", label, first_line_number, lines) of JSONL, or ("rows", label,
+    path, row_group, first_row) of a Parquet file. Workers read the files themselves (lines is
+    (path, start, size) of a plain file; only a gzip file's lines, which need one sequential
+    reader, come as bytes), parse and clean, so that scales with num_proc and no text is copied
+    through a pipe."""
     files, size = [], 0
-    for label, where, _ in inputs:
+    for label, where, file_size in inputs:
         path = where() if callable(where) else where
         try:
             if path.endswith(TEXT_SUFFIXES):
-                with open(path, "rb") as f:
-                    files.append((label, f.read()))
-                size += len(files[-1][1])
+                files.append((label, path))
+                size += file_size
                 if size >= TASK_BYTES:
                     yield "files", files
                     files, size = [], 0
@@ -116,21 +117,27 @@ def tasks(inputs, text_field):
             else:
                 yield from jsonl_tasks(path, label)
         except OSError as e:  # unreadable, or a gzip file that is not one
-            raise DataError(f"{label}: cannot read ({e.strerror or e}); check the file") from None
+            raise unreadable(label, e) from None
         except EOFError:
             raise DataError(f"{label}: compressed file ends early (truncated); download or copy it again") from None
     if files:
         yield "files", files
 
 
+def unreadable(label, error):
+    return DataError(f"{label}: cannot read ({error.strerror or error}); check the file")
+
+
 def jsonl_tasks(path, label):
-    opener = gzip.open if path.endswith(".gz") else open
-    line = 1
-    with opener(path, "rb") as f:
+    """Runs of whole lines: where they lie in a plain file, or their bytes from a gzip file."""
+    gz = path.endswith(".gz")
+    line, start = 1, 0
+    with (gzip.open if gz else open)(path, "rb") as f:
         while chunk := f.read(TASK_BYTES):
             chunk += f.readline()  # end on a line break
-            yield "lines", label, line, chunk
+            yield "lines", label, line, chunk if gz else (path, start, len(chunk))
             line += chunk.count(b"\n")
+            start += len(chunk)
 
 
 def parquet_tasks(path, label, text_field):
@@ -156,18 +163,30 @@ def parquet_tasks(path, label, text_field):
 def documents_of(task, text_field):
     """[(name, raw)] of one task, in order; raw is bytes (a text file) or str (a row)."""
     if task[0] == "files":
-        return task[1]
+        return [(name, read_file(name, path)) for name, path in task[1]]
     if task[0] == "rows":
         import pyarrow.parquet as pq
         _, label, path, group, first = task
         texts = pq.ParquetFile(path).read_row_group(group, columns=[text_field]).column(0).to_pylist()
         return [(f"{label}:row {first + i}", text or "") for i, text in enumerate(texts)]
     _, label, number, chunk = task
+    if isinstance(chunk, tuple):  # (path, start, size) of a plain file
+        path, start, size = chunk
+        chunk = read_file(label, path, start, size)
     docs = []
     for number, line in enumerate(chunk.split(b"\n"), number):
         if line.strip():
             docs.append((f"{label}:{number}", jsonl_text(line, f"{label}:{number}", text_field)))
     return docs
+
+
+def read_file(name, path, start=0, size=-1):
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(size)
+    except OSError as e:
+        raise unreadable(name, e) from None
 
 
 def jsonl_text(line, where, text_field):
@@ -192,23 +211,25 @@ def jsonl_text(line, where, text_field):
 WORKER = {}  # what each worker process needs, set once by start_worker
 
 
-def start_worker(settings, tokenizer_meta):
+def start_worker(settings, tok):
     WORKER.update(settings)
     WORKER["count_terms"] = term_counter(settings["bias_terms"])[1]
-    WORKER["tok"] = from_meta(tokenizer_meta, settings["bpe_path"], settings["cache_dir"]) if tokenizer_meta else None
+    WORKER["tok"] = tok  # None in the sampling pass
 
 
 def process(task):
-    """In a worker: one task -> [(name, digest, split, payload, characters, scrubbed, term counts)]
-    for each of its documents. payload is the token ids (np array), or the text of a training
-    document when there is no tokenizer yet (the sampling pass); digest is None for an empty
-    document; term counts are its occurrences of the bias terms (None in the sampling pass, or
-    when the document is not in the bias sample)."""
-    out = []
+    """In a worker: one task -> (documents, payloads). documents: [(name, digest, split, characters,
+    scrubbed, term counts)] in order; digest and split are None for an empty document; term
+    counts are its occurrences of the bias terms (None in the sampling pass, or when the document
+    is not in the bias sample). payloads[split] holds that split's documents in the same order:
+    their token ids (tokenizer.PackedDocuments, from one tokenizer call), or their texts when
+    there is no tokenizer yet (the sampling pass)."""
+    documents, texts = [], {split: [] for split in SPLITS}
+    tok, count_terms = WORKER["tok"], WORKER["count_terms"]
     for name, raw in documents_of(task, WORKER["text_field"]):
         text = clean_text(decode_utf8(raw, name) if isinstance(raw, bytes) else raw)
         if not text:
-            out.append((name, None, None, None, 0, 0, None))
+            documents.append((name, None, None, 0, 0, None))
             continue
         digest = document_digest(text)  # of the cleaned text: what dedup compares
         scrubbed = 0
@@ -218,14 +239,25 @@ def process(task):
         split = split_of(document_digest(text) if scrubbed else digest, WORKER["val_fraction"],
                          WORKER["test_fraction"])
         terms = None
-        if WORKER["tok"] is not None:
-            payload = WORKER["tok"].encode_document(text, WORKER["dtype"])
-            if WORKER["count_terms"] and terms_counted(digest, WORKER["bias_share"]):
-                terms = WORKER["count_terms"](text)
-        else:
-            payload = text if split == "train" else None
-        out.append((name, digest, split, payload, len(text), scrubbed, terms))
-    return out
+        if tok is not None and count_terms and terms_counted(digest, WORKER["bias_share"]):
+            terms = count_terms(text)
+        texts[split].append(text)
+        documents.append((name, digest, split, len(text), scrubbed, terms))
+    if tok is None:  # the sampling pass reads only the training split
+        return documents, {"train": texts["train"]}
+    return documents, {split: tok.encode_documents(t, WORKER["dtype"]) for split, t in texts.items()}
+
+
+def each_document(documents, payloads):
+    """One task's results as (document, its payload) in input order: its token ids, or its text."""
+    given = dict.fromkeys(payloads, 0)  # per split: how many of its payloads are given out
+    for document in documents:
+        split = document[2]
+        if split not in payloads:  # an empty document, or one the sampling pass does not need
+            yield document, None
+            continue
+        yield document, payloads[split][given[split]]
+        given[split] += 1
 
 
 def split_of(digest, val_fraction, test_fraction):
@@ -234,27 +266,28 @@ def split_of(digest, val_fraction, test_fraction):
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def processed(cfg, inputs, tokenizer_meta=None, dtype=np.uint32, bias_share=1.0):
-    """Every document of the inputs, in input order, through process(): in num_proc workers, with
-    at most two tasks per worker in flight so memory stays bounded."""
+def processed(cfg, inputs, tok=None, dtype=np.uint32, bias_share=1.0):
+    """Every document of the inputs with its payload, in input order, through process(): in
+    num_proc workers, with at most two tasks per worker in flight so memory stays bounded."""
     settings = {"scrub_pii": cfg.scrub_pii, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
-                "bpe_path": cfg.gpt2_bpe_path, "cache_dir": cfg.cache_dir, "dtype": dtype,
-                "text_field": cfg.text_field, "bias_terms": cfg.bias_terms, "bias_share": bias_share}
+                "dtype": dtype, "text_field": cfg.text_field, "bias_terms": cfg.bias_terms, "bias_share": bias_share}
     work = tasks(inputs, cfg.text_field)
     workers = cfg.num_proc or available_cores()
     if workers == 1:
-        start_worker(settings, tokenizer_meta)
+        start_worker(settings, tok)
         for task in work:
-            yield from process(task)
+            yield from each_document(*process(task))
         return
-    with multiprocessing.Pool(workers, start_worker, (settings, tokenizer_meta)) as pool:
+    # each worker gets the tokenizer built here: inherited as it is where processes fork (Linux),
+    # unpickled where they start afresh; never loaded from its files again
+    with multiprocessing.Pool(workers, start_worker, (settings, tok)) as pool:
         pending = collections.deque()
         for task in work:
             pending.append(pool.apply_async(process, (task,)))
             if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
+                yield from each_document(*pending.popleft().get())
         while pending:
-            yield from pending.popleft().get()
+            yield from each_document(*pending.popleft().get())
         # Let the workers finish and exit on their own: the `with` block's terminate() alone once
         # hung here, joining a worker that was waiting for the task queue's lock.
         pool.close()
@@ -271,7 +304,7 @@ def training_sample(cfg, inputs):
     """The training split's documents in order (deduplicated), for a tokenizer to learn from;
     build_tokenizer stops reading when it has enough."""
     seen, any_text = SeenDigests(), False
-    for _, digest, split, text, *_ in processed(cfg, inputs):
+    for (_, digest, split, *_), text in processed(cfg, inputs):
         any_text |= digest is not None
         if digest is not None and seen.add(digest) and split == "train":
             yield text
@@ -286,8 +319,7 @@ def write_corpus(cfg, inputs, tok):
     share = bias_share(cfg, sum(size for *_, size in inputs))
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms, share) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
-        for name, digest, split, ids, characters, scrubbed, terms in processed(cfg, inputs, tok.meta(),
-                                                                               out.dtype, share):
+        for (name, digest, split, characters, scrubbed, terms), ids in processed(cfg, inputs, tok, out.dtype, share):
             bar.update()
             if digest is None:
                 stats["empty_documents"] += 1

@@ -61,6 +61,26 @@ def test_gpt2_ids_equal_tiktoken_reference(hamlet):
         assert ours.encode(text) == ref.encode_ordinary(text)
 
 
+@pytest.mark.parametrize("literal_eot", [False, True])
+def test_a_batch_of_documents_encodes_as_each_one_alone(hamlet, literal_eot):
+    """GPT-2's encode_documents makes one tiktoken call for the whole batch (documents joined by the
+    special token); the reference is encode_document() on each document alone. A literal
+    <|endoftext|> inside a document must stay text, not end the document."""
+    tok = GPT2Tokenizer(cache_dir=CACHE)
+    texts = [hamlet[:3000], *EDGE_CASES, "  leading spaces", "trailing spaces   ", "\n\nnewlines at both ends\n\n",
+             hamlet[3000:3001]]
+    if literal_eot:
+        texts.insert(2, "a document that quotes <|endoftext|> as text")
+    packed = tok.encode_documents(texts, np.uint16)
+    assert len(packed) == len(texts) and packed.ids.dtype == np.uint16
+    for i, text in enumerate(texts):
+        assert np.array_equal(packed[i], tok.encode_document(text, np.uint16)), repr(text[:40])
+    chars = CharTokenizer(sorted(set("".join(texts))))  # the generic path, a call per document
+    packed = chars.encode_documents(texts, np.uint32)
+    assert [packed[i].tolist() for i in range(len(texts))] == [[chars.eot_id, *chars.encode(t)] for t in texts]
+    assert len(tok.encode_documents([], np.uint16)) == 0
+
+
 def test_gpt2_from_user_file_wins(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         GPT2Tokenizer(bpe_path=str(tmp_path / "none.tiktoken"))
