@@ -14,8 +14,9 @@ the literal <|mask|> through encode_with_masks() (sample.py fills those in).
   <|unk|>. A character never seen in training (say an accent that only the test split has) is
   encoded as <|unk|> and decoded as U+FFFD '\ufffd', so such text does not round-trip.
 - gpt2: GPT-2's byte-level BPE through tiktoken, ids identical to GPT-2's. The BPE ranks come
-  from, in order: a user-supplied file (gpt2_bpe_path), tiktoken's own download/cache, or the
-  copy shipped inside the openai-whisper sdist on PyPI (fetched once, sha256-checked, cached).
+  from, in order: a user-supplied file (gpt2_bpe_path), the copy in cache_dir fetched by an
+  earlier run, tiktoken's own download/cache, or the copy shipped inside the openai-whisper sdist
+  on PyPI (fetched once, sha256-checked, cached in cache_dir).
 - sentencepiece: BPE or unigram trained on the training split, with byte fallback so any text is
   encodable; the trained model is stored inside meta.json (base64 of its protobuf).
 
@@ -394,13 +395,14 @@ def load_gpt2_encoding(bpe_path="", cache_dir="data/cache"):
         if not os.path.isfile(bpe_path):
             raise FileNotFoundError(f"gpt2_bpe_path={bpe_path}: no such file")
         return _gpt2_from_ranks_file(bpe_path)
+    cached = os.path.join(cache_dir, "gpt2.tiktoken")
+    if os.path.isfile(cached):  # fetched before (sha256-checked then): no network round trip
+        return _gpt2_from_ranks_file(cached)
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception:  # offline: tiktoken could not download its files
         pass
-    cached = os.path.join(cache_dir, "gpt2.tiktoken")
-    if not os.path.isfile(cached):
-        fetch_sdist_member(*WHISPER_SDIST, GPT2_RANKS_MEMBER, GPT2_RANKS_SHA256, cached, cache_dir)
+    fetch_sdist_member(*WHISPER_SDIST, GPT2_RANKS_MEMBER, GPT2_RANKS_SHA256, cached, cache_dir)
     return _gpt2_from_ranks_file(cached)
 
 
