@@ -1,7 +1,7 @@
 # GPT-2 small (124M) pretrained on FineWeb-Edu's 10B-token sample, one epoch, as llm.c and
 # nanoGPT's speedruns do. Prepare the data once (its Parquet files are downloaded one by one as
-# the stream reaches them; tokenizing runs at ~12 MB/s per core, memory ~0.1 GB per worker
-# process: docs/benchmarks.md), then train on GPUs:
+# the stream reaches them; preparation runs at ~9-13 MB/s of JSONL per core on our 2-core VM,
+# memory ~0.1 GB per worker process: docs/benchmarks.md), then train on GPUs:
 #   python prepare/text.py --input=hf:HuggingFaceFW/fineweb-edu/sample/10BT --tokenizer=gpt2 \
 #       --data_dir=data/fineweb_edu_10B --val_fraction=0.005 --test_fraction=0.005
 #   torchrun --nproc_per_node=8 train.py configs/gpt2_124m_fineweb.py
