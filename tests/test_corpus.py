@@ -98,6 +98,33 @@ def test_workers_and_shard_size_change_nothing(tmp_path):
     assert not (tmp_path / "many" / ".prepare-partial").exists()
 
 
+SPAWNED_PREPARE = """
+import multiprocessing, sys
+sys.path.insert(0, {root!r})
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    from conftest import make_cfg
+    from prepare.text import prepare
+    prepare(make_cfg(input={source!r}, data_dir={out!r}, tokenizer={tokenizer!r}, num_proc=2, val_fraction=0.2,
+                     test_fraction=0.2, sp_vocab_size=400))
+"""
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "sentencepiece"])
+def test_workers_started_afresh_get_the_same_tokenizer(tmp_path, tokenizer):
+    """Where worker processes are spawned instead of forked (macOS, Windows; Python 3.14's default
+    on Linux is forkserver), the tokenizer the main process built reaches them pickled: the
+    shards must be those of a single process."""
+    source = write_formats(tmp_path / "in", corpus(200, seed=2))["txt"]
+    prep(tmp_path / "one", source, tokenizer=tokenizer, sp_vocab_size=400)
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED_PREPARE.format(root=str(ROOT / "tests"), source=str(source),
+                                             out=str(tmp_path / "spawned"), tokenizer=tokenizer))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert token_files(tmp_path / "spawned") == token_files(tmp_path / "one")
+
+
 def test_split_slices_cross_shard_boundaries(char_data, sharded_char_data):
     one, many = SplitTokens(char_data, "train"), SplitTokens(sharded_char_data, "train")
     assert len(many.parts) == 44 and len(one) == len(many)
