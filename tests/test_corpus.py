@@ -17,8 +17,8 @@ import torch
 import plumbing as P
 import train as T
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
-from prepare.common import SplitTokens, clean_text, document_digest, sha256_of
-from prepare.text import prepare, split_of
+from prepare.common import DataError, SplitTokens, clean_text, document_digest, sha256_of
+from prepare.text import documents_of, jsonl_tasks, prepare, split_of
 from test_posttrain import reference_term_counts
 
 WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may — naïve 日本".split()
@@ -231,6 +231,18 @@ def test_bad_corpus_input_is_one_line_and_leaves_nothing(tmp_path):
     assert done.returncode == 1 and "no column 'text' (columns: content); set --text_field" in done.stderr
     done = run_text("--input=hf:nobody/nothing", f"--data_dir={tmp_path / 'o'}", env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1 and "cannot list the dataset's files" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_file_gone_before_its_worker_reads_it_is_named(tmp_path):
+    """Workers read their text files and JSONL lines themselves: a file that vanished (or became
+    unreadable) after the input was listed is a DataError naming it, which prepare prints as one line."""
+    kept = tmp_path / "docs.jsonl"
+    kept.write_text(json.dumps({"text": "a document"}) + "\n")
+    lines = next(jsonl_tasks(str(kept), "docs.jsonl"))
+    kept.unlink()
+    for task, name in ((lines, "docs.jsonl"), (("files", [("notes/a.txt", str(tmp_path / "a.txt"))]), "notes/a.txt")):
+        with pytest.raises(DataError, match=f"^{name}: cannot read \\(No such file or directory\\); check the file$"):
+            documents_of(task, "text")
 
 
 def test_an_unfinished_preparation_is_cleared_on_rerun(tmp_path):
