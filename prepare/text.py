@@ -27,9 +27,9 @@ tokenizer_sample_chars characters in a separate pass; meta.json records how much
 import collections
 import gzip
 import json
-import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -280,18 +280,21 @@ def processed(cfg, inputs, tok=None, dtype=np.uint32, bias_share=1.0):
         return
     # each worker gets the tokenizer built here: inherited as it is where processes fork (Linux),
     # unpickled where they start afresh; never loaded from its files again
-    with multiprocessing.Pool(workers, start_worker, (settings, tok)) as pool:
+    with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(settings, tok)) as pool:
         pending = collections.deque()
-        for task in work:
-            pending.append(pool.apply_async(process, (task,)))
-            if len(pending) >= 2 * workers:
-                yield from each_document(*pending.popleft().get())
-        while pending:
-            yield from each_document(*pending.popleft().get())
-        # Let the workers finish and exit on their own: the `with` block's terminate() alone once
-        # hung here, joining a worker that was waiting for the task queue's lock.
-        pool.close()
-        pool.join()
+        try:
+            for task in work:
+                pending.append(pool.submit(process, task))
+                if len(pending) >= 2 * workers:
+                    yield from each_document(*pending.popleft().result())
+            while pending:
+                yield from each_document(*pending.popleft().result())
+        finally:
+            # On an error or an early stop (the tokenizer's sample is complete) the tasks not yet
+            # started are dropped and the workers exit once their current one is done. No signals:
+            # multiprocessing.Pool's terminate() hung here twice, its SIGTERM lost by a worker
+            # waiting for the task queue's lock, which terminate() itself holds.
+            pool.shutdown(cancel_futures=True)
 
 
 def available_cores():
