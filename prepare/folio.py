@@ -19,11 +19,11 @@ The copy baseline (output = input) is the bar a model must beat; evaluate.py rep
 """
 
 import difflib
-import multiprocessing
 import os
 import re
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
@@ -106,8 +106,10 @@ def folio_splits(cache_dir):
     modern, folio = read_texts(cache_dir), read_texts(cache_dir, folio=True)
     plays = [(work, folio_name) for work, (_, folio_name) in sorted(WORKS.items()) if folio_name]
     speeches = [(folio_speeches(folio[f]), modern_speeches(modern[w])) for w, f in plays]
-    with multiprocessing.Pool() as pool:  # plays align independently; map keeps their order
-        aligned = pool.starmap(align_play, speeches)
+    # plays align independently; map keeps their order. (Not multiprocessing.Pool: its exit,
+    # terminate(), can hang on a worker that misses the SIGTERM; see prepare/text.py.)
+    with ProcessPoolExecutor() as pool:
+        aligned = list(pool.map(align_play, *zip(*speeches)))
     splits = {"train": [], "val": [], "test": []}
     per_play = {}
     for (work, _), (fol, mod), pairs in zip(plays, speeches, aligned):
