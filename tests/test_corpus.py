@@ -245,6 +245,23 @@ def test_a_file_gone_before_its_worker_reads_it_is_named(tmp_path):
             documents_of(task, "text")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_jsonl_lines_keep_their_numbers_however_the_file_is_cut(tmp_path, monkeypatch, suffix):
+    """The main process counts each task's lines, so a worker names a document (or a bad line) by
+    its line in the file; blank lines count, and the last line may lack its line break."""
+    monkeypatch.setattr("prepare.text.TASK_BYTES", 50)  # cuts of 50 bytes, then to the line's end
+    rows = [json.dumps({"text": f"row {i} " + "x" * (i % 37)}) for i in range(1, 120)]
+    rows[40] = ""
+    data = "\n".join(rows).encode()  # no line break after the last row
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    tasks = list(jsonl_tasks(str(path), path.name))
+    assert len(tasks) > 20
+    docs = [doc for task in tasks for doc in documents_of(task, "text")]
+    assert [name for name, _ in docs] == [f"{path.name}:{i}" for i in range(1, 120) if i != 41]
+    assert all(text.startswith(f"row {name.split(':')[1]} ") for name, text in docs)
+
+
 def test_an_unfinished_preparation_is_cleared_on_rerun(tmp_path):
     inputs = write_formats(tmp_path / "in", corpus())
     work = tmp_path / "d" / ".prepare-partial"
