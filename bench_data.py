@@ -16,7 +16,9 @@ the corpus grows, and what reading many shards costs the training loader.
    cores x one).
 3. prepare/text.py on both corpora as a child process, polling the resident memory of it and of
    its workers (and their proportional share, PSS, which counts shared pages once).
-4. The loader's time per batch on the 0.2 GB dataset as one shard and as 20 shards.
+4. prepare/text.py on the 0.2 GB corpus in one process (--num_proc=1) against tiktoken in one
+   process: the code's own share of the gap to the limit, apart from how the cores scale.
+5. The loader's time per batch on the 0.2 GB dataset as one shard and as 20 shards.
 
 Record the printed table in docs/benchmarks.md with the date, machine and command.
 """
@@ -181,12 +183,13 @@ def proportional_bytes(pids):
     return total
 
 
-def run_prepare(corpus, data_dir, cfg, shard_tokens):
+def run_prepare(corpus, data_dir, cfg, shard_tokens, num_proc=None):
     """Run prepare/text.py, polling memory (RSS every 0.2 s, PSS every second); returns wall time,
     peaks and meta.json."""
     cmd = [sys.executable, "prepare/text.py", f"--input={corpus}", f"--data_dir={data_dir}", "--tokenizer=gpt2",
-           f"--num_proc={cfg.num_proc}", f"--shard_tokens={shard_tokens}", f"--cache_dir={cfg.cache_dir}",
-           f"--bias_terms={cfg.bias_terms}", f"--bias_sample_bytes={cfg.bias_sample_bytes}"]
+           f"--num_proc={cfg.num_proc if num_proc is None else num_proc}", f"--shard_tokens={shard_tokens}",
+           f"--cache_dir={cfg.cache_dir}", f"--bias_terms={cfg.bias_terms}",
+           f"--bias_sample_bytes={cfg.bias_sample_bytes}"]
     shutil.rmtree(data_dir, ignore_errors=True)  # the benchmark's own output from an earlier run
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -204,6 +207,23 @@ def run_prepare(corpus, data_dir, cfg, shard_tokens):
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     return {"seconds": seconds, "peak_rss": peak_rss, "peak_pss": peak_pss, "meta": meta}
+
+
+def tokens_of(meta):
+    return sum(meta["stats"][s]["tokens"] for s in ("train", "val", "test"))
+
+
+def one_process_share(corpus, cfg, tok, texts, batches, size):
+    """Preparation in one process (--num_proc=1, no workers) against tiktoken alone in one process,
+    measured just before and just after: the code's own overhead (reading, JSON, cleaning,
+    hashing, writing), apart from how the machine's cores scale together."""
+    before = tiktoken_rate(tok, texts, batches, size)["tokens_per_s"]
+    r = run_prepare(corpus, os.path.join(BENCH, "prepared_one_process"), cfg, 100_000_000, num_proc=1)
+    after = tiktoken_rate(tok, texts, batches, size)["tokens_per_s"]
+    rate = tokens_of(r["meta"]) / r["seconds"]
+    print(f"one process (--num_proc=1) on {corpus}: {rate / 1e6:.2f} M tokens/s in {r['seconds']:.1f} s; tiktoken "
+          f"alone in one process just before and after: {before / 1e6:.2f}, {after / 1e6:.2f} M tokens/s; "
+          f"preparation is {rate / ((before + after) / 2):.0%} of tiktoken alone")
 
 
 def loader_ms_per_batch(data_dir, cfg, batches=300):
@@ -245,7 +265,7 @@ def main():
               f"tokens/s")
         text_mb = sum(r["meta"]["stats"][s]["characters"] for s in ("train", "val", "test")) / 1e6
         mb = os.path.getsize(path) / 1e6
-        tokens = sum(r["meta"]["stats"][s]["tokens"] for s in ("train", "val", "test"))
+        tokens = tokens_of(r["meta"])
         # "of limit" compares tokens/s, which do not depend on the input format (JSON escapes
         # make the JSONL larger than its text)
         rate = tokens / r["seconds"]
@@ -257,6 +277,7 @@ def main():
     for r in rows:
         print(f"| {r[0]} | {r[1]:,.0f} | {r[2]:,.0f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:,.0f} | "
               f"{r[7]:,.0f} | {r[8]:.0%} | {r[9]:.0%} | {r[10]:,.0f} | {r[11]:,.0f} |")
+    one_process_share(corpora["0.2GB"], cfg, tok, texts, batches, size)
     small = os.path.join(BENCH, "prepared_0.2GB")
     train_tokens = json.load(open(os.path.join(small, "meta.json")))["stats"]["train"]["tokens"]
     twenty = os.path.join(BENCH, "prepared_0.2GB_20shards")
