@@ -274,20 +274,18 @@ class ShardWriter:
         self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shards = []  # {"file", "tokens", "sha256"} of every closed shard
-        self.file, self.count = None, 0
+        self.file, self.hash, self.count = None, None, 0
 
     def write(self, ids):
         ids = np.asarray(ids, dtype=self.dtype)
         while len(ids):
             if self.file is None:
-                name = f"{self.split}_{len(self.shards):05d}.bin"
-                self.file = open(os.path.join(self.folder, name), "wb", buffering=1 << 20)
-                self.file.write(token_header(0, self.dtype.itemsize))  # the count is set on close
-                self.count = 0
-            room = self.shard_tokens - self.count
-            self.file.write(ids[:room])  # numpy arrays are buffers: written without a copy
-            self.count += min(room, len(ids))
-            ids = ids[room:]
+                self._open_shard()
+            part = ids[:self.shard_tokens - self.count]
+            self.file.write(part)  # numpy arrays are buffers: written and hashed without a copy
+            self.hash.update(part)
+            self.count += len(part)
+            ids = ids[len(part):]
             if self.count == self.shard_tokens:
                 self._close_shard()
 
@@ -296,14 +294,27 @@ class ShardWriter:
             self._close_shard()
         return self.shards
 
+    def _open_shard(self):
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self.file = open(os.path.join(self.folder, name), "wb", buffering=1 << 20)
+        # The header says the shard is full, which is true of all but a split's last shard. So the
+        # sha256 is computed as the tokens go by, and a closing shard is not read back (with many
+        # workers, that read stalled them all at every shard).
+        header = token_header(self.shard_tokens, self.dtype.itemsize)
+        self.file.write(header)
+        self.hash, self.count = hashlib.sha256(header), 0
+
     def _close_shard(self):
         f, self.file = self.file, None
-        f.seek(0)
-        f.write(token_header(self.count, self.dtype.itemsize))
+        full = self.count == self.shard_tokens
+        if not full:  # the split's last shard: set its count, and hash it again from the file
+            f.seek(0)
+            f.write(token_header(self.count, self.dtype.itemsize))
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        self.shards.append({"file": os.path.basename(f.name), "tokens": self.count, "sha256": sha256_of(f.name)})
+        digest = self.hash.hexdigest() if full else sha256_of(f.name)
+        self.shards.append({"file": os.path.basename(f.name), "tokens": self.count, "sha256": digest})
 
 
 def split_files(meta, split):
