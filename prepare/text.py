@@ -287,21 +287,21 @@ def processed(cfg, inputs, tok=None, dtype=np.uint32, bias_share=1.0):
         return
     # each worker gets the tokenizer built here: inherited as it is where processes fork (Linux),
     # unpickled where they start afresh; never loaded from its files again
-    with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(settings, tok)) as pool:
-        pending = collections.deque()
-        try:
-            for task in work:
-                pending.append(pool.submit(process, task))
-                if len(pending) >= 2 * workers:
-                    yield from each_document(*pending.popleft().result())
-            while pending:
+    pool = ProcessPoolExecutor(workers, initializer=start_worker, initargs=(settings, tok))
+    pending = collections.deque()
+    try:
+        for task in work:
+            pending.append(pool.submit(process, task))
+            if len(pending) >= 2 * workers:
                 yield from each_document(*pending.popleft().result())
-        finally:
-            # On an error or an early stop (the tokenizer's sample is complete) the tasks not yet
-            # started are dropped and the workers exit once their current one is done. No signals:
-            # multiprocessing.Pool's terminate() hung here twice, its SIGTERM lost by a worker
-            # waiting for the task queue's lock, which terminate() itself holds.
-            pool.shutdown(cancel_futures=True)
+        while pending:
+            yield from each_document(*pending.popleft().result())
+    finally:
+        # On an error or an early stop (the tokenizer's sample is complete) the tasks not yet
+        # started are dropped and the workers exit once their current one is done. No signals:
+        # multiprocessing.Pool's terminate() hung here twice, its SIGTERM lost by a worker
+        # waiting for the task queue's lock, which terminate() itself holds.
+        pool.shutdown(cancel_futures=True)
 
 
 def available_cores():
