@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import CACHE, ROOT, make_cfg
-from prepare.common import (DataError, SplitTokens, clean_text, dedup, read_tokens, scrub_pii, token_dtype_for,
-                            write_dataset, write_tokens)
+from prepare.common import (DataError, SeenDigests, SplitTokens, clean_text, dedup, read_tokens, scrub_pii,
+                            token_dtype_for, write_dataset, write_tokens)
 from prepare.shakespeare import TEST_WORKS, VAL_WORKS, read_texts
 from tokenizer import CharTokenizer, GPT2Tokenizer, from_meta
 
@@ -115,6 +115,19 @@ def test_token_file_header_rejects_truncated_and_foreign(tmp_path):
         read_tokens(tmp_path / "foreign.bin")
     with pytest.raises(DataError, match="missing"):
         read_tokens(tmp_path / "nope.bin")
+
+
+def test_seen_digests_agree_with_a_set_across_merges():
+    """SeenDigests keeps older digests in a sorted array (merged every merge_every new ones):
+    it must answer exactly as a plain set, at the ends of the 64-bit range too."""
+    rng = np.random.default_rng(0)
+    digests = [int(d) for d in rng.integers(0, 2**64, 300, dtype=np.uint64)] + [0, 2**64 - 1]
+    stream = digests + [int(d) for d in rng.choice(np.array(digests, dtype=np.uint64), 300)] + [0, 2**64 - 1]
+    seen, reference = SeenDigests(merge_every=7), set()
+    for d in stream:
+        assert seen.add(d) == (d not in reference), d
+        reference.add(d)
+    assert len(seen.old) > 0 and len(seen.old) + len(seen.new) == len(reference)
 
 
 def test_dtype_choice():
