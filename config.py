@@ -213,11 +213,11 @@ KEYS = [
     _k("wandb_project", "gpt", "wandb project name", scripts=TRAINS),
     _k("wandb_run_name", "run", "wandb run name", scripts=TRAINS),
     _k("plot", True, "refresh out_dir/loss.png at each evaluation", scripts=TRAINS),
-    _k("best_metric", "val_loss", "metric that picks ckpt_best.pt and drives early stopping (val_loss: lower "
-       "is better; a task metric such as val_macro_f1: higher is better)", scripts=TRAINS),
+    _k("best_metric", "val_loss", "metric that picks ckpt_best.pt and drives early stopping (val_loss and "
+       "val_headN: lower is better; a task metric such as val_macro_f1: higher is better)", scripts=TRAINS),
     _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off", scripts=TRAINS,
        allowed="[0, inf)"),
-    _k("min_delta", 0.0, "early stopping: smallest change of best_metric that counts as improvement",
+    _k("min_delta", 0.0, "early stopping: how far best_metric must move past its value at the last reset to reset the count",
        scripts=TRAINS, allowed="[0, inf)"),
     # ---- fine-tuning (finetune.py) ----
     _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "

@@ -76,14 +76,15 @@ class TrainState:
     loader: object
     it: int = 0
     best: float = None      # best value of cfg.best_metric so far
-    since_best: int = 0     # evaluations since it last improved by min_delta (early stopping)
+    baseline: float = None  # its value when since_best was last reset: progress is measured from here
+    since_best: int = 0     # evaluations since it last improved on baseline by more than min_delta
 
     def checkpoint(self, cfg, world, extra, weights=True):
         """The checkpoint dict; every process must call it (it gathers their RNG states). Under
         FSDP (weights=False) the weights and optimizer state are saved apart, in shards."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {**state, "scaler": self.scaler.state_dict(), "iter_num": self.it, "best": self.best,
-                "since_best": self.since_best, "config": cfg.to_dict(), "model_args": vars(self.model.config).copy(),
+                "baseline": self.baseline, "since_best": self.since_best, "config": cfg.to_dict(), "model_args": vars(self.model.config).copy(),
                 "rng": gather_rng_states(world), "loader": self.loader.state_dict(), **extra}
 
     def restore(self, ckpt, cfg, rank):
@@ -100,6 +101,7 @@ class TrainState:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["loader"])
         self.it, self.best, self.since_best = ckpt["iter_num"], ckpt["best"], ckpt["since_best"]
+        self.baseline = ckpt.get("baseline", self.best)  # (checkpoints from before it was kept)
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
 
 
@@ -121,9 +123,10 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     factor} gives per-parameter learning rates; grad_filter(it) may drop gradients before each
     step (gradual unfreezing). extra_state goes into checkpoints.
 
-    cfg.best_metric picks ckpt_best.pt ('val_loss': lower is better; any other metric the task
-    reports: higher is better); cfg.patience > 0 stops early when it has not improved by
-    min_delta for that many evaluations, and the best weights are loaded back into the model."""
+    cfg.best_metric picks ckpt_best.pt ('val_loss' and 'val_headN': lower is better; any other
+    metric the task reports: higher is better); cfg.patience > 0 stops early when it has not moved
+    more than min_delta past its value at the last reset for that many evaluations, and the best
+    weights are loaded back into the model."""
     use_activation_checkpointing(model, cfg.activation_checkpointing)  # before anything is written
     if cfg.init_from != "resume":
         refuse_existing_run(cfg.out_dir, cfg.overwrite)
@@ -230,15 +233,24 @@ def state_after_eval(state, cfg, results):
         reported = ", ".join(k for k in results if k not in ("train", "val"))
         raise SystemExit(f"error: best_metric={cfg.best_metric!r} is not reported by this task "
                          f"(it reports val_loss, {reported})")
-    # how much better than the best so far (loss: lower is better; task metrics: higher)
-    if state.best is None:
-        gain = math.inf
-    else:
-        gain = state.best - value if cfg.best_metric == "val_loss" else value - state.best
-    state.since_best = 0 if gain > cfg.min_delta else state.since_best + 1
-    if gain > 0:
+    lower = lower_is_better(cfg.best_metric)
+
+    def gain(over):  # how much better value is than `over` (None: nothing to beat yet)
+        return math.inf if over is None else (over - value if lower else value - over)
+    improved = gain(state.best) > 0
+    if improved:
         state.best = value
-    return gain > 0, cfg.patience > 0 and state.since_best >= cfg.patience
+    if gain(state.baseline) > cfg.min_delta:
+        state.baseline, state.since_best = value, 0
+    else:  # small gains add up: a steady crawl of less than min_delta per evaluation still resets
+        state.since_best += 1
+    return improved, cfg.patience > 0 and state.since_best >= cfg.patience
+
+
+def lower_is_better(metric):
+    """Losses (val_loss, and each multi-token head's val_headN) fall as a model improves; the
+    tasks' other metrics (accuracy, F1, reward) rise."""
+    return metric == "val_loss" or metric.startswith("val_head")
 
 
 def save_run(state, cfg, procs, is_best, extra_state):

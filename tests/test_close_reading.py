@@ -1,0 +1,45 @@
+"""The bugs a close reading of the code found (issue 32), each pinned by a test that failed
+before its fix."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train as T
+from conftest import make_cfg
+
+
+def evaluations(values, metric="val_loss", **cfg):
+    """Feed a sequence of metric values to state_after_eval; returns [(improved, stop), ...] and
+    the state."""
+    cfg = make_cfg(best_metric=metric, **cfg)
+    state = SimpleNamespace(best=None, baseline=None, since_best=0)
+    out = []
+    for v in values:
+        results = {"train": 0.0, "val": v} if metric == "val_loss" else {"train": 0.0, "val": 0.0, metric: v}
+        out.append(T.state_after_eval(state, cfg, results))
+    return out, state
+
+
+def test_early_stopping_sees_a_steady_crawl_below_min_delta():
+    """B2: a metric improving by 0.006 per evaluation with min_delta=0.01 improves by 0.012 every
+    two evaluations: the count must reset, not stop the run after 0.018 of improvement."""
+    losses = [2.0 - 0.006 * i for i in range(12)]
+    steps, state = evaluations(losses, patience=3, min_delta=0.01)
+    assert not any(stop for _, stop in steps)
+    assert all(improved for improved, _ in steps) and state.best == losses[-1]
+
+
+def test_early_stopping_still_stops_on_a_plateau():
+    steps, _ = evaluations([2.0, 1.5, 1.499, 1.498, 1.497], patience=3, min_delta=0.01)
+    assert [stop for _, stop in steps] == [False, False, False, False, True]
+
+
+def test_head_losses_are_minimised_like_val_loss():
+    """A multi-token head's val_headN is a loss: lower is better (it was maximised)."""
+    steps, state = evaluations([3.0, 3.5, 2.5], metric="val_head2")
+    assert [improved for improved, _ in steps] == [True, False, True] and state.best == 2.5
+    steps, state = evaluations([0.5, 0.4, 0.7], metric="val_accuracy")
+    assert [improved for improved, _ in steps] == [True, False, True] and state.best == 0.7
