@@ -102,17 +102,19 @@ def check_flex_dropout(backend, dropout):
 CAUSAL = "causal"  # sentinel: plain causal mask over a full sequence (lets sdpa use flash kernels)
 
 
-def mask_rule(q_idx, kv_idx, doc_q=None, doc_k=None, window=0, valid_k=None, causal=True):
+def mask_rule(q_idx, kv_idx, doc_q=None, doc_k=None, window=0, valid_k=None, causal=True, q_pos=None, k_pos=None):
     """True where a query may attend to a key, elementwise on tensors of any broadcastable shape:
     the dense masks and FlexAttention's mask_mod share this one definition. A decoder's query
     sees keys up to itself (causal); an encoder's sees every key. doc_q, doc_k: document ids
-    (packed sequences); window: sliding-window span (0 = off); valid_k: False for a padding
-    key, attended to by itself only (so no row of the attention matrix is empty)."""
+    (packed sequences); window: sliding-window span (0 = off), measured in positions q_pos,
+    k_pos (default: the slot indices; a cache with padding or holes counts only real tokens);
+    valid_k: False for a padding key, attended to by itself only (so no row is empty)."""
     keep = q_idx >= kv_idx if causal else torch.ones_like(q_idx - kv_idx, dtype=torch.bool)
     if doc_q is not None:
         keep = keep & (doc_q == doc_k)
     if window > 0:
-        keep = keep & ((q_idx - kv_idx).abs() < window)
+        distance = q_idx - kv_idx if q_pos is None else q_pos - k_pos
+        keep = keep & (distance.abs() < window)
     if valid_k is not None:
         keep = keep & (valid_k | (q_idx == kv_idx))
     return keep
@@ -398,12 +400,14 @@ class GPT(nn.Module):
             return CAUSAL if config.causal else None
         q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         kv_idx = torch.arange(start + T, device=device)[None, :]       # (1, Tk)
-        doc_q = doc_k = valid_k = None
+        doc_q = doc_k = valid_k = q_pos = k_pos = None
         if doc_ids is not None:
             doc_q, doc_k = doc_ids[:, :, None], doc_ids[:, None, :]       # (B, T, 1), (B, 1, T)
         if valid is not None:
             valid_k = valid[:, None, :]                                   # (B, 1, Tk)
-        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k, config.causal)
+            k_pos = valid.long().cumsum(dim=1)[:, None, :]                # (B, 1, Tk): real tokens so far
+            q_pos = k_pos[:, 0, start:, None]                             # (B, T, 1)
+        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k, config.causal, q_pos, k_pos)
         return keep.reshape(-1, 1, T, start + T)  # (B|1, 1, Tq, Tk)
 
     def trunk(self, idx, doc_ids=None, cache=None, valid=None):

@@ -43,3 +43,26 @@ def test_head_losses_are_minimised_like_val_loss():
     assert [improved for improved, _ in steps] == [True, False, True] and state.best == 2.5
     steps, state = evaluations([0.5, 0.4, 0.7], metric="val_accuracy")
     assert [improved for improved, _ in steps] == [True, False, True] and state.best == 0.7
+
+
+def test_self_speculative_decoding_equals_greedy_with_a_sliding_window():
+    """B1: rejected drafts stay in the cache as holes; the window must count positions (real
+    tokens), not cache slots, or speculative decoding differs from greedy decoding. The model
+    learns a stream where the token after 0 depends on the one before the 0, so what a 3-token
+    window holds decides the output (4 of these 20 prompts differed)."""
+    from generate import generate, speculative_generate
+    from test_mtp import mtp_model
+    torch.manual_seed(1)
+    m = mtp_model(3, attn_window=3)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.tensor([0, 1, 0, 2, 0, 3] * 11)[:64].view(2, 32)
+    for _ in range(150):
+        loss = m(x, torch.roll(x, -1, 1))[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    prompts = [[0, 1 + i % 3, 0][: 1 + i % 3] if i % 2 else [i % 3 + 1, 0] for i in range(20)]
+    spec, accepted, proposed = speculative_generate(m, prompts, 20)
+    assert 0 < accepted < proposed  # some drafts are rejected: the cache has holes
+    assert spec == generate(m, prompts, 20, temperature=0)
