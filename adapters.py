@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT
+from model import GPT, Block
 
 
 class GPTClassifier(GPT):
@@ -91,9 +91,10 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha, dropout, targets):
-    """Wrap every nn.Linear inside the blocks whose attribute name is in targets; returns the count."""
+    """Wrap every nn.Linear inside the blocks (the extra multi-token heads' too: their losses
+    train with the rest) whose attribute name is in targets; returns the count."""
     n = 0
-    for block in model.transformer.h:
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 if name in targets and isinstance(child, nn.Linear):

@@ -66,3 +66,22 @@ def test_self_speculative_decoding_equals_greedy_with_a_sliding_window():
     spec, accepted, proposed = speculative_generate(m, prompts, 20)
     assert 0 < accepted < proposed  # some drafts are rejected: the cache has holes
     assert spec == generate(m, prompts, 20, temperature=0)
+
+
+def test_lora_gives_the_kept_multi_token_heads_adapters():
+    """B3: with keep_mtp_heads the heads' losses stay in the objective, so their blocks need
+    adapters like the trunk's (they were left frozen, untrainable)."""
+    from adapters import add_lora
+    from test_mtp import mtp_model
+    m = mtp_model(3)
+    n = add_lora(m, rank=2, alpha=4, dropout=0.0, targets=["c_attn", "c_proj"])
+    assert n == 3 * (m.config.n_layer + 2)  # c_attn, attn.c_proj and mlp.c_proj of every block
+    for name, p in m.named_parameters():
+        p.requires_grad_("lora_" in name)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # away from zero, so every adapter gets a gradient
+    x = torch.randint(0, 97, (2, 16))
+    m(x, torch.roll(x, -1, 1))[1].backward()
+    heads = {n for n, p in m.named_parameters() if n.startswith("mtp.") and p.grad is not None}
+    assert any("lora_A" in n for n in heads) and all(p.grad is not None for p in m.parameters() if p.requires_grad)
