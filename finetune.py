@@ -63,6 +63,8 @@ def set_dropout(model, p):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = p
+        elif isinstance(m, torch.nn.LSTM) and m.num_layers > 1:  # its dropout between layers
+            m.dropout = p
 
 
 # ----------------------------------------------------------------------------- 2. tasks
@@ -610,6 +612,12 @@ def check_task_fits(cfg, arch):
     if cfg.task == "rl" and cfg.temperature == 0:
         raise SystemExit("error: task=rl learns from differences between sampled completions: set temperature > 0 "
                          "(1.0 samples the model's own distribution)")
+    if cfg.task == "classify" and cfg.classify_pool == "first" and arch != "bert":
+        raise SystemExit("error: classify_pool=first pools the first token, which in a decoder sees only itself "
+                         "(the end-of-text every text starts with): use classify_pool=last or mean, or an encoder")
+    if cfg.task in ("dpo", "rl") and (cfg.dropout > 0 or (cfg.lora_rank > 0 and cfg.lora_dropout > 0)):
+        raise SystemExit(f"error: task={cfg.task} compares the policy with its reference model, which runs without "
+                         f"dropout: set dropout=0 and lora_dropout=0, so that the two start as the same function")
     if arch == "lstm" and (cfg.task == "classify" or cfg.lora_rank > 0):
         raise SystemExit("error: the classification head and LoRA adapters are built on transformer blocks; "
                          "fine-tune an LSTM (arch=lstm) with task=lm or task=sft, without lora_rank")

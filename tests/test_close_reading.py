@@ -85,3 +85,40 @@ def test_lora_gives_the_kept_multi_token_heads_adapters():
     m(x, torch.roll(x, -1, 1))[1].backward()
     heads = {n for n, p in m.named_parameters() if n.startswith("mtp.") and p.grad is not None}
     assert any("lora_A" in n for n in heads) and all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_a_decoder_refuses_first_token_pooling():
+    """B4: in a causal model position 0 (end-of-text) sees only itself, so classify_pool=first
+    made a classifier that ignores its input."""
+    from finetune import check_task_fits
+    with pytest.raises(SystemExit, match="classify_pool=first"):
+        check_task_fits(make_cfg(task="classify", classify_pool="first"), "gpt")
+    check_task_fits(make_cfg(task="classify", classify_pool="first"), "bert")
+    check_task_fits(make_cfg(task="classify", classify_pool="last"), "gpt")
+
+
+def test_set_dropout_reaches_the_lstm_between_layers():
+    """B5: set_dropout changed nn.Dropout layers and the config but not nn.LSTM's inter-layer
+    dropout, while a resume rebuilds the LSTM from the config: a resumed run trained another
+    model. Now the model and a rebuild from its config agree everywhere."""
+    from finetune import set_dropout
+    from model import GPTConfig
+    from rnn import LSTMLM
+    m = LSTMLM(GPTConfig(arch="lstm", vocab_size=50, n_layer=2, n_head=1, n_embd=16, dropout=0.0))
+    set_dropout(m, 0.3)
+    rebuilt = LSTMLM(m.config)
+
+    def rates(model):
+        return [getattr(x, "p", None) or getattr(x, "dropout", None) for x in model.modules()
+                if isinstance(x, (torch.nn.Dropout, torch.nn.LSTM))]
+    assert rates(m) == rates(rebuilt) == [0.3, 0.3]
+
+
+@pytest.mark.parametrize("kw", [dict(dropout=0.1), dict(lora_rank=4, lora_dropout=0.1)])
+@pytest.mark.parametrize("task", ["dpo", "rl"])
+def test_preference_and_rl_refuse_dropout(task, kw):
+    """The policy was scored with dropout on, its reference with it off: at step 0 the DPO loss
+    was 0.6918, not log 2. Both now run without it, or the settings are refused."""
+    from finetune import check_task_fits
+    with pytest.raises(SystemExit, match="dropout=0"):
+        check_task_fits(make_cfg(task=task, reward="prepare.addition:reward", temperature=1.0, **kw), "gpt")
