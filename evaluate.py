@@ -60,11 +60,23 @@ from tasks import (bootstrap_interval, classification_report, keep_last, lm_metr
                    prepare_on_first_use, prompt_ids, read_jsonl, reward_function, sequence_logprob, task_path)
 
 
-def text_length(tok, ids):
-    """(characters, UTF-8 bytes) of the text behind ids; an end-of-text separator counts as one."""
-    eot = int((ids == tok.eot_id).sum())
-    text = tok.decode([int(i) for i in ids if i != tok.eot_id])
-    return len(text) + eot, len(text.encode("utf-8")) + eot
+def text_length(tok, ids, first=0, chunk=1 << 20):
+    """(characters, UTF-8 bytes) of the text behind ids[first:] (SplitTokens or an array); an
+    end-of-text separator counts as one. Streamed a chunk of tokens at a time, each cut after
+    its last end-of-text so that no character is split between two decodes: a FineWeb-size
+    split never has to fit in memory as text or as a Python list."""
+    chars = nbytes = 0
+    start, n = first, len(ids)
+    while start < n:
+        piece = np.asarray(ids[start:min(n, start + chunk)])
+        ends = np.flatnonzero(piece == tok.eot_id)
+        if start + len(piece) < n and len(ends):  # more follows: stop at a document boundary
+            piece = piece[:ends[-1] + 1]
+        eot = int((piece == tok.eot_id).sum())
+        text = tok.decode(piece[piece != tok.eot_id].tolist())
+        chars, nbytes = chars + len(text) + eot, nbytes + len(text.encode("utf-8")) + eot
+        start += len(piece)
+    return chars, nbytes
 
 
 def eval_lm(model, tok, cfg, data_dir, device):
@@ -74,7 +86,7 @@ def eval_lm(model, tok, cfg, data_dir, device):
     t0 = time.time()
     total, count, heads = lm_metrics(model, ids, stride, cfg.batch_size, device)
     seconds = time.time() - t0
-    chars, nbytes = text_length(tok, ids[1:])
+    chars, nbytes = text_length(tok, ids, first=1)
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": total / math.log(2) / chars,
             "bits_per_byte": total / math.log(2) / nbytes, **{f"loss_head{i + 1}": h for i, h in enumerate(heads)},
@@ -185,7 +197,8 @@ def zero_shot_classifier(model, tok, labels, cfg, device):
     room = model.config.block_size - max(map(len, verbal.values()))
 
     def classify(text):
-        context, cut = keep_last(tok.encode(cfg.classify_template.format(text=text)), room)
+        # a document starts at end-of-text, as in training and every other prompt here
+        context, cut = keep_last([tok.eot_id] + tok.encode(cfg.classify_template.format(text=text)), room)
         return max(labels, key=lambda label: sequence_logprob(model, context, verbal[label], device)), cut
     return classify
 
@@ -206,6 +219,8 @@ def eval_choice(model, tok, cfg, device):
     rows = read_jsonl(path, ["context", "choices", "answer"], cfg.max_examples)
     raw = norm = margin = 0
     for i, r in enumerate(tqdm(rows, desc="choosing", unit="example")):
+        if not isinstance(r["choices"], list) or len(r["choices"]) < 2:
+            raise DataError(f"{path}: record {i + 1}: 'choices' must list at least two texts to choose between")
         if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
             raise DataError(f"{path}: record {i + 1}: answer {r['answer']!r} is not an index into its choices")
         context = [tok.eot_id] + tok.encode(r["context"])  # a document starts at end-of-text

@@ -122,3 +122,62 @@ def test_preference_and_rl_refuse_dropout(task, kw):
     from finetune import check_task_fits
     with pytest.raises(SystemExit, match="dropout=0"):
         check_task_fits(make_cfg(task=task, reward="prepare.addition:reward", temperature=1.0, **kw), "gpt")
+
+
+def test_zero_shot_prompts_start_with_end_of_text(tmp_path):
+    """Every prompt opens a document with end-of-text, as in training; zero-shot classification's
+    prompts lacked it."""
+    import json
+
+    import evaluate as E
+    from test_evaluate import BigramModel
+    from tokenizer import CharTokenizer
+    tok = CharTokenizer(list("abc :"))
+    seen = []
+
+    class Spy(BigramModel):
+        def forward(self, x):
+            seen.append(x[0, 0].item())
+            return super().forward(x)
+    task = tmp_path / "cls.jsonl"
+    task.write_text(json.dumps({"text": "c", "label": "a"}) + "\n")
+    E.eval_classify(Spy(torch.zeros(8, 8)), tok, make_cfg(task_file=str(task), classify_template="{text}:"),
+                    "cpu", tmp_path)
+    assert seen and set(seen) == {tok.eot_id}
+
+
+def test_a_choice_task_with_one_choice_is_a_data_error(tmp_path):
+    import json
+
+    import evaluate as E
+    from prepare.common import DataError
+    from test_evaluate import BigramModel
+    from tokenizer import CharTokenizer
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "answer": 0}) + "\n"
+                    + json.dumps({"context": "a", "choices": ["b"], "answer": 0}) + "\n")
+    with pytest.raises(DataError, match="record 2: 'choices' must list at least two"):
+        E.eval_choice(BigramModel(torch.zeros(8, 8)), CharTokenizer(list("abc")), make_cfg(task_file=str(task)),
+                      "cpu")
+
+
+def test_bits_per_character_streams_the_split():
+    """eval_lm's character count decoded the whole split as one Python list: a FineWeb-size test
+    split needed its size in RAM. It now decodes chunks cut at document boundaries, with the
+    same counts."""
+    import numpy as np
+
+    import evaluate as E
+    from tokenizer import CharTokenizer
+    tok = CharTokenizer(list("abcdé "))
+    docs = ["abc dé", "ééa", "", "b" * 40, "cab"]
+    ids = np.array([t for d in docs for t in [tok.eot_id] + tok.encode(d)], dtype=np.uint16)
+    decoded = []
+    real_decode = tok.decode
+    tok.decode = lambda ids: decoded.append(len(ids)) or real_decode(ids)
+    for chunk in (5, 9, 1000):
+        decoded.clear()
+        n_chars, n_bytes = E.text_length(tok, ids, first=1, chunk=chunk)
+        text = "".join(docs)  # ids[1:]: every document's text and the four end-of-texts after the first
+        assert (n_chars, n_bytes) == (len(text) + 4, len(text.encode()) + 4)
+        assert max(decoded) <= chunk
