@@ -1,7 +1,7 @@
 """
 What fine-tuning adds to a trained GPT: a classification head on its trunk, and LoRA adapters.
 
-    GPTClassifier       the same trunk, logits over labels instead of over the vocabulary
+    classifier()        the same trunk, logits over labels instead of over the vocabulary
     LoRALinear          y = W x + (alpha / r) B A x with W frozen (Hu et al. 2021)
     add_lora, merge_lora  wrap the blocks' linear layers; fold trained adapters back into W
     lora_disabled       the base model back for a moment: a LoRA run's frozen reference (dpo, rl)
@@ -14,14 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from encoder import BertGPT, uses_bert_extras
 from model import GPT, Block
 
 
-class GPTClassifier(GPT):
+class Classifier:
     """The same trunk with a classification head: logits over labels from the last real token's
     hidden state (pool='last'), the mean over real tokens (pool='mean'), or BERT's pooler, a
     dense layer and tanh on the first token (pool='first': in an encoder it sees every token).
-    The LM head is unused. An encoder's padding is masked out of attention."""
+    The LM head is unused. An encoder's padding is masked out of attention. Mixed into the
+    trunk's class: GPTClassifier, BertClassifier (classifier() picks)."""
 
     def __init__(self, config, n_labels, pool="last"):
         super().__init__(config)
@@ -33,7 +35,8 @@ class GPTClassifier(GPT):
                 nn.init.normal_(head.weight, std=0.02)
                 nn.init.zeros_(head.bias)
         # no gradient ever reaches the LM head here (DDP would wait for one)
-        unused = [*(self.mlm_transform.parameters() if self.mlm_transform is not None else ()), self.lm_head.bias]
+        transform = getattr(self, "mlm_transform", None)
+        unused = [*(transform.parameters() if transform is not None else ()), self.lm_head.bias]
         if not config.tie_embeddings:
             unused.append(self.lm_head.weight)
         for p in unused:
@@ -44,7 +47,11 @@ class GPTClassifier(GPT):
         """idx (B, T) right-padded, lengths (B,) -> (label logits (B, n_labels), loss or None)."""
         real = torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]  # (B, T)
         # a decoder's real tokens never see the right padding; an encoder's would, unless masked
-        h = self.transformer.ln_f(self.hidden(idx, valid=None if self.config.causal else real)[0])  # (B, T, C)
+        x, rope, mask = self.inputs(idx, valid=None if self.causal else real)
+        x = x0 = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, x0, rope, mask, None)
+        h = self.transformer.ln_f(x)  # (B, T, C)
         if self.pool == "last":
             pooled = h[torch.arange(len(idx), device=idx.device), lengths - 1]  # (B, C)
         elif self.pool == "first":
@@ -53,6 +60,19 @@ class GPTClassifier(GPT):
             pooled = (h * real.unsqueeze(-1)).sum(1) / lengths[:, None]
         logits = self.cls_head(pooled).float()
         return logits, None if labels is None else F.cross_entropy(logits, labels)
+
+
+class GPTClassifier(Classifier, GPT):
+    pass
+
+
+class BertClassifier(Classifier, BertGPT):
+    pass
+
+
+def classifier(config, n_labels, pool="last"):
+    """A classifier on the trunk config describes (see Classifier)."""
+    return (BertClassifier if uses_bert_extras(config) else GPTClassifier)(config, n_labels, pool)
 
 
 class LoRALinear(nn.Module):

@@ -15,9 +15,13 @@ import time
 
 import torch
 
+from checkpoint import load_model
+from compute import peak_flops, setup_compute
 from config import cli_config
-from plumbing import Processes, ensure_data, load_model, peak_flops, setup_compute
-from train import LMTask, configure_optimizer, train_step, use_activation_checkpointing
+from data import ensure_data
+from distributed import Processes
+from tasks import LMTask
+from train import configure_optimizer, train_step, use_activation_checkpointing
 
 WARMUP, TIMED = 5, 20
 

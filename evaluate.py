@@ -52,12 +52,14 @@ import time
 import numpy as np
 import torch
 
+from checkpoint import load_for_inference
+from compute import setup_compute
 from config import cli_config
+from data import DataError, SplitTokens, load_meta, prepare_on_first_use
+from examples import keep_last, prompt_ids, read_jsonl, reward_function, task_path
 from generate import generate
-from plumbing import load_for_inference, plot_losses, read_metrics, setup_compute
-from prepare.common import DataError, SplitTokens, load_meta
-from tasks import (bootstrap_interval, classification_report, keep_last, lm_metrics, mlm_metrics,
-                   prepare_on_first_use, prompt_ids, read_jsonl, reward_function, sequence_logprob, task_path)
+from metrics import plot_losses, read_metrics
+from scoring import bootstrap_interval, classification_report, lm_metrics, mlm_metrics, sequence_logprob
 
 
 def text_length(tok, ids, first=0, chunk=1 << 20):

@@ -1,6 +1,6 @@
 """
-How a program of this codebase ends when the world outside it intervenes: a signal, or a disk
-that is full, read-only or not where the user said.
+How a program of this codebase ends when the world outside it intervenes (a signal, or a disk
+that is full, read-only or not where the user said) or its input is wrong.
 
 Every script imports this module first, before torch (whose imports take seconds). From then on:
   - SIGINT (Ctrl-C) or SIGTERM ends the program with one line and exit code 128 + the signal's
@@ -8,8 +8,10 @@ Every script imports this module first, before torch (whose imports take seconds
     half-written that a later run would read: checkpoints, Hugging Face exports and config.json
     are written under a temporary name and renamed, and a prepared dataset only counts once its
     meta.json is there.
-    During the training loop plumbing.GracefulStop takes over (finish the step, save, exit 0)
+    During the training loop GracefulStop (below) takes over (finish the step, save, exit 0)
     and hands back to this when the loop ends.
+  - a UserError (errors.py: a bad config key, bad data, a missing or foreign checkpoint) that
+    reaches the top ends the program with its one `error:` line and exit code 1.
   - an OSError about a file (no space left, permission denied, read-only file system, a folder
     that is a file) that nothing else caught ends the program with one `error:` line naming the
     file and the reason, instead of a traceback.
@@ -21,6 +23,9 @@ importing the modules (tests, notebooks) leaves the importer's handling alone.
 import os
 import signal
 import sys
+import threading
+
+from errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAIN_PID = os.getpid()
@@ -33,8 +38,10 @@ def stop(signum, frame=None, what="nothing was half-written; run the command aga
     raise SystemExit(128 + signum)
 
 
-def report_file_error(kind, error, trace):
-    if issubclass(kind, OSError) and error.filename:
+def report_error(kind, error, trace):
+    if issubclass(kind, UserError):  # bad input, said for the user by the code that found it
+        print(f"error: {error}", file=sys.stderr)
+    elif issubclass(kind, OSError) and error.filename:
         print(f"error: {error.filename}: {error.strerror or error}; free space, fix the permissions, or choose "
               f"another path", file=sys.stderr)
     else:
@@ -49,4 +56,40 @@ def run_as_script():
 if run_as_script():
     for _signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_signum, stop)
-    sys.excepthook = report_file_error
+    sys.excepthook = report_error
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to finish its step, save, and exit 0 (preemptible clusters).
+    A second Ctrl-C stops at once. Outside the loop, exits.py's handlers rule."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            stop(signum, frame, "a second time, so at once, without saving the steps since the last checkpoint")
+        self.requested = True
+
+    def agreed(self, world, device, check_now):
+        """Whether every process stops after this step. One process: whenever asked. Several:
+        they must stop at the same step, so they agree with an all-reduce (one asking is
+        enough); that reads a value back to the host, so it happens only where check_now (at
+        log and evaluation steps), never every step."""
+        if world == 1:
+            return self.requested
+        if not check_now:
+            return False
+        import torch
+        import torch.distributed as torch_dist
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return bool(flag.item())

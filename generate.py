@@ -31,17 +31,19 @@ class KVCache:
         layers = config.n_layer + config.mtp_heads - 1  # the extra heads' blocks cache too
         self.shape = (layers, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
         self.k = self.v = None
-        self.length = 0
+        self.start = self.length = 0  # where the current forward's tokens start; how many are filled
 
     def update(self, layer, k, v):
-        """Store k, v (B, nkv, T, hd) after the filled part; return everything filled so far."""
+        """Store k, v (B, nkv, T, hd) after the filled part; return everything filled so far.
+        Layer 0 writes first in every forward, so its update moves the cache on by T tokens."""
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if layer == 0:
+            self.start, self.length = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, self.start:self.length] = k
+        self.v[layer, :, :, self.start:self.length] = v
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
     def compact(self, valid):
         """Gather each row's valid entries (valid: (B, length) bool) to the right end, dropping
@@ -59,10 +61,28 @@ class KVCache:
 
 
 class RecurrentCache:
-    """An LSTM's cache: its state (h, c) after the tokens seen so far (rnn.LSTMLM.hidden)."""
+    """An LSTM's cache: its state (h, c) after the tokens seen so far (rnn.LSTMLM.forward)."""
 
     def __init__(self):
         self.state, self.length = None, 0
+
+    def update(self, state, n_tokens):
+        self.state, self.length = state, self.length + n_tokens
+
+
+# The context window, in two rules: a prompt is cut to what a prediction may read, and a row whose
+# window is full continues from its newer half, prefilled again (positions restart at 0, as if
+# that text were the prompt).
+
+def fit_context(ids, block_size):
+    """The last block_size - 1 tokens of ids: what a prediction may read (room for one more)."""
+    return ids[-(block_size - 1):]
+
+
+def slide(ids, block_size):
+    """The context decoding goes on from after ids: all of them while they fit (fewer than
+    block_size), else their newer half."""
+    return ids[-(block_size // 2):] if len(ids) >= block_size else ids
 
 
 def left_pad(prompts, device):
@@ -87,14 +107,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     window is recomputed every step (the slow reference, same tokens).
 
     The context is at most block_size tokens. A longer prompt is cropped to its last tokens
-    with a warning; when the window is full, its older half is dropped and the rest
-    re-prefilled (positions restart at 0, as if that text were the prompt).
+    with a warning; when a row's window is full, its older half is dropped and the rest
+    re-prefilled (slide). Rows slide at their own length, so each row of a batch gets the
+    tokens it would get alone.
     """
     limit = model.config.block_size
     device = next(model.parameters()).device
     if any(len(p) > limit - 1 for p in prompts):
         warnings.warn(f"prompt longer than block_size-1={limit - 1} tokens: keeping its last {limit - 1}")
-        prompts = [p[-(limit - 1):] for p in prompts]
+        prompts = [fit_context(p, limit) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: give at least one token (e.g. the end-of-text id)")
     B = len(prompts)
@@ -104,18 +125,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     done = [False] * B
     cache = None
     for _ in range(max_new_tokens):
-        if tokens.shape[1] >= limit:  # window full: keep the newer half
-            tokens, valid = tokens[:, -(limit // 2):], valid[:, -(limit // 2):]
+        if tokens.shape[1] >= limit:  # the longest row's window is full: every full row slides
+            tokens, valid = left_pad([slide(t[v].tolist(), limit) for t, v in zip(tokens, valid)], device)
             cache = None
             padding = None if bool(valid.all()) else valid
         if not use_cache:
-            h = model.hidden(tokens, valid=padding)[0]
+            logits = model(tokens, valid=padding)[0]
         elif cache is None:  # prefill
             cache = RecurrentCache() if model.config.arch == "lstm" else KVCache(model, B, limit)
-            h = model.hidden(tokens, cache=cache, valid=padding)[0]
+            logits = model(tokens, cache=cache, valid=padding)[0]
         else:
-            h = model.hidden(tokens[:, -1:], cache=cache, valid=padding)[0]
-        logits = model.head(h[:, -1, :]).float()  # (B, V)
+            logits = model(tokens[:, -1:], cache=cache, valid=padding)[0]
+        logits = logits[:, -1, :].float()  # (B, V)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
@@ -172,7 +193,7 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
     with plain generate()."""
     config, n = model.config, model.config.mtp_heads
     device = model.transformer.wte.weight.device
-    prompts = [p[-(config.block_size - 1):] for p in prompts]
+    prompts = [fit_context(p, config.block_size) for p in prompts]
     B = len(prompts)
     out, done = [[] for _ in prompts], [False] * B
     accepted = proposed = 0
@@ -228,9 +249,7 @@ def speculative_generate(model, prompts, max_new_tokens, stop_ids=(), should_sto
 def finish_plainly(model, b, prompt, out, max_new_tokens, stop_ids, should_stop):
     """Row b's remaining tokens by plain greedy decoding, from the context plain decoding would
     hold now (a full window keeps its newer half)."""
-    context = prompt + out[b]
-    limit = model.config.block_size
-    context = context[-(limit // 2):] if len(context) >= limit else context
+    context = slide(prompt + out[b], model.config.block_size)
     stop_rest = None if should_stop is None else (lambda ids: should_stop(out[b] + ids))
     out[b] += generate(model, [context], max_new_tokens - len(out[b]), temperature=0, stop_ids=stop_ids,
                        should_stop=stop_rest)[0]

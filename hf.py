@@ -22,6 +22,7 @@ from dataclasses import asdict, fields
 import torch
 
 from config import PRESETS
+from encoder import BertGPT
 from model import GPT, GPTConfig
 from tokenizer import GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
 
@@ -160,7 +161,7 @@ def bert_from_hf(path, hf, overrides):
                            **overrides)
     except KeyError as e:
         raise ValueError(f"{cfg_path}: lacks {e.args[0]!r}, which a BERT config.json has") from None
-    model = GPT(config)
+    model = BertGPT(config)
     sd = {k: v for k, v in load_hf_state_dict(path).items() if not k.startswith(BERT_UNUSED)}
     ours = model.state_dict()
     layout = bert_layout(config)

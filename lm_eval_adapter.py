@@ -13,8 +13,9 @@ An empty context is the end-of-text token, which opens every document in our tra
 import numpy as np
 from lm_eval.api.model import LM
 
+from errors import ConfigError
 from generate import generate
-from tasks import continuation_score, lm_metrics
+from scoring import continuation_score, lm_metrics
 
 
 class HarnessLM(LM):
@@ -60,7 +61,7 @@ def run_harness(model, tok, cfg, device):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     if not cfg.harness_tasks:
-        raise SystemExit("error: eval_task=harness needs harness_tasks=name[,name...]")
+        raise ConfigError("eval_task=harness needs harness_tasks=name[,name...]")
     manager = TaskManager(include_path=cfg.harness_include or None)
     results = simple_evaluate(model=HarnessLM(model, tok, device, cfg.batch_size, cfg.max_new_tokens),
                               tasks=cfg.harness_tasks.split(","), task_manager=manager,

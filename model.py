@@ -1,38 +1,36 @@
 """
 A GPT written out by hand: exactly GPT-2 in its default setting, with the options current
 practice uses (RoPE, RMSNorm, QK-norm, SwiGLU / ReLU², GQA, untied embeddings, logit softcap,
-sliding-window and document-masked attention, multi-token heads) one config key away. With
-arch='bert' the same blocks without the causal mask make an encoder, trained to fill in masked
-tokens (BERT: post-norm, token-type embeddings and its output transform, one key each).
+sliding-window and document-masked attention, x0 mixing) one config key away.
 
-The transformer and nothing else (generation: generate.py; GPT-2 weights: hf.py; LoRA and the
-classifier: adapters.py). Read it top to bottom:
+The transformer and nothing else. Read it top to bottom:
   1. GPTConfig    the architecture, built from the shared config namespace
-  2. attention    who may attend to whom (one rule; backends math = the readable reference, sdpa,
-                  flex), rotary positions, the attention layer
-  3. MLP, Block   the rest of a transformer block; MLMTransform, an encoder's output transform
-  4. GPT          embeddings -> blocks -> final norm -> logits (a decoder, or with arch='bert' an
-                  encoder); the loss; multi-token heads; which
+  2. attention    who may attend to whom (mask_rule, one rule for every backend), rotary
+                  positions, the attention layer (math: the readable reference; sdpa: fused)
+  3. MLP, Block   the rest of a transformer block
+  4. GPT          embeddings -> blocks -> final norm -> logits -> loss, on one screen; which
                   parameters are hidden matrices; parameter and FLOP accounting
+What builds on it lives beside it: multitoken.py (extra heads predicting tokens further ahead),
+encoder.py (arch='bert'), rnn.py (arch='lstm'), systems.py (FlexAttention, memory tricks),
+generate.py (KV cache and sampling), adapters.py (LoRA, classifier), hf.py (GPT-2 weights).
 Shapes: B batch, T time, C = n_embd, nh / nkv query / key-value heads, hd = C // nh, V vocabulary.
 """
 
-import functools
 import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from torch.utils.checkpoint import checkpoint
+
+from systems import chunked_cross_entropy, flex_attend, flex_block_mask
 
 # ----------------------------------------------------------------------------- 1. config
 
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt"            # gpt: causal decoder; bert: bidirectional encoder; lstm: rnn.LSTMLM
+    arch: str = "gpt"            # gpt: causal decoder; bert: encoder.Encoder; lstm: rnn.LSTMLM
     vocab_size: int = 50257      # true vocabulary; embeddings are padded past it (pad_vocab_to)
     block_size: int = 1024
     n_layer: int = 12
@@ -52,7 +50,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0
     zero_init_proj: bool = False
-    mtp_heads: int = 1           # heads predicting tokens t+1 .. t+n (Gloeckle et al. 2024); 1 = plain GPT
+    mtp_heads: int = 1           # heads predicting tokens t+1 .. t+n (multitoken.py); 1 = plain GPT
     mtp_weights: str = ""        # comma-separated loss weight per head; empty = equal
     pad_vocab_to: int = 64
     attn_backend: str = "sdpa"
@@ -126,67 +124,19 @@ def document_ids(idx, eot_id):
     return (idx == eot_id).cumsum(dim=1)
 
 
-def flex_block_mask(doc_ids, valid, window, B, T, device, causal=True):
-    """FlexAttention's block mask for mask_rule. Data-dependent masks (documents, padding) are
-    built per batch; the plain causal or sliding-window one depends only on T and is cached
-    (inside torch.compile(model) it is built in the graph: the compiler ignores the cache)."""
-    if doc_ids is None and valid is None and not torch.compiler.is_compiling():
-        return plain_block_mask(T, window, str(device), causal)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        doc_q = doc_k = valid_k = None
-        if doc_ids is not None:
-            doc_q, doc_k = doc_ids[b, q_idx], doc_ids[b, kv_idx]
-        if valid is not None:
-            valid_k = valid[b, kv_idx]
-        return mask_rule(q_idx, kv_idx, doc_q, doc_k, window, valid_k, causal)
-
-    return create_block_mask(mask_mod, B, None, T, T, device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def plain_block_mask(T, window, device, causal):
-    return create_block_mask(lambda b, h, q, kv: mask_rule(q, kv, window=window, causal=causal), None, None, T, T,
-                             device=device)
-
-
-@functools.cache
-def compiled_flex_attention(device_type):
-    """FlexAttention compiled once per device type. GPUs: automatic dynamic shapes, so a second
-    sequence length or batch size compiles one kernel for all later ones (dynamic=False compiles
-    one per shape up to the recompile limit, then falls back to the slow unfused path). CPUs keep
-    static shapes: inductor's CPU template fails to build dynamic ones (torch 2.13)."""
-    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
-
-
-def attend(q, k, v, mask, backend, dropout_p):
-    """softmax(q kᵀ / √hd + mask) v. q (B, nh, Tq, hd); k, v (B, nkv, Tk, hd) -> (B, nh, Tq, hd).
-    mask: CAUSAL, None (an encoder's: every key), a bool tensor (B|1, 1, Tq, Tk) with True =
-    attend, or a flex BlockMask."""
-    gqa = q.shape[1] != k.shape[1]
-    if backend == "math":
-        if gqa:  # each group of nh/nkv query heads shares one key/value head
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
-        if mask is CAUSAL:
-            Tq, Tk = att.shape[-2:]
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        att = F.dropout(F.softmax(att, dim=-1), dropout_p)
-        return att @ v
-    if backend == "sdpa":
-        causal = mask is CAUSAL
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                              dropout_p=dropout_p, enable_gqa=gqa)
-    if backend == "flex":
-        if torch.compiler.is_compiling():  # inside torch.compile(model), which fuses flex itself. q and k
-            # are strided views of one (B, T, nh + nkv, hd) tensor; inside a compiled model the flex
-            # kernel reads such views wrongly (0.17 off the math backend with RoPE, torch 2.13 CPU)
-            return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, enable_gqa=gqa)
-        return compiled_flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
-    raise ValueError(f"unknown attn_backend {backend!r}")
+def attend(q, k, v, mask, dropout_p):
+    """The math reference: softmax(q kᵀ / √hd + mask) v, as the sdpa and flex kernels compute it.
+    q (B, nh, Tq, hd); k, v (B, nkv, Tk, hd) -> (B, nh, Tq, hd). mask: CAUSAL, None (every key),
+    or a bool tensor (B|1, 1, Tq, Tk) with True = attend."""
+    if q.shape[1] != k.shape[1]:  # GQA: each group of nh/nkv query heads shares one key/value head
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
+    if mask is CAUSAL:
+        mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return F.dropout(F.softmax(att, dim=-1), dropout_p) @ v
 
 
 def rope_tables(config):
@@ -216,23 +166,27 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, cache):
-        config, B, T = self.config, x.shape[0], x.shape[1]
-        qk, v = self.c_attn(x).split([(config.n_head + config.n_kv_head) * self.hd, config.n_kv_head * self.hd], dim=-1)
-        # q and k heads side by side (B, T, nh + nkv, hd): one norm and one rotation serve both
-        qk = qk.view(B, T, config.n_head + config.n_kv_head, self.hd)
+        config, (B, T, C), nh, nkv, hd = self.config, x.shape, self.config.n_head, self.config.n_kv_head, self.hd
+        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd)   # (B, T, nh, hd)
+        k = k.view(B, T, nkv, hd)  # (B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd)  # (B, T, nkv, hd)
         if config.qk_norm:
-            qk = F.rms_norm(qk, (self.hd,))
+            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
         if rope is not None:
-            qk = apply_rope(qk, *rope)
-        q, k = qk.split([config.n_head, config.n_kv_head], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
-        v = v.view(B, T, config.n_kv_head, self.hd)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        backend = config.attn_backend
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, Tcache, hd)
-            backend = "math" if backend == "math" else "sdpa"  # flex block masks are built for full sequences
-        y = attend(q, k, v, mask, backend, config.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, config.n_embd)  # (B, T, C)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, Tcache, hd): every token so far
+        dropout = config.dropout if self.training else 0.0
+        if config.attn_backend == "math":
+            y = attend(q, k, v, mask, dropout)
+        elif config.attn_backend == "flex" and cache is None:  # (flex block masks are built for whole sequences)
+            y = flex_attend(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is CAUSAL else mask,
+                                               is_causal=mask is CAUSAL, dropout_p=dropout, enable_gqa=nh != nkv)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -258,7 +212,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)
+        h = self.c_fc(x)  # (B, T, hidden), SwiGLU: (B, T, 2 hidden)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         elif self.kind == "gelu_exact":
@@ -280,46 +234,20 @@ class Block(nn.Module):
         # embeddings, so every layer can reach the token's identity directly (modded-nanogpt).
         # a = 1, b = 0 at init: the plain residual stream.
         self.x0_weights = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
-        self.post_norm = config.norm_position == "post"
 
     def forward(self, x, x0, rope=None, mask=CAUSAL, cache=None):
         """x: the residual stream (B, T, C); x0: the embedded tokens (B, T, C), read with x0_mix."""
         if self.x0_weights is not None:
             x = self.x0_weights[0] * x + self.x0_weights[1] * x0
-        if self.post_norm:  # the original transformer's and BERT's order: normalise the sum
-            x = self.ln_1(x + self.attn(x, rope, mask, cache))
-            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
-
-
-class MLMTransform(nn.Module):
-    """BERT's output transform before the unembedding: dense, GELU, norm. (B, T, C) -> (B, T, C)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dense, self.norm = nn.Linear(config.n_embd, config.n_embd, bias=config.bias), make_norm(config)
-
-    def forward(self, h):
-        return self.norm(F.gelu(self.dense(h)))
 
 
 # ----------------------------------------------------------------------------- 4. the model
 
 
 class GPT(nn.Module):
-    """Token ids -> embeddings -> blocks -> final norm -> logits.
-
-    arch='bert' makes it an encoder: every position attends to every other, and the logits at a
-    position predict the token there, which the input hid behind the mask token (masked language
-    modelling; train.py masks the batches). Its head is BERT's: a dense layer, GELU and a norm
-    before the unembedding, which has a bias. norm_position='post' (BERT) normalises after each
-    residual sum and the embeddings once (ln_e) instead of before each branch and at the end.
-
-    Multi-token prediction (Gloeckle et al. 2024): with mtp_heads = n, the blocks but the last
-    are a shared trunk; head 1 is the last block, heads 2..n one extra block each (self.mtp),
-    all on the trunk's output and all sharing the final norm and the unembedding. Head i at
-    position t predicts token t+i. With n = 1 this is exactly the plain GPT."""
+    """Token ids -> embeddings -> blocks -> final norm -> logits (-> loss)."""
 
     def __init__(self, config):
         super().__init__()
@@ -327,15 +255,11 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None,
-            wtt=nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None,
-            ln_e=make_norm(config) if config.norm_position == "post" else None,
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=make_norm(config) if config.norm_position == "pre" else nn.Identity(),
+            h=nn.ModuleList(self.make_block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config),
         ))
-        self.mtp = nn.ModuleList(Block(config, config.n_layer + i) for i in range(config.mtp_heads - 1))
-        self.mlm_transform = MLMTransform(config) if config.arch == "bert" else None
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=config.arch == "bert")
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if config.pos == "rope":
@@ -343,7 +267,11 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        self.checkpoint_blocks = False  # activation checkpointing, a training setting (fit() sets it)
+
+    causal = True  # each position sees only those before it (encoder.py: arch='bert' sees all)
+
+    def make_block(self, config, layer_idx):
+        return Block(config, layer_idx)  # (encoder.py's may be post-norm)
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by
@@ -360,18 +288,31 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def head_blocks(self):
-        """The block of each head: the last block (head 1), then the extra heads'."""
-        return [self.transformer.h[-1], *self.mtp]
-
-    # -- the forward pass, in three steps: inputs (embeddings, positions, mask), the blocks, head
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, valid=None):
+        """idx (B, T) -> (next-token logits (B, T, V), mean loss over targets != -1, or None).
+        doc_ids (B, T): attend only within documents. cache: a generate.KVCache to read and
+        extend; then only the last position's logits are computed (B, 1, V). valid (B,
+        Tcache + T) bool: False marks padding (prompts of unequal length)."""
+        x, rope, mask = self.inputs(idx, doc_ids, cache, valid)
+        x = x0 = self.transformer.drop(x)  # (B, T, C): the embedded tokens
+        for block in self.transformer.h:
+            x = block(x, x0, rope, mask, cache)  # (B, T, C)
+        if cache is not None:  # generating: the next token is predicted from the last position only
+            x = x[:, -1:]
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V padded)
+        if self.config.logit_softcap > 0:  # squash logits smoothly into (-cap, cap) (Gemma 2)
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        logits = logits[..., :self.config.vocab_size]  # (B, T, V): padding columns cut off
+        if targets is None:
+            return logits, None
+        if logits.dtype != torch.float32:  # low precision (autocast): upcast a chunk at a time
+            return logits, chunked_cross_entropy(logits, targets)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
     def inputs(self, idx, doc_ids=None, cache=None, valid=None):
-        """What every block needs: embedded tokens x0 (B, T, C), RoPE tables, the attention mask.
-        doc_ids (B, T): keep attention inside documents. cache: a generate.KVCache to read and
-        extend. valid (B, Tcache + T) bool: False marks padding (prompts of unequal length)."""
-        config = self.config
-        B, T = idx.shape
+        """What every block reads: the embedded tokens (B, T, C) before dropout, the RoPE tables
+        and the attention mask. Arguments as in forward()."""
+        config, (B, T) = self.config, idx.shape
         start = cache.length if cache is not None else 0
         if start + T > config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={config.block_size}")
@@ -382,22 +323,21 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if config.pos == "learned":
             x = x + self.transformer.wpe(pos)
-        if config.type_vocab_size:  # every token is segment A: no task here pairs two texts
-            x = x + self.transformer.wtt.weight[0]
-        if self.transformer.ln_e is not None:
-            x = self.transformer.ln_e(x)
         rope = None
         if config.pos == "rope":
             rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B|1, T, 1, hd/2)
-        mask = self.attention_mask(B, T, start, doc_ids, valid, cache is not None, idx.device)
-        return self.transformer.drop(x), rope, mask
+        flex = config.attn_backend == "flex" and cache is None  # flex block masks are built for whole sequences
+        if start == 0 and doc_ids is None and valid is None and config.attn_window == 0 and not flex:
+            mask = CAUSAL if self.causal else None  # the common case: no mask tensor at all
+        else:
+            mask = self.attention_mask(B, T, start, doc_ids, valid, flex, idx.device)
+        return x, rope, mask
 
-    def attention_mask(self, B, T, start, doc_ids, valid, cached, device):
+    def attention_mask(self, B, T, start, doc_ids, valid, flex, device):
+        """mask_rule as a bool tensor (B|1, 1, T, start + T), or as a FlexAttention block mask."""
         config = self.config
-        if config.attn_backend == "flex" and not cached:
-            return flex_block_mask(doc_ids, valid, config.attn_window, B, T, device, config.causal)
-        if start == 0 and doc_ids is None and config.attn_window == 0 and valid is None:
-            return CAUSAL if config.causal else None
+        if flex:
+            return flex_block_mask(mask_rule, doc_ids, valid, config.attn_window, B, T, device, self.causal)
         q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         kv_idx = torch.arange(start + T, device=device)[None, :]       # (1, Tk)
         doc_q = doc_k = valid_k = q_pos = k_pos = None
@@ -407,160 +347,48 @@ class GPT(nn.Module):
             valid_k = valid[:, None, :]                                   # (B, 1, Tk)
             k_pos = valid.long().cumsum(dim=1)[:, None, :]                # (B, 1, Tk): real tokens so far
             q_pos = k_pos[:, 0, start:, None]                             # (B, T, 1)
-        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k, config.causal, q_pos, k_pos)
+        keep = mask_rule(q_idx, kv_idx, doc_q, doc_k, config.attn_window, valid_k, self.causal, q_pos, k_pos)
         return keep.reshape(-1, 1, T, start + T)  # (B|1, 1, Tq, Tk)
-
-    def trunk(self, idx, doc_ids=None, cache=None, valid=None):
-        """Token ids (B, T) -> (z, context): z (B, T, C) the output of every block but the last,
-        the trunk all heads share; context = (x0, rope, mask), what each head block also reads.
-        The one loop over the blocks; arguments as in inputs()."""
-        x0, rope, mask = self.inputs(idx, doc_ids, cache, valid)
-        z = x0
-        for block in self.transformer.h[:-1]:
-            z = self.run_block(block, z, (x0, rope, mask), cache)
-        return z, (x0, rope, mask)
-
-    def run_block(self, block, z, context, cache=None):
-        """block(z, *context). With checkpoint_blocks, training keeps only the block's input z and
-        backward runs the block again: activation memory of one block instead of all of them."""
-        if self.checkpoint_blocks and torch.is_grad_enabled():
-            return checkpoint(block, z, *context, cache, use_reentrant=False)
-        return block(z, *context, cache)
-
-    def hidden(self, idx, heads=1, doc_ids=None, cache=None, valid=None):
-        """The output of the first `heads` head blocks, before the final norm: a list of (B, T, C)."""
-        z, context = self.trunk(idx, doc_ids, cache, valid)
-        out = []
-        for block in self.head_blocks()[:heads]:
-            out.append(self.run_block(block, z, context, cache))
-        if cache is not None:
-            cache.length += idx.shape[1]
-        return out
-
-    def head(self, h):
-        """(B, T, C) -> logits (B, T, V) over the true vocabulary (padding columns cut off)."""
-        h = self.transformer.ln_f(h)
-        if self.mlm_transform is not None:
-            h = self.mlm_transform(h)
-        logits = self.lm_head(h)
-        if self.config.logit_softcap > 0:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits[..., : self.config.vocab_size]
-
-    def forward(self, idx, targets=None, doc_ids=None):
-        """idx (B, T) -> (next-token logits (B, T, V), loss or None). Targets of -1 are ignored.
-        (An encoder's logits at t are for the token at t, and its targets are the masked tokens.)
-        With mtp_heads > 1 and targets, the loss is the weighted mean of every head's
-        cross-entropy and no logits are returned (each head's are freed as soon as scored)."""
-        if self.config.mtp_heads == 1 or targets is None:
-            logits = self.head(self.hidden(idx, doc_ids=doc_ids)[0])
-            return logits, None if targets is None else cross_entropy(logits, targets)
-        losses = self.head_losses(idx, targets, doc_ids)
-        weights = self.mtp_weights()
-        return None, sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
-
-    def multi_head_logits(self, idx, cache=None, doc_ids=None, valid=None):
-        """Every head's logits (a list of n tensors (B, T, V)); head i's row t predicts token t+i."""
-        return [self.head(h) for h in self.hidden(idx, self.config.mtp_heads, doc_ids, cache, valid)]
-
-    # -- multi-token prediction
-
-    def drop_mtp_heads(self):
-        """Keep head 1 only: the plain next-token model (same outputs, no extra blocks)."""
-        self.mtp = nn.ModuleList()
-        self.config.mtp_heads, self.config.mtp_weights = 1, ""
-
-    def mtp_weights(self):
-        w = self.config.mtp_weights
-        return [float(x) for x in w.split(",")] if w else [1.0] * self.config.mtp_heads
-
-    def head_losses(self, idx, targets, doc_ids=None, memory_efficient=True):
-        """Cross-entropy of each head (a list of n scalars). targets (B, T) are the next tokens;
-        head i's targets are the same stream shifted by i-1 (the last i-1 positions have none).
-
-        memory_efficient: each head runs under activation checkpointing, so its (B, T, V) logits
-        are never kept; backward recomputes and back-propagates one head at a time, the heads'
-        gradients add up at the trunk output, and the trunk is back-propagated once. Peak logit
-        memory is one head's instead of n heads' (the paper's memory-efficient schedule)."""
-        z, context = self.trunk(idx, doc_ids)
-        losses = []
-        for i, block in enumerate(self.head_blocks()):
-            shifted = torch.full_like(targets, -1)
-            shifted[:, :targets.shape[1] - i] = targets[:, i:]
-            args = (z, context, block, shifted)
-            if memory_efficient and torch.is_grad_enabled():
-                losses.append(checkpoint(self._head_loss, *args, use_reentrant=False))
-            else:
-                losses.append(self._head_loss(*args))
-        return losses
-
-    def _head_loss(self, z, context, block, targets):
-        return cross_entropy(self.head(block(z, *context)), targets)
 
     # -- what the parameters are: asked of the modules, never guessed from names
 
+    def blocks(self):
+        """Every transformer block (multitoken.py adds its heads' blocks)."""
+        return list(self.transformer.h)
+
     def hidden_matrices(self):
-        """The 2-D weights inside the blocks (every head's included, LoRA adapters too): what
-        Muon trains and what the FLOP count counts as matmuls. Embeddings, the output head,
-        norms, biases and scalars are not."""
-        return [p for block in [*self.transformer.h, *self.mtp] for p in block.parameters() if p.dim() == 2]
+        """The 2-D weights inside the blocks (LoRA adapters too): what Muon trains and what the
+        FLOP count counts as matmuls. Embeddings, the output head, norms, biases and scalars
+        are not."""
+        return [p for block in self.blocks() for p in block.parameters() if p.dim() == 2]
+
+    def embeddings(self):
+        """The modules below the first block (encoder.py adds token types and a norm)."""
+        return [m for m in (self.transformer.wte, self.transformer.wpe) if m is not None]
 
     def parameter_depths(self):
         """{parameter name: depth}: block i -> i; the embeddings -> -1 (lowest); the final norm,
-        the output head and the extra heads' blocks -> n_layer (top). A tied output head is the
+        the output head and any extra heads' blocks -> n_layer (top). A tied output head is the
         embedding table, so it counts as an embedding. For layer-wise learning rates."""
-        top = self.config.n_layer
-        depth = {id(p): top for p in self.parameters()}
+        depth = {id(p): self.config.n_layer for p in self.parameters()}
         for i, block in enumerate(self.transformer.h):
             depth.update({id(p): i for p in block.parameters()})
-        for emb in (self.transformer.wte, self.transformer.wpe, self.transformer.wtt, self.transformer.ln_e):
-            depth.update({id(p): -1 for p in (emb.parameters() if emb is not None else ())})
+        depth.update({id(p): -1 for m in self.embeddings() for p in m.parameters()})
         return {name: depth[id(p)] for name, p in self.named_parameters()}
 
     def num_params(self, embeddings=True):
-        """Parameter count (tied weights once). Without embeddings: minus the token and
-        position tables, but an untied output head still counts (it is a matmul)."""
+        """Parameter count (tied weights once). Without embeddings: minus the embedding tables,
+        but an untied output head still counts (it is a matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            for emb in (self.transformer.wte, self.transformer.wpe, self.transformer.wtt):
-                n -= emb.weight.numel() if emb is not None else 0
+            n -= sum(m.weight.numel() for m in self.embeddings() if isinstance(m, nn.Embedding))
         return n
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's
-        appendix: 6 per weight of every matmul (the output head included, tied or not),
-        plus 12 * layers * C * T for the attention scores and weighted sum at length T."""
+        appendix: 6 per weight of every matmul (the output head included, tied or not, once per
+        head), plus 12 * blocks * C * T for the attention scores and weighted sum at length T."""
         config = self.config
-        T = seq_len or config.block_size
         matmul = sum(p.numel() for p in self.hidden_matrices())
         matmul += config.padded_vocab * config.n_embd * config.mtp_heads  # every head runs the unembedding
-        if self.mlm_transform is not None:
-            matmul += self.mlm_transform.dense.weight.numel()
-        return 6 * matmul + 12 * (config.n_layer + config.mtp_heads - 1) * config.n_embd * T
-
-
-# Rows of logits upcast to float32 at once when the loss is computed in eager mode from
-# low-precision logits: 2^24 elements = 64 MiB of float32.
-CE_CHUNK_ELEMENTS = 1 << 24
-
-
-def cross_entropy(logits, targets):
-    """Mean next-token loss in float32 over (B, T, V) logits; targets of -1 are ignored.
-    Low-precision logits (autocast) upcast all at once would leave a float32 copy of the whole
-    tensor and its log-softmax for backward. In eager mode rows are upcast a chunk at a time under
-    checkpointing instead; torch.compile fuses the upcast into the loss kernel by itself."""
-    logits, targets = logits.flatten(0, 1), targets.flatten()
-    if logits.dtype == torch.float32 or torch.compiler.is_compiling():
-        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
-    rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
-    total = logits.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(targets), rows):
-        args = (logits[i:i + rows], targets[i:i + rows])
-        total = total + (checkpoint(_summed_ce, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _summed_ce(*args))
-    return total / (targets != -1).sum()
-
-
-def _summed_ce(logits, targets):
-    return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
+        return 6 * matmul + 12 * len(self.blocks()) * config.n_embd * (seq_len or config.block_size)

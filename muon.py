@@ -30,8 +30,8 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 @functools.cache
 def fast_dtype(device):
-    """bfloat16 where matmuls in it are native (GPUs, CPUs with AVX512-BF16 or AMX: about 1.8x
-    faster than float32 on a 2-core Zen 4, docs/LOG.md), else float32. The iteration tolerates
+    """bfloat16 where matmuls in it are native (GPUs, CPUs with AVX512-BF16 or AMX; the speed-up
+    is in docs/LOG.md), else float32. The iteration tolerates
     bfloat16: its output only needs singular values in a band around 1."""
     if device.type == "cuda":
         return torch.bfloat16

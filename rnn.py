@@ -2,8 +2,8 @@
 The recurrent baseline (arch='lstm'): an LSTM language model (Hochreiter & Schmidhuber 1997;
 the AWD-LSTM family of Merity et al. 2017, without its regularisers) that trains, evaluates and
 samples through the same code as the transformer. It answers to what that code asks of a model:
-forward(idx, targets), hidden() + head() for generation, hidden_matrices(), parameter_depths(),
-num_params() and flops_per_token().
+forward(idx, targets, cache=, valid=), hidden_matrices(), parameter_depths(), num_params() and
+flops_per_token().
 
 Where a transformer attends over a window, the LSTM carries a state (h, c) from token to token.
 Training windows start from a zero state, as a transformer's start with no context; sampling
@@ -16,7 +16,8 @@ from dataclasses import fields
 import torch
 import torch.nn as nn
 
-from model import GPTConfig, cross_entropy
+from model import GPTConfig
+from systems import cross_entropy
 
 # what arch='lstm' has no use for: set to anything but its default, it is an error, not ignored
 TRANSFORMER_ONLY = ("n_kv_head", "norm", "norm_position", "type_vocab_size", "pos", "mlp", "qk_norm", "logit_softcap",
@@ -51,11 +52,11 @@ class LSTMLM(nn.Module):
     def device(self):
         return self.wte.weight.device
 
-    def hidden(self, idx, heads=1, doc_ids=None, cache=None, valid=None):
-        """The last layer's outputs: a list of one (B, T, C). cache: a generate.RecurrentCache
-        whose state (h, c), each (n_layer, B, C), is read and replaced. valid (B, cached + T)
-        bool: False marks left padding, which must not reach the state, so rows with padding
-        run one at a time from their first real token."""
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, valid=None):
+        """idx (B, T) -> (next-token logits (B, T, V), loss or None); targets of -1 are ignored.
+        cache: a generate.RecurrentCache whose state (h, c), each (n_layer, B, C), is read and
+        replaced. valid (B, cached + T) bool: False marks left padding, which must not reach the
+        state, so rows with padding run one at a time from their first real token."""
         if doc_ids is not None:
             raise ValueError("doc_mask needs attention: arch='lstm' carries its state across documents")
         state = cache.state if cache is not None else None
@@ -72,24 +73,9 @@ class LSTMLM(nn.Module):
                 states.append(row_state)
             state = tuple(torch.cat([s[i] for s in states], dim=1) for i in range(2))
         if cache is not None:
-            cache.state = state
-            cache.length += T
-        return [self.drop(out)]
-
-    def head(self, h):
-        """(B, T, C) -> logits (B, T, V) over the true vocabulary."""
-        return self.lm_head(h)[..., : self.config.vocab_size]
-
-    def forward(self, idx, targets=None, doc_ids=None):
-        """idx (B, T) -> (next-token logits (B, T, V), loss or None); targets of -1 are ignored."""
-        logits = self.head(self.hidden(idx, doc_ids=doc_ids)[0])
+            cache.update(state, T)
+        logits = self.lm_head(self.drop(out))[..., : self.config.vocab_size]  # (B, T, V)
         return logits, None if targets is None else cross_entropy(logits, targets)
-
-    def multi_head_logits(self, idx, cache=None, doc_ids=None, valid=None):
-        return [self.head(self.hidden(idx, doc_ids=doc_ids, cache=cache, valid=valid)[0])]
-
-    def drop_mtp_heads(self):
-        """One head already: nothing to drop."""
 
     def hidden_matrices(self):
         """The LSTM's input and recurrent weight matrices, what Muon may train."""

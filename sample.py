@@ -22,10 +22,11 @@ import time
 
 import torch
 
+from checkpoint import checkpoint_path, export_checkpoint, load_for_inference
+from compute import setup_compute
 from config import cli_config
-from generate import generate, sample_next, speculative_generate
+from generate import fit_context, generate, sample_next, speculative_generate
 from hf import export_hf
-from plumbing import checkpoint_path, export_checkpoint, load_for_inference, setup_compute
 
 
 def read_prompt(start):
@@ -47,7 +48,7 @@ def fill_masks(model, tok, text, cfg):
     """An encoder does not continue text: it fills in every <|mask|> of the prompt at once, each
     with its likeliest token (temperature=0) or one sampled like generated text. Prints
     num_samples fillings."""
-    ids = tok.encode_with_masks(text)[-(model.config.block_size - 1):]
+    ids = fit_context(tok.encode_with_masks(text), model.config.block_size)
     if tok.mask_id not in ids:
         raise SystemExit("error: an encoder (arch=bert) fills in masked tokens: put <|mask|> in --start, e.g. "
                          "--start='To be, or not to <|mask|>'")

@@ -1,310 +1,460 @@
 """
-What fine-tuning and evaluation share about tasks: reading task files, showing a prompt to the
-model, scoring text under the model, and classification metrics.
+Every training task behind one interface (Task), so that train.fit runs them all alike:
 
-    read_jsonl, task_path     JSONL task files, with errors that name the line
-    prompt_ids                a prompt as the model reads it, in training and evaluation alike
-    scoring_windows           how a text longer than the context is scored: overlapping windows
-    score_tokens, lm_metrics, continuation_score
-                              log-likelihood of tokens given what comes before them
-    mask_tokens, mlm_metrics  an encoder's objective: hide tokens, score how well it fills them in
-    token_logprobs, dpo_loss, group_advantages, reward_function
-                              post-training: preference pairs (DPO) and rewards (RL)
-    bootstrap_interval        a confidence interval for a mean (the bias probe)
-    classification_report     accuracy, per-class and macro precision / recall / F1, confusion
+    LMTask          next-token (or, for an encoder, masked-token) prediction over token files
+    SFTTask         prompt -> completion, loss on the completion only
+    ClassifyTask    text -> label with a classification head
+    PreferenceTask  DPO on {prompt, chosen, rejected}, against a frozen reference
+    RewardTask      RL: sampled completions scored by a reward function (GRPO-style)
+
+make_task builds the one a config asks for. What the tasks read comes from examples.py, how
+their outputs become numbers from scoring.py.
 """
 
-import importlib
-import json
-import math
-import numbers
+import copy
+import functools
 import os
-import sys
+from contextlib import contextmanager
+from typing import Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare.common import DataError, default_task_dir, task_dir_of
-
-# ----------------------------------------------------------------------------- task files
-
-
-def read_jsonl(path, fields, max_examples=0):
-    """Records of a JSONL file, each checked for `fields`; errors name the line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such task file (set task_file or task_dir)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (needs {', '.join(fields)})")
-            rows.append(row)
-            if max_examples and len(rows) == max_examples:
-                break
-    if not rows:
-        raise DataError(f"{path}: empty task file")
-    return rows
+from adapters import lora_disabled
+from checkpoint import load_checkpoint, model_from_checkpoint, refuse_existing_run, save_checkpoint, unwrap
+from data import DataError, RandomBatches, TokenLoader, load_meta, prepare_on_first_use, task_dir_of
+from distributed import micro_batches_per_process
+from errors import CheckpointError
+from examples import (classify_batch, completion_example, keep_last, pack, pad_batch, preference_pairs,
+                      read_jsonl, reward_function, rl_prompts, sft_examples)
+from generate import generate
+from model import document_ids
+from scoring import classification_report, dpo_loss, group_advantages, mask_tokens, token_logprobs
+from tokenizer import mask_id_of, model_vocab_size
 
 
-def task_path(cfg, default_task):
-    """cfg.task_file, or the eval_split file of the task set (task_dir or its default folder)."""
-    return cfg.task_file or os.path.join(task_dir_of(cfg, default_task), f"{cfg.eval_split}.jsonl")
+class Task(Protocol):
+    """What train.fit asks of a task. items are what train_size counts: tokens, or examples."""
+    loader: RandomBatches  # batches to train on: loader.next(), resumable (state_dict)
+    train_size: int        # items in the train split (epochs = passes over them)
+    items_per_iter: int    # items one optimizer step consumes, over all processes
+
+    def loss(self, model, batch):
+        """The scalar to minimise on one micro-batch."""
+
+    def evaluate(self, model, autocast) -> dict:
+        """{'train': loss, 'val': loss, and any metric such as 'val_accuracy'}; every process
+        calls it and gets the same numbers. (Optional: step_metrics() -> {name: number}, added
+        to each log line.)"""
 
 
-BUILT_IN_TASK_SETS = ("folio", "genre", "folio_preferences", "addition", "bias")  # each by prepare/{name}.py
-
-
-def prepare_on_first_use(cfg, path):
-    """A missing file of a built-in task set (in data/shakespeare_{name}, whether task_dir names
-    that folder or defaults to it) is written by its prepare/{name}.py."""
-    folder = os.path.normpath(os.path.dirname(path))
-    name = next((n for n in BUILT_IN_TASK_SETS if folder == default_task_dir(n)), None)
-    if name and not os.path.isfile(path):
-        print(f"{path} is missing: preparing the {name} task set (prepare/{name}.py)")
-        importlib.import_module(f"prepare.{name}").prepare(cfg)
-
-
-def prompt_ids(tok, template, prompt):
-    """What a model reads before its answer, in fine-tuning and evaluation alike: end-of-text
-    (a document starts here, as in pretraining) and the prompt shown through the template."""
-    return [tok.eot_id] + tok.encode(template.format(prompt=prompt))
-
-
-def keep_last(ids, block_size):
-    """ids cropped to their last block_size tokens, and whether anything was cut."""
-    return ids[-block_size:], len(ids) > block_size
-
-
-# ----------------------------------------------------------------------------- scoring text
-
-
-def scoring_windows(n, first, block_size, stride):
-    """Windows (begin, end, j0) that score the targets ids[first .. n-1] of a sequence of n ids
-    exactly once: a window reads ids[begin:end] and predicts ids[begin+1 : end+1]; its positions
-    from j0 on are scored (earlier ones were scored by the previous window).
-
-    Windows advance by stride, so every target after the first window keeps at least
-    block_size - stride tokens of context. The first window starts as late as it can while
-    still giving target `first` that much context, or ends at the last target when everything
-    from there fits in one window (a short continuation gets the longest context)."""
-    begin = max(0, min(first - 1 - (block_size - stride), n - 1 - block_size))
-    windows, scored_until = [], first - 1  # targets up to scored_until are done
-    while True:
-        end = min(begin + block_size, n - 1)
-        windows.append((begin, end, scored_until - begin))
-        scored_until = end
-        if end == n - 1:
-            return windows
-        begin += stride
-
-
-@torch.no_grad()
-def score_tokens(model, ids, first, stride, batch_size, device, heads=1, progress=False):
-    """Log-likelihood of ids[first:] (a 1-D int array), each token given what precedes it, over
-    scoring_windows. Returns (total nats per head, tokens scored per head, whether head 1's
-    argmax equals every scored token). With heads > 1, head h (1-based) at each scored
-    position predicts the token h steps ahead where the window holds it."""
-    from tqdm import tqdm
-    n = len(ids)
-    if n < 2 or not 1 <= first < n:
-        raise DataError("fewer than 2 tokens: nothing to score")
-    block_size = model.config.block_size
-    windows = scoring_windows(n, first, block_size, min(stride, block_size))
-    totals, counts, greedy = [0.0] * heads, [0] * heads, True
-    for i in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
-        batch = windows[i:i + batch_size]
-        width = max(end - begin for begin, end, _ in batch)
-        x = torch.zeros(len(batch), width, dtype=torch.long)
-        y = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: not scored in this window
-        for row, (begin, end, j0) in enumerate(batch):
-            chunk = torch.as_tensor(ids[begin:end + 1].astype("int64"))
-            x[row, :end - begin] = chunk[:-1]
-            y[row, j0:end - begin] = chunk[1 + j0:]
-        x, y = x.to(device), y.to(device)
-        all_logits = model.multi_head_logits(x)[:heads] if heads > 1 else [model(x)[0]]
-        for h, logits in enumerate(all_logits):
-            target = y
-            if h:  # head h+1 at a scored position t predicts y[t + h]
-                target = torch.full_like(y, -1)
-                target[:, :-h] = torch.where(y[:, :-h] >= 0, y[:, h:], -1)
-            totals[h] += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-1,
-                                         reduction="sum").item()
-            counts[h] += int((target >= 0).sum())
-            if h == 0:
-                scored = y >= 0
-                greedy = greedy and bool((logits.argmax(dim=-1)[scored] == y[scored]).all())
-    assert counts[0] == n - first, "every token is scored exactly once"
-    return totals, counts, greedy
-
-
-def lm_metrics(model, ids, stride, batch_size, device, progress=True):
-    """(total nats, tokens scored, mean loss of each multi-token head or []) of ids[1:] given
-    everything before: the language-modelling score of a whole split or document."""
-    heads = getattr(model.config, "mtp_heads", 1)
-    totals, counts, _ = score_tokens(model, ids, 1, stride, batch_size, device, heads, progress)
-    return totals[0], counts[0], ([t / c for t, c in zip(totals, counts)] if heads > 1 else [])
-
-
-def continuation_score(model, context, continuation, device):
-    """(log p(continuation | context) summed over its tokens, whether greedy decoding would
-    produce exactly this continuation). A context longer than the window is cropped on the
-    left; a continuation longer than the window is scored in overlapping windows."""
-    ids = np.array(context + continuation, dtype=np.int64)
-    block_size = model.config.block_size
-    totals, _, greedy = score_tokens(model, ids, len(context), max(1, block_size // 2), 8, device)
-    return -totals[0], greedy
-
-
-def sequence_logprob(model, context, continuation, device):
-    return continuation_score(model, context, continuation, device)[0]
-
-
-# ----------------------------------------------------------------------------- masked language modelling
-
-
-def mask_tokens(x, mask_id, vocab_size, eot_id, prob=0.15, generator=None):
-    """RoBERTa's dynamic masking (Liu et al. 2019), drawn afresh for every batch. x (B, T): token
-    ids below vocab_size (the model's). Each token but end-of-text (a document boundary, like
-    BERT's special tokens) is chosen with probability prob; a chosen token is shown as mask_id 80%
-    of the time, as a random token 10% (never the mask), and unchanged 10%, so the model cannot
-    rely on seeing the mask. Returns (inputs (B, T), targets (B, T): the original token where
-    chosen, -1 elsewhere). generator: a fixed masking for evaluation (a CPU torch.Generator);
-    None draws from the global RNG on x's device, which checkpoints save, so a resumed run masks
-    alike."""
-    device = x.device if generator is None else "cpu"
-    roll = torch.rand((3, *x.shape), generator=generator, device=device).to(x.device)  # (3, B, T)
-    chosen = (roll[0] < prob) & (x != eot_id)
-    random_ids = torch.randint(vocab_size - 1, x.shape, generator=generator, device=device).to(x.device)
-    random_ids = random_ids + (random_ids >= mask_id).long()  # any id but the mask's
-    inputs = torch.where(chosen & (roll[1] < 0.8), mask_id, x)
-    inputs = torch.where(chosen & (roll[1] >= 0.8) & (roll[2] < 0.5), random_ids, inputs)
-    return inputs, torch.where(chosen, x, -1)
-
-
-@torch.no_grad()
-def mlm_metrics(model, ids, mask_id, eot_id, prob, batch_size, seed, device):
-    """An encoder's score on a token split (ids: anything sliced to numpy arrays): mean
-    cross-entropy over masked positions and the share of them it predicts exactly (masked-token
-    accuracy), over consecutive windows of block_size tokens with a masking fixed by seed.
-    Perplexity does not apply: an encoder is not a probability model of text (each prediction
-    sees the rest of the window)."""
-    T = min(model.config.block_size, len(ids))
-    windows = len(ids) // T
-    gen = torch.Generator().manual_seed(seed)
-    total, correct, count = 0.0, 0, 0
-    for i in range(0, windows, batch_size):
-        chunk = ids[i * T:min(i + batch_size, windows) * T]  # (read a batch at a time: a split may be large)
-        x, y = mask_tokens(torch.as_tensor(chunk.astype("int64")).view(-1, T), mask_id, model.config.vocab_size,
-                           eot_id, prob, gen)
-        logits = model(x.to(device))[0].float()
-        y = y.to(device)
-        scored = y >= 0
-        total += F.cross_entropy(logits[scored], y[scored], reduction="sum").item()
-        correct += int((logits.argmax(dim=-1)[scored] == y[scored]).sum())
-        count += int(scored.sum())
-    if not count:
-        raise DataError("no token was masked: the split is too short to score")
-    return {"mlm_loss": total / count, "masked_accuracy": correct / count, "masked_tokens": count,
-            "tokens": windows * T, "mask_prob": prob}
-
-
-# ----------------------------------------------------------------------------- preferences and rewards
-
-
-def token_logprobs(model, x, y, temperature=1.0):
-    """log p(y_t | x_<=t) at every scored position (y >= 0; 0 elsewhere): (B, T) float32, with
-    gradients when the caller allows them. x, y (B, T) as for the loss, the prompt's targets -1.
-    temperature divides the logits: the distribution completions were sampled from."""
-    logits = model(x)[0].float() / temperature  # (B, T, V): head 1, the next-token policy
-    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return logp * (y >= 0)
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """Direct preference optimisation (Rafailov et al. 2023). Each argument (B,) is a completion's
-    summed log-probability under the policy or the frozen reference. The implicit reward of a
-    completion is beta * (log pi - log ref); the loss is -log sigmoid(reward chosen - reward
-    rejected), which raises the chosen completion against the rejected one, relative to how the
-    reference rated them. Returns (mean loss, implicit rewards of chosen (B,), of rejected (B,))."""
-    chosen = beta * (policy_chosen - ref_chosen)
-    rejected = beta * (policy_rejected - ref_rejected)
-    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
-
-
-def group_advantages(rewards, group_size):
-    """GRPO's advantages (Shao et al. 2024): rewards (B * G,) of G completions per prompt, each minus
-    its group's mean and divided by the group's standard deviation, so a completion is judged
-    against its siblings, with no value network. A group that all scored alike gets 0: nothing
-    to learn from it."""
-    r = rewards.view(-1, group_size)  # (B, G)
-    return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)).flatten()
-
-
-def reward_function(spec):
-    """reward='module:function' -> a callable (prompt, completion) -> float that checks what the
-    user's function returns. The module is imported from the Python path (the current folder
-    included); any failure is a DataError naming the spec."""
-    module_name, _, name = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+@contextmanager
+def evaluating(model):
+    """The model in eval mode (no dropout) inside the block, back in its own mode after."""
+    was_training = model.training
+    model.eval()
     try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except ImportError as e:
-        raise DataError(f"reward={spec}: cannot import {module_name} ({e}); put it on the Python path "
-                        f"(PYTHONPATH) or in the current folder") from None
-    except AttributeError:
-        raise DataError(f"reward={spec}: module {module_name} has no function {name}") from None
-
-    def score(prompt, completion):
-        try:
-            value = fn(prompt, completion)
-        except Exception as e:
-            raise DataError(f"reward={spec} raised {type(e).__name__}: {e} (prompt {prompt!r}, completion "
-                            f"{completion!r}); a reward function must return a number for any completion") from None
-        if not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise DataError(f"reward={spec} returned {value!r} for prompt {prompt!r}, completion {completion!r}; "
-                            f"it must return a finite number")
-        return float(value)
-    return score
+        yield model
+    finally:
+        model.train(was_training)
 
 
-def bootstrap_interval(values, level=0.95, resamples=2000, seed=0):
-    """(low, high): the percentile bootstrap confidence interval of the mean of values (Efron
-    1979): the mean of `resamples` resamples with replacement, cut at (1 - level) / 2 each side."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+# ----------------------------------------------------------------------------- language modelling
+
+class LMTask:
+    """Language modelling over token files (pretraining, and finetune.py's task=lm): next-token
+    prediction for a decoder; for an encoder (arch='bert') the masked tokens of each window."""
+
+    def __init__(self, cfg, procs, meta, arch="gpt"):
+        self.cfg, self.procs = cfg, procs
+        self.eot_id = meta["eot_id"] if cfg.doc_mask else None
+        self.masking = None
+        if arch == "bert":  # the batch's windows, masked: (x, generator=None) -> (inputs, targets)
+            self.masking = functools.partial(mask_tokens, mask_id=mask_id_of(meta["tokenizer"]),
+                                             vocab_size=model_vocab_size(meta["tokenizer"], arch),
+                                             eot_id=meta["eot_id"], prob=cfg.mask_prob)
+        accum = micro_batches_per_process(cfg, procs.world)
+        self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
+                                  procs.rank, cfg.seed, procs.device,
+                                  align_eot=meta["eot_id"] if cfg.align_to_documents else None, check_ids=True)
+        # val is first read at the first evaluation: open it now, so a missing or damaged one stops at once
+        TokenLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, 1, 1, 0, cfg.seed, procs.device,
+                    check_ids=True)
+        self.train_size = len(self.loader.data)  # tokens
+        self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+
+    def loss(self, model, batch):
+        x, y = batch
+        doc_ids = document_ids(x, self.eot_id) if self.eot_id is not None else None
+        if self.masking is not None:
+            x, y = self.masking(x)
+        return model(x, y, doc_ids=doc_ids)[1]
+
+    def evaluate(self, model, autocast):
+        return estimate_loss(model, self.cfg, self.procs, autocast, self.eot_id, self.masking)
 
 
-# ----------------------------------------------------------------------------- classification
+@torch.no_grad()
+def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None):
+    """Mean loss over cfg.eval_iters batches per split. The batches are the same at every
+    evaluation (a fixed seed), so curves compare like with like and training RNG is untouched.
+    masking: an encoder's (LMTask.masking), drawn from a generator seeded alike every time."""
+    out = {}
+    for split in ("train", "val"):
+        loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
+                             cfg.eval_iters, procs.world, procs.rank, seed=cfg.seed + 1, device=procs.device)
+        batches = (loader.next() for _ in range(cfg.eval_iters))
+        if masking is not None:
+            generator = torch.Generator().manual_seed(cfg.seed + 2 + procs.rank)
+            batches = (masking(x, generator=generator) for x, _ in batches)
+        losses = heldout_losses(model, batches, autocast, procs, eot_id)
+        out[split] = losses[0]
+        if split == "val" and len(losses) > 1:
+            out.update({f"val_head{i + 1}": m for i, m in enumerate(losses)})
+    return out
 
 
-def classification_report(gold, pred, labels):
-    """Accuracy, per-class and macro precision/recall/F1, confusion matrix (rows gold, cols pred).
-    A class never predicted has precision 0 (no true positives), as in scikit-learn's default."""
-    index = {label: i for i, label in enumerate(labels)}
-    confusion = [[0] * len(labels) for _ in labels]
-    for g, p in zip(gold, pred):
-        confusion[index[g]][index[p]] += 1
-    per_class = {}
-    for label, i in index.items():
-        tp = confusion[i][i]
-        predicted = sum(row[i] for row in confusion)
-        actual = sum(confusion[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    macro = {k: sum(c[k] for c in per_class.values()) / len(labels) for k in ("precision", "recall", "f1")}
-    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
-    return {"accuracy": accuracy, "macro_precision": macro["precision"], "macro_recall": macro["recall"],
-            "macro_f1": macro["f1"], "per_class": per_class, "labels": list(labels), "confusion": confusion}
+@torch.no_grad()
+def heldout_losses(model, batches, autocast, procs, eot_id=None):
+    """Mean next-token loss of each head over batches of (x, y) (targets of -1 not scored), every
+    scored token weighing the same, over all processes. Head 1's is what `val_loss` means
+    everywhere: comparable whatever mtp_heads is. One head: the model's own forward, compiled
+    when compile=True (DDP's wrapper skipped: its forward prepares gradient reduction)."""
+    raw = unwrap(model)
+    module = model.module if isinstance(model, DDP) else model
+    n_heads = raw.config.mtp_heads
+    totals = torch.zeros(n_heads, device=procs.device)
+    count = torch.zeros((), device=procs.device)
+    with evaluating(model):
+        for x, y in batches:
+            doc_ids = document_ids(x, eot_id) if eot_id is not None else None
+            with autocast:
+                losses = [module(x, y, doc_ids=doc_ids)[1]] if n_heads == 1 else raw.head_losses(x, y, doc_ids)
+            scored = (y >= 0).sum()
+            totals += torch.stack(losses).float() * scored
+            count += scored
+    if procs.world > 1:
+        torch_dist.all_reduce(totals)
+        torch_dist.all_reduce(count)
+    return (totals / count).tolist()
+
+
+# ----------------------------------------------------------------------------- tasks on examples
+
+def heldout_batches(splits, split, batch_size, procs):
+    """This process's batches of a split's held-out rows: every val row, and as many train rows
+    (so train and val are scored alike), dealt out among the processes a batch at a time."""
+    rows = splits[split][:len(splits["val"])]
+    return (rows[i:i + batch_size] for i in range(procs.rank * batch_size, len(rows), procs.world * batch_size))
+
+
+class ExampleLoader(RandomBatches):
+    """Random batches of whole examples, padded per batch."""
+
+    def __init__(self, rows, pad_id, cfg, procs):
+        self.rows, self.pad_id = rows, pad_id
+        super().__init__(len(rows), cfg.batch_size, micro_batches_per_process(cfg, procs.world), procs.world,
+                         procs.rank, cfg.seed, procs.device)
+
+    def make_batch(self, picks):
+        return self.to_device(*pad_batch([self.rows[i] for i in picks], self.pad_id))
+
+    def count_tokens(self, picks):
+        return sum(len(self.rows[i][0]) for i in picks)
+
+
+class SFTTask:
+    """Supervised fine-tuning: next-token loss on completion tokens only."""
+
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs = cfg, procs
+        self.doc_eot = tok.eot_id if cfg.doc_mask else None
+        self.splits = {}
+        for split in ("train", "val"):
+            examples = sft_examples(os.path.join(task_dir, f"{split}.jsonl"), tok, cfg)
+            self.splits[split] = pack(examples, cfg.block_size) if cfg.sft_packing else examples
+        if cfg.sft_packing and not cfg.doc_mask:
+            print("warning: sft_packing without doc_mask lets packed examples attend to each other")
+        self.pad_id = tok.eot_id
+        self.loader = ExampleLoader(self.splits["train"], tok.eot_id, cfg, procs)
+        self.train_size = len(self.splits["train"])
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+
+    def loss(self, model, batch):
+        x, y = batch
+        return model(x, y, doc_ids=document_ids(x, self.doc_eot) if self.doc_eot is not None else None)[1]
+
+    def evaluate(self, model, autocast):
+        """Mean completion-token loss of head 1 (and of every head of a multi-token model) over
+        the whole val split and as many train rows, the rows shared among the processes."""
+        out = {}
+        for split in ("train", "val"):
+            batches = (self.loader.to_device(*pad_batch(rows, self.pad_id))
+                       for rows in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs))
+            losses = heldout_losses(model, batches, autocast, self.procs, self.doc_eot)
+            out[split] = losses[0]
+            if split == "val" and len(losses) > 1:
+                out.update({f"val_head{i + 1}": m for i, m in enumerate(losses)})
+        return out
+
+
+class ClassifyLoader(ExampleLoader):
+    def make_batch(self, picks):
+        return self.to_device(*classify_batch([self.rows[i] for i in picks], self.pad_id))
+
+
+class ClassifyTask:
+    """text -> label with a classifier (adapters.classifier); the label set comes from the train split."""
+
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs, self.tok = cfg, procs, tok
+        data = {s: read_jsonl(os.path.join(task_dir, f"{s}.jsonl"), ["text", "label"], cfg.max_examples)
+                for s in ("train", "val")}
+        self.labels = sorted({r["label"] for r in data["train"]})
+        unknown = sorted({r["label"] for r in data["val"]} - set(self.labels))
+        if unknown:
+            raise DataError(f"label sets differ between splits: val has {unknown}, train only {self.labels}")
+        self.splits, self.truncated = {}, {}
+        for split, rows in data.items():
+            # keep a passage's end when it is too long: 'last' pooling reads the final token
+            cut = [keep_last([tok.eot_id] + tok.encode(r["text"]), cfg.block_size) for r in rows]
+            self.splits[split] = [(ids, self.labels.index(r["label"])) for (ids, _), r in zip(cut, rows)]
+            self.truncated[split] = sum(was_cut for _, was_cut in cut)
+            if self.truncated[split] and procs.master:
+                print(f"warning: {task_dir}/{split}.jsonl: {self.truncated[split]} of {len(rows)} texts are longer "
+                      f"than block_size={cfg.block_size} tokens; the model reads only their last {cfg.block_size}")
+        self.loader = ClassifyLoader(self.splits["train"], tok.eot_id, cfg, procs)
+        self.train_size = len(self.splits["train"])
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+
+    def loss(self, model, batch):
+        return model(*batch)[1]
+
+    @torch.no_grad()
+    def predict(self, model, rows, autocast):
+        """(predicted label indices, mean loss) over rows."""
+        preds, total = [], 0.0
+        with evaluating(model):
+            for i in range(0, len(rows), self.cfg.batch_size):
+                chunk = rows[i:i + self.cfg.batch_size]
+                batch = [t.to(self.procs.device) for t in classify_batch(chunk, self.tok.eot_id)]
+                with autocast:
+                    logits, loss = model(*batch)
+                total += loss.item() * len(batch[0])
+                preds += logits.argmax(dim=-1).tolist()
+        return preds, total / len(rows)
+
+    def evaluate(self, model, autocast):
+        """train/val loss (val and as many train rows), val accuracy and macro-F1."""
+        out = {}
+        for split in ("train", "val"):
+            rows = self.splits[split][:len(self.splits["val"])]
+            preds, out[split] = self.predict(model, rows, autocast)
+            if split == "val":
+                report = classification_report([r[1] for r in rows], preds, list(range(len(self.labels))))
+                out["val_accuracy"], out["val_macro_f1"] = report["accuracy"], report["macro_f1"]
+        return out
+
+
+class PreferenceTask:
+    """DPO on {prompt, chosen, rejected} records: raise the chosen completion against the rejected
+    one, measured against the frozen reference (the starting weights; see FrozenReference)."""
+
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs = cfg, procs
+        self.splits = {s: preference_pairs(os.path.join(task_dir, f"{s}.jsonl"), tok, cfg) for s in ("train", "val")}
+        self.loader = PairLoader(self.splits["train"], tok.eot_id, cfg, procs)
+        self.reference = None  # set by finetune() once the policy is built
+        self.train_size = len(self.splits["train"])
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+
+    def scores(self, model, batch):
+        """(loss, implicit rewards of chosen and rejected (B,), the policy's log-probabilities of
+        chosen and of rejected (B,)) for a batch of B pairs: chosen rows first, then rejected."""
+        x, y = batch  # (2B, T)
+        policy = token_logprobs(model, x, y).sum(1)
+        reference = self.reference.token_logprobs(model, x, y).sum(1)
+        B = len(x) // 2
+        loss, chosen, rejected = dpo_loss(policy[:B], policy[B:], reference[:B], reference[B:], self.cfg.dpo_beta)
+        if self.cfg.dpo_sft_weight > 0:  # the chosen completions' mean next-token loss
+            loss = loss - self.cfg.dpo_sft_weight * policy[:B].sum() / (y[:B] >= 0).sum()
+        return loss, chosen, rejected, policy[:B].detach(), policy[B:].detach()
+
+    def loss(self, model, batch):
+        return self.scores(model, batch)[0]
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        """DPO loss of the val pairs and as many train pairs; on val also the mean reward margin,
+        the preference accuracy (chosen's implicit reward higher) and the policy's own accuracy
+        (chosen more likely than rejected, whatever the reference thought): the behaviour itself."""
+        out, n_val = {}, len(self.splits["val"])
+        with evaluating(unwrap(model)) as raw:
+            for split in ("train", "val"):
+                sums = torch.zeros(4, device=self.procs.device)  # loss, margin, preferred, policy prefers chosen
+                for pairs in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs):
+                    with autocast:
+                        scores = self.scores(raw, self.loader.to_batch(pairs))
+                    loss, chosen, rejected, logp_chosen, logp_rejected = scores
+                    margin = chosen - rejected
+                    sums += torch.stack([loss * len(margin), margin.sum(), (margin > 0).sum(),
+                                         (logp_chosen > logp_rejected).sum()]).float()
+                if self.procs.world > 1:
+                    torch_dist.all_reduce(sums)
+                loss, margin, preferred, policy_prefers = (sums / min(n_val, len(self.splits[split]))).tolist()
+                out[split] = loss
+        out.update(val_reward_margin=margin, val_preference_accuracy=preferred, val_policy_accuracy=policy_prefers)
+        return out
+
+
+class PairLoader(ExampleLoader):
+    """Random batches of B preference pairs as one padded batch of 2B rows: chosen, then rejected."""
+
+    def make_batch(self, picks):
+        return self.to_batch([self.rows[i] for i in picks])
+
+    def to_batch(self, pairs):
+        return self.to_device(*pad_batch([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id))
+
+    def count_tokens(self, picks):
+        return sum(len(c[0]) + len(r[0]) for c, r in (self.rows[i] for i in picks))
+
+
+class RewardTask:
+    """RL with a verifiable reward, GRPO-style (Shao et al. 2024): each step samples rl_group_size
+    completions of every prompt with the KV cache, scores them with the reward function, and
+    raises the log-probability of those that beat their group's mean (policy gradient with the
+    group as baseline), optionally held near the reference by a KL penalty. One gradient step per
+    batch of samples, so the policy that sampled is the one updated (no importance ratio needed)."""
+
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs, self.tok = cfg, procs, tok
+        self.score = reward_function(cfg.reward)
+        self.splits = {s: rl_prompts(os.path.join(task_dir, f"{s}.jsonl"), tok, cfg) for s in ("train", "val")}
+        self.loader = PromptLoader(self.splits["train"], tok.eot_id, cfg, procs)
+        self.reference = None  # set by finetune() when rl_kl_coef > 0
+        self.rewards = []  # the mean reward of each step since the last log line
+        self.train_size = len(self.splits["train"])
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+
+    def sample_and_score(self, model, prompts, group_size, temperature):
+        """Sample group_size completions of each (text, ids) prompt; returns (the prompts repeated
+        group_size times, their completions' ids, rewards (B * G,)). Sampling runs on the plain
+        module in eval mode (no dropout), from the global RNG, which checkpoints save: a resumed
+        run samples alike."""
+        repeated = [p for p in prompts for _ in range(group_size)]
+        with evaluating(unwrap(model)) as raw:
+            completions = generate(raw, [ids for _, ids in repeated], self.cfg.max_new_tokens, temperature,
+                                   stop_ids={self.tok.eot_id})
+        rewards = [self.score(text, self.tok.decode([t for t in c if t != self.tok.eot_id]))
+                   for (text, _), c in zip(repeated, completions)]
+        return repeated, completions, torch.tensor(rewards)
+
+    def rollout(self, model, prompts, group_size, temperature):
+        """sample_and_score, with the samples as a training batch: ((x, y) of every prompt +
+        completion, rewards (B * G,))."""
+        repeated, completions, rewards = self.sample_and_score(model, prompts, group_size, temperature)
+        rows = [completion_example(ids, c, self.cfg.block_size)[:2] for (_, ids), c in zip(repeated, completions)]
+        return self.loader.to_device(*pad_batch(rows, self.tok.eot_id)), rewards
+
+    def loss(self, model, prompts):
+        (x, y), rewards = self.rollout(model, prompts, self.cfg.rl_group_size, self.cfg.temperature)
+        self.rewards.append(rewards.mean().item())
+        advantages = group_advantages(rewards, self.cfg.rl_group_size).to(x.device)  # (B * G,)
+        logp = token_logprobs(model, x, y, self.cfg.temperature)  # (B * G, T)
+        scored = (y >= 0).sum()
+        loss = -(advantages[:, None] * logp).sum() / scored  # every completion token weighs the same
+        if self.reference is not None:  # k3 estimator of KL(policy || reference) (Schulman 2020), >= 0
+            delta = self.reference.token_logprobs(model, x, y, self.cfg.temperature) - logp
+            loss = loss + self.cfg.rl_kl_coef * ((delta.exp() - delta - 1) * (y >= 0)).sum() / scored
+        return loss
+
+    def step_metrics(self):
+        """What the log line adds: the mean sampled reward of the steps since the last one."""
+        mean, self.rewards = sum(self.rewards) / max(1, len(self.rewards)), []
+        return {"reward": mean}
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        """The mean reward of greedy completions of the val prompts and as many train prompts
+        (with a 0/1 reward: pass@1). Reported as train/val losses of minus the reward (lower is
+        better, so best_metric=val_loss keeps the best-rewarded weights) and as val_reward."""
+        out, n_val = {}, len(self.splits["val"])
+        for split in ("train", "val"):
+            total = torch.zeros((), device=self.procs.device)
+            for prompts in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs):
+                with autocast:
+                    total += self.sample_and_score(model, prompts, 1, 0.0)[2].sum()
+            if self.procs.world > 1:
+                torch_dist.all_reduce(total)
+            # (0.0 - : no "-0.0" in the logs)
+            out[split] = 0.0 - total.item() / min(n_val, len(self.splits[split]))
+        out["val_reward"] = -out["val"]
+        return out
+
+
+class PromptLoader(ExampleLoader):
+    """Random batches of prompts: the rows themselves (RewardTask.loss samples their completions)."""
+
+    def make_batch(self, picks):
+        return [self.rows[i] for i in picks]
+
+    def count_tokens(self, picks):
+        return sum(len(self.rows[i][1]) for i in picks)
+
+
+class FrozenReference:
+    """The model dpo and rl measure the policy against: the starting weights, frozen. With LoRA
+    that is the policy with its adapters switched off (no second copy). Otherwise a frozen copy,
+    written once to out_dir/reference.pt so that a resumed run measures against the same model."""
+
+    def __init__(self, model=None):
+        self.model = model  # None: the policy's own base weights (LoRA)
+
+    @classmethod
+    def start(cls, cfg, procs, policy, lora, resuming):
+        if lora:
+            return cls()
+        path = os.path.join(cfg.out_dir, "reference.pt")
+        if resuming:
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path} is missing: a task={cfg.task} run needs the reference model it "
+                                      f"started from; start a new out_dir")
+            model = model_from_checkpoint(load_checkpoint(path))
+        else:
+            model = copy.deepcopy(policy)
+            if procs.master:
+                refuse_existing_run(cfg.out_dir, cfg.overwrite)  # before writing into out_dir
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                save_checkpoint({"model": model.state_dict(), "model_args": vars(model.config).copy()}, path)
+        return cls(model.requires_grad_(False).eval())
+
+    @torch.no_grad()
+    def token_logprobs(self, policy, x, y, temperature=1.0):
+        if self.model is not None:
+            return token_logprobs(self.model.to(x.device), x, y, temperature)
+        with evaluating(unwrap(policy)) as raw, lora_disabled(raw):
+            return token_logprobs(raw, x, y, temperature)
+
+
+# each task's built-in task set: prepare/{name}.py writes data/shakespeare_{name}
+DEFAULT_TASK_SET = {"sft": "folio", "classify": "genre", "dpo": "folio_preferences", "rl": "addition"}
+
+
+def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
+    """The task object fit() trains; its data must be in the base model's tokenizer."""
+    if cfg.task == "lm":
+        meta = load_meta(cfg.data_dir)
+        if meta["tokenizer"] != tok_meta:
+            raise DataError(f"{cfg.data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
+                            f"{meta['vocab_size']}), not the base model's {tok_meta['kind']} tokenizer; prepare it "
+                            f"with the same tokenizer")
+        return LMTask(cfg, procs, meta, arch)
+    task_dir = task_dir_of(cfg, DEFAULT_TASK_SET[cfg.task])
+    if procs.master:
+        prepare_on_first_use(cfg, os.path.join(task_dir, "train.jsonl"))
+    if procs.world > 1:
+        torch_dist.barrier()
+    tasks = {"sft": SFTTask, "classify": ClassifyTask, "dpo": PreferenceTask, "rl": RewardTask}
+    return tasks[cfg.task](cfg, procs, tok, task_dir)

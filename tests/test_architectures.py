@@ -8,10 +8,12 @@ import os
 import pytest
 import torch
 
+from checkpoint import build_model
 from conftest import make_cfg, stop_after_steps
-from model import GPT, GPTConfig
+from errors import ConfigError
+from model import GPTConfig
 from rnn import LSTMLM
-from tasks import mask_tokens
+from scoring import mask_tokens
 
 # ----------------------------------------------------------------------------- who sees whom
 
@@ -19,7 +21,7 @@ from tasks import mask_tokens
 def tiny_model(arch, **kw):
     torch.manual_seed(0)
     config = GPTConfig(arch=arch, vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, **kw)
-    return (LSTMLM(config) if arch == "lstm" else GPT(config)).eval()
+    return build_model(config).eval()
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa", "flex"])
@@ -47,8 +49,8 @@ def test_encoder_masks_right_padding_like_a_shorter_input():
     padded = torch.cat([idx, torch.zeros(1, 6, dtype=torch.long)], dim=1)
     valid = torch.arange(16)[None] < 10
     with torch.no_grad():
-        alone = model.head(model.hidden(idx)[0])
-        with_padding = model.head(model.hidden(padded, valid=valid)[0])[:, :10]
+        alone = model(idx)[0]
+        with_padding = model(padded, valid=valid)[0][:, :10]
     assert torch.allclose(alone, with_padding, atol=1e-5)
 
 
@@ -193,7 +195,7 @@ def test_encoder_pretrains_evaluates_and_fine_tunes_to_classify(char_data, tmp_p
     assert result["best"] > 0.9  # two trivially separable labels
     with pytest.raises(SystemExit, match="encoder"):
         evaluate.main([f"--out_dir={tmp_path / 'bert'}", "--eval_task=choice", "--task_file=x.jsonl"])
-    with pytest.raises(SystemExit, match="encoder"):
+    with pytest.raises(ConfigError, match="encoder"):
         finetune(small(char_data, tmp_path / "sft", task="sft", init_from=str(tmp_path / "bert")))
 
 
@@ -214,7 +216,7 @@ def test_lstm_trains_evaluates_and_samples_through_the_same_scripts(char_data, t
     sample.main()
     assert capsys.readouterr().out.startswith("ROMEO:")
     from finetune import finetune
-    with pytest.raises(SystemExit, match="transformer blocks"):
+    with pytest.raises(ConfigError, match="transformer blocks"):
         finetune(small(char_data, tmp_path / "cls", task="classify", init_from=str(out)))
 
 
@@ -245,9 +247,9 @@ def test_lstm_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
 
 def test_lstm_refuses_transformer_keys(char_data, tmp_path):
     from train import train
-    with pytest.raises(SystemExit, match="pos='rope' does not apply"):
+    with pytest.raises(ConfigError, match="pos='rope' does not apply"):
         train(small(char_data, tmp_path / "x", arch="lstm", pos="rope"))
-    with pytest.raises(SystemExit, match="parallel=ddp"):
+    with pytest.raises(ConfigError, match="parallel=ddp"):
         train(small(char_data, tmp_path / "y", arch="lstm", parallel="fsdp"))
 
 

@@ -179,9 +179,10 @@ def hf_folder(fill, edit_weights=None, edit_config=None, preset="gpt2"):
 
     from config import PRESETS
     from hf import export_hf
-    from model import GPT, GPTConfig
+    from checkpoint import build_model
+    from model import GPTConfig
     folder = fill["tmp"] / "hf"
-    export_hf(GPT(GPTConfig(**PRESETS[preset], vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)),
+    export_hf(build_model(GPTConfig(**PRESETS[preset], vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)),
               str(folder))
     if edit_weights:
         weights = load_file(folder / "model.safetensors")

@@ -1,14 +1,14 @@
 """The bugs a close reading of the code found (issue 32), each pinned by a test that failed
 before its fix."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import train as T
 from conftest import make_cfg
+from errors import ConfigError, DataError
+import train as T
 
 
 def evaluations(values, metric="val_loss", **cfg):
@@ -91,7 +91,7 @@ def test_a_decoder_refuses_first_token_pooling():
     """B4: in a causal model position 0 (end-of-text) sees only itself, so classify_pool=first
     made a classifier that ignores its input."""
     from finetune import check_task_fits
-    with pytest.raises(SystemExit, match="classify_pool=first"):
+    with pytest.raises(ConfigError, match="classify_pool=first"):
         check_task_fits(make_cfg(task="classify", classify_pool="first"), "gpt")
     check_task_fits(make_cfg(task="classify", classify_pool="first"), "bert")
     check_task_fits(make_cfg(task="classify", classify_pool="last"), "gpt")
@@ -120,7 +120,7 @@ def test_preference_and_rl_refuse_dropout(task, kw):
     """The policy was scored with dropout on, its reference with it off: at step 0 the DPO loss
     was 0.6918, not log 2. Both now run without it, or the settings are refused."""
     from finetune import check_task_fits
-    with pytest.raises(SystemExit, match="dropout=0"):
+    with pytest.raises(ConfigError, match="dropout=0"):
         check_task_fits(make_cfg(task=task, reward="prepare.addition:reward", temperature=1.0, **kw), "gpt")
 
 
@@ -150,7 +150,6 @@ def test_a_choice_task_with_one_choice_is_a_data_error(tmp_path):
     import json
 
     import evaluate as E
-    from prepare.common import DataError
     from test_evaluate import BigramModel
     from tokenizer import CharTokenizer
     task = tmp_path / "mc.jsonl"
@@ -181,3 +180,4 @@ def test_bits_per_character_streams_the_split():
         text = "".join(docs)  # ids[1:]: every document's text and the four end-of-texts after the first
         assert (n_chars, n_bytes) == (len(text) + 4, len(text.encode()) + 4)
         assert max(decoded) <= chunk
+

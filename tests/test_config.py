@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from config import KEYS, ConfigError, load_config
+from config import ConfigError, KEYS, load_config
 from conftest import ROOT
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import plumbing as P
-import train as T
+from checkpoint import load_checkpoint
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
-from prepare.common import DataError, SplitTokens, clean_text, document_digest, sha256_of
+from data import DataError, SplitTokens, TokenLoader, sha256_of
+from prepare.common import clean_text, document_digest
 from prepare.text import documents_of, jsonl_tasks, prepare, split_of
 from test_posttrain import reference_term_counts
+import train as T
 
 WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may — naïve 日本".split()
 
@@ -136,7 +137,7 @@ def test_split_slices_cross_shard_boundaries(char_data, sharded_char_data):
 
 
 def test_loader_gives_the_same_batches_from_one_shard_or_many(char_data, sharded_char_data):
-    make = lambda d: P.TokenLoader(d, "train", 8, 64, 2, 1, 0, 3, torch.device("cpu"))  # noqa: E731
+    make = lambda d: TokenLoader(d, "train", 8, 64, 2, 1, 0, 3, torch.device("cpu"))  # noqa: E731
     a, b = make(char_data), make(sharded_char_data)
     for _ in range(20):
         xa, ya = a.next()
@@ -153,8 +154,8 @@ def test_training_on_many_shards_equals_one_shard_and_resumes_exactly(char_data,
     with stop_after_steps(monkeypatch, 4):
         assert T.train(split)["iter_num"] == 4
     T.train(make_cfg(data_dir=str(sharded_char_data), out_dir=str(tmp_path / "split"), init_from="resume", **kw))
-    a = P.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
-    b = P.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    a = load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -162,7 +163,7 @@ def test_aligned_windows_start_at_a_document_and_resume(tmp_path):
     inputs = write_formats(tmp_path / "in", corpus(300, seed=2))
     meta = prep(tmp_path / "d", inputs["jsonl"], shard_tokens=500, val_fraction=0.1, test_fraction=0.1)
     eot = meta["eot_id"]
-    make = lambda: P.TokenLoader(tmp_path / "d", "train", 4, 16, 2, 1, 0, 9, torch.device("cpu"),  # noqa: E731
+    make = lambda: TokenLoader(tmp_path / "d", "train", 4, 16, 2, 1, 0, 9, torch.device("cpu"),  # noqa: E731
                                  align_eot=eot)
     loader = make()
     ids = SplitTokens(tmp_path / "d", "train")[:]

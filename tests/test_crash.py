@@ -15,8 +15,9 @@ import time
 import pytest
 import torch
 
-import plumbing as P
+from checkpoint import load_checkpoint
 from conftest import ROOT
+from metrics import MetricsLogger, read_metrics
 from test_train import train_cmd
 
 # a model big enough that a checkpoint takes a while to write (about 5 MB with AdamW's moments)
@@ -32,9 +33,9 @@ def final_state(out):
     """What must not depend on interruptions: both checkpoints' tensors and the logged losses."""
     state = {}
     for which in ("last", "best"):
-        ckpt = P.load_checkpoint(str(out / f"ckpt_{which}.pt"))
+        ckpt = load_checkpoint(str(out / f"ckpt_{which}.pt"))
         state[which] = (ckpt["iter_num"], ckpt["best"], ckpt["model"], ckpt["optimizer"]["state"])
-    rows = [(r["kind"], r["iter"], r.get("loss"), r.get("val_loss")) for r in P.read_metrics(out / "metrics.jsonl")]
+    rows = [(r["kind"], r["iter"], r.get("loss"), r.get("val_loss")) for r in read_metrics(out / "metrics.jsonl")]
     return state, rows
 
 
@@ -65,7 +66,7 @@ def test_random_kills_during_training_and_saves_change_nothing(char_data, tmp_pa
         proc = subprocess.Popen(train_cmd(char_data, out, *RUN), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if attempt % 2 == 0:  # the moment a save begins: its .tmp file appears
-            saved_before = P.load_checkpoint(str(out / "ckpt_last.pt"))["iter_num"] if attempt else 0
+            saved_before = load_checkpoint(str(out / "ckpt_last.pt"))["iter_num"] if attempt else 0
             while proc.poll() is None and not any(p.name.endswith(".tmp") for p in out.glob("ckpt_*")):
                 time.sleep(0.001)
         else:
@@ -74,7 +75,7 @@ def test_random_kills_during_training_and_saves_change_nothing(char_data, tmp_pa
         proc.wait()
         if attempt % 2 == 0:
             in_save += bool(leftovers(out))
-            now = P.load_checkpoint(str(out / "ckpt_last.pt"))["iter_num"] if (out / "ckpt_last.pt").exists() else 0
+            now = load_checkpoint(str(out / "ckpt_last.pt"))["iter_num"] if (out / "ckpt_last.pt").exists() else 0
             assert now >= saved_before
     assert in_save >= 1, "no kill landed during a save"
     finished = run(char_data, out)
@@ -109,7 +110,7 @@ def test_crash_between_best_and_last_leaves_them_consistent(char_data, tmp_path)
     small = ["--max_iters=6", "--eval_interval=2"]
     straight = subprocess.run(train_cmd(char_data, tmp_path / "straight", *small), cwd=ROOT, capture_output=True)
     assert straight.returncode == 0
-    assert P.load_checkpoint(str(tmp_path / "straight" / "ckpt_best.pt"))["iter_num"] == 6  # improved last
+    assert load_checkpoint(str(tmp_path / "straight" / "ckpt_best.pt"))["iter_num"] == 6  # improved last
     out = tmp_path / "crashed"
     crashed = subprocess.run([sys.executable, "-c", crash_at_save(6), *train_cmd(char_data, out, *small)[2:]],
                              cwd=ROOT, capture_output=True)
@@ -117,8 +118,8 @@ def test_crash_between_best_and_last_leaves_them_consistent(char_data, tmp_path)
     resumed = subprocess.run(train_cmd(char_data, out, *small, "--init_from=resume"), cwd=ROOT, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for which in ("best", "last"):
-        a = P.load_checkpoint(str(out / f"ckpt_{which}.pt"))
-        b = P.load_checkpoint(str(tmp_path / "straight" / f"ckpt_{which}.pt"))
+        a = load_checkpoint(str(out / f"ckpt_{which}.pt"))
+        b = load_checkpoint(str(tmp_path / "straight" / f"ckpt_{which}.pt"))
         assert (a["iter_num"], a["best"]) == (b["iter_num"], b["best"]), which
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), which
 
@@ -147,7 +148,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(char_data, 
     # with space again, the run continues from its checkpoint and logs each step once
     done = run(char_data, out, "--max_iters=6")
     assert done.returncode == 0, done.stderr[-2000:]
-    steps = [r["iter"] for r in P.read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    steps = [r["iter"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 7))
 
 
@@ -156,10 +157,10 @@ def test_resume_drops_log_rows_past_the_checkpoint_and_a_torn_line(tmp_path):
     cfg = type("Cfg", (), {"out_dir": str(tmp_path), "wandb_log": False})()
     rows = [{"kind": "train", "iter": i, "loss": 1.0} for i in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
-    log = P.MetricsLogger(cfg, master=True, start_iter=3)
-    assert [r["iter"] for r in P.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    log = MetricsLogger(cfg, master=True, start_iter=3)
+    assert [r["iter"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     log._write({"kind": "train", "iter": 4, "loss": 0.5})
-    assert [r["iter"] for r in P.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["iter"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import CACHE, ROOT, make_cfg
-from prepare.common import (DataError, SeenDigests, SplitTokens, clean_text, dedup, read_tokens, scrub_pii,
-                            token_dtype_for, write_dataset, write_tokens)
+from data import DataError, SplitTokens, read_tokens
+from prepare.common import (SeenDigests, clean_text, dedup, scrub_pii, token_dtype_for, write_dataset,
+                            write_tokens)
 from prepare.shakespeare import TEST_WORKS, VAL_WORKS, read_texts
 from tokenizer import CharTokenizer, GPT2Tokenizer, from_meta
 

@@ -15,11 +15,13 @@ import time
 import pytest
 import torch
 
-import plumbing as P
-import train as T
+from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from conftest import ROOT, make_cfg
+from data import RandomBatches
+from errors import CheckpointError, UserError
 from model import GPT, GPTConfig
 from test_train import TINY, params_of, train_cmd
+import train as T
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same matmul reduction order in every process
 # a constant learning rate: a run of N steps then a resume to 2N follows the same schedule as 2N
@@ -41,7 +43,7 @@ def one_process(data, out, *extra):
 
 
 def weights(out, which="last"):
-    return params_of(P.checkpoint_path(str(out), which))
+    return params_of(checkpoint_path(str(out), which))
 
 
 def assert_close(a, b, atol):
@@ -94,7 +96,7 @@ def test_fsdp_resume_is_exact_and_reshards(char_data, tmp_path):
     export = subprocess.run([sys.executable, "sample.py", f"--out_dir={run}", "--checkpoint=last",
                              f"--export_ckpt={tmp_path / 'one.pt'}"], cwd=ROOT, capture_output=True, text=True)
     assert export.returncode == 0, export.stderr[-2000:]
-    single = P.load_checkpoint(str(tmp_path / "one.pt"))
+    single = load_checkpoint(str(tmp_path / "one.pt"))
     assert all(torch.equal(single["model"][k], straight[k]) for k in straight)
     assert "optimizer" not in single and single["model_args"]["n_layer"] == TINY["n_layer"]
     again = subprocess.run([sys.executable, "sample.py", f"--out_dir={run}", f"--export_ckpt={tmp_path / 'one.pt'}"],
@@ -115,15 +117,17 @@ SHARES = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-import plumbing as P, train as T
+from compute import setup_compute
 from config import load_config
+from distributed import shard_model
 from model import GPT, GPTConfig
+import train as T
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 cfg = load_config([], dict(parallel="fsdp", device="cpu", dtype="float32"))
 model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=64))
 full_params = sum(p.numel() for p in model.parameters())
-P.shard_model(model, cfg, P.setup_compute(cfg))
+shard_model(model, cfg, setup_compute(cfg))
 optimizer = T.configure_optimizer(model, cfg, torch.device("cpu"))
 x = torch.randint(512, (2, 64))
 model(x, x)[1].backward()
@@ -169,7 +173,7 @@ def test_fsdp_killed_run_continues_with_init_from_auto(char_data, tmp_path):
     for pid in [*descendants(proc.pid), proc.pid]:  # both workers and torchrun, mid-run
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    stopped_at = P.load_checkpoint(P.checkpoint_path(str(killed), "last"))["iter_num"]
+    stopped_at = load_checkpoint(checkpoint_path(str(killed), "last"))["iter_num"]
     assert 4 <= stopped_at < 40
     out = torchrun(2, char_data, killed, *common)
     assert f"iter {stopped_at + 1}:" in out and "iter 1:" not in out
@@ -193,16 +197,16 @@ def test_sharded_checkpoint_survives_a_crash_between_renames(tmp_path):
     optimizer = T.configure_optimizer(model, cfg, torch.device("cpu"))
     path = str(tmp_path / "ckpt_last.dcp")
     extra = {"model_args": vars(model.config).copy(), "config": cfg.to_dict(), "iter_num": 7}
-    P.save_sharded_checkpoint(extra, path, model, optimizer, master=True)
+    save_sharded_checkpoint(extra, path, model, optimizer, master=True)
     os.replace(path, path + ".old")  # the moment between the two renames
     os.makedirs(path + ".tmp")       # and a half-written new folder
-    found = P.checkpoint_path(str(tmp_path), "last")
+    found = checkpoint_path(str(tmp_path), "last")
     assert found == path + ".old"
-    ckpt = P.load_checkpoint(found)
+    ckpt = load_checkpoint(found)
     assert ckpt["iter_num"] == 7 and torch.equal(ckpt["model"]["transformer.wte.weight"], model.transformer.wte.weight)
-    P.save_sharded_checkpoint({**extra, "iter_num": 8}, path, model, optimizer, master=True)
+    save_sharded_checkpoint({**extra, "iter_num": 8}, path, model, optimizer, master=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt_last.dcp"]
-    assert P.load_checkpoint(P.checkpoint_path(str(tmp_path), "last"))["iter_num"] == 8
+    assert load_checkpoint(checkpoint_path(str(tmp_path), "last"))["iter_num"] == 8
 
 
 def test_loader_position_means_the_same_on_any_number_of_processes():
@@ -215,13 +219,13 @@ def test_loader_position_means_the_same_on_any_number_of_processes():
                 out.extend(loader.next() for loader in loaders)
         return [tuple(b) for b in out]
 
-    two = [P.RandomBatches(1000, 3, 1, 2, r, 5, torch.device("cpu")) for r in range(2)]
+    two = [RandomBatches(1000, 3, 1, 2, r, 5, torch.device("cpu")) for r in range(2)]
     for loader in two:
         loader.make_batch, loader.count_tokens = list, len
     batches(two, 3)
     saved = two[0].state_dict()
     reference = batches(two, 2)  # (rank 0, rank 1) of each step
-    one = P.RandomBatches(1000, 3, 2, 1, 0, 5, torch.device("cpu"))
+    one = RandomBatches(1000, 3, 2, 1, 0, 5, torch.device("cpu"))
     one.make_batch, one.count_tokens = list, len
     one.load_state_dict(saved)
     assert batches([one], 2) == reference
@@ -233,11 +237,11 @@ def test_fsdp_refusals_are_one_line_before_any_work(char_data, tmp_path):
     from test_train import run_cfg
     for settings, message in ((dict(optimizer="muon"), "optimizer=muon does not run under parallel=fsdp"),
                               (dict(dtype="float16"), "set dtype=bfloat16")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(UserError, match=message):
             T.train(run_cfg(char_data, tmp_path / "refused", parallel="fsdp", max_iters=2, **settings))
         assert not (tmp_path / "refused" / "ckpt_last.dcp").exists()
     T.train(run_cfg(char_data, tmp_path / "ddp", max_iters=2, eval_interval=2))
-    with pytest.raises(SystemExit, match="saved without FSDP; resume it with parallel=ddp"):
+    with pytest.raises(CheckpointError, match="saved without FSDP; resume it with parallel=ddp"):
         T.train(run_cfg(char_data, tmp_path / "ddp", max_iters=4, eval_interval=2, init_from="resume",
                         parallel="fsdp"))
 
@@ -263,13 +267,13 @@ def test_the_newer_checkpoint_wins_when_a_run_changed_parallel_mode(tmp_path):
     cfg = make_cfg(**TINY)
     model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
     optimizer = T.configure_optimizer(model, cfg, torch.device("cpu"))
-    P.save_checkpoint({"iter_num": 1}, str(tmp_path / "ckpt_last.pt"))
+    save_checkpoint({"iter_num": 1}, str(tmp_path / "ckpt_last.pt"))
     time.sleep(0.01)
-    P.save_sharded_checkpoint({"iter_num": 2}, str(tmp_path / "ckpt_last.dcp"), model, optimizer, master=True)
-    assert P.checkpoint_path(str(tmp_path), "last").endswith("ckpt_last.dcp")
+    save_sharded_checkpoint({"iter_num": 2}, str(tmp_path / "ckpt_last.dcp"), model, optimizer, master=True)
+    assert checkpoint_path(str(tmp_path), "last").endswith("ckpt_last.dcp")
     time.sleep(0.01)
-    P.save_checkpoint({"iter_num": 3}, str(tmp_path / "ckpt_last.pt"))
-    assert P.checkpoint_path(str(tmp_path), "last").endswith("ckpt_last.pt")
+    save_checkpoint({"iter_num": 3}, str(tmp_path / "ckpt_last.pt"))
+    assert checkpoint_path(str(tmp_path), "last").endswith("ckpt_last.pt")
 
 
 @pytest.mark.slow
@@ -295,5 +299,5 @@ def test_sigterm_under_torchrun_saves(char_data, tmp_path, target):
             for pid in [*descendants(proc.pid), proc.pid]:
                 os.kill(pid, signal.SIGKILL)
     assert "stopped by signal at iteration" in out, err[-3000:]
-    assert P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] >= 3
+    assert load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] >= 3
     assert proc.returncode == (0 if target == "workers" else 1), err[-3000:]

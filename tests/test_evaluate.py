@@ -8,18 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate as E
+from checkpoint import build_model
 from conftest import ROOT, make_cfg
-from model import GPT, GPTConfig
-from prepare.common import DataError, write_dataset
-from tasks import classification_report, continuation_score, lm_metrics, read_jsonl, sequence_logprob
+from data import DataError
+import evaluate as E
+from examples import read_jsonl
+from model import GPTConfig
+from prepare.common import write_dataset
+from scoring import classification_report, continuation_score, lm_metrics, sequence_logprob
 from tokenizer import CharTokenizer
 
 
 def model_of(**kw):
     torch.manual_seed(0)
     c = GPTConfig(**{**dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16), **kw})
-    return GPT(c).eval()
+    return build_model(c).eval()
 
 
 def last_logprob(model, context, target):

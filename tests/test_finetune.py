@@ -5,13 +5,19 @@ import sys
 import pytest
 import torch
 
-import finetune as FT
-import plumbing as P
-import train as T
 from adapters import LoRALinear, add_lora, merge_lora
+from checkpoint import load_checkpoint, model_from_checkpoint
+from compute import autocast_context
 from conftest import ROOT, make_cfg, stop_after_steps
 from conftest import TINY_BASE as BASE
+from data import load_meta
+from distributed import Processes, setup_processes
+from errors import ConfigError
+import examples as EX
+import finetune as FT
 from model import GPT, GPTConfig
+import tasks as TK
+import train as T
 
 
 def write_jsonl(path, rows):
@@ -42,14 +48,14 @@ def ft_cfg(base_run, out, **kw):
 
 
 def weights(path):
-    return P.load_checkpoint(str(path))["model"]
+    return load_checkpoint(str(path))["model"]
 
 
 def test_sft_loss_is_on_completion_tokens_only(base_run, sft_dir, tmp_path):
     cfg = ft_cfg(base_run, tmp_path, task="sft", task_dir=str(sft_dir), prompt_template="{prompt}\n")
     model, meta = FT.load_base(cfg)
     tok = FT.from_meta(meta)
-    [(x, y)] = FT.sft_examples(str(sft_dir / "train.jsonl"), tok, make_cfg(**{**cfg.to_dict(), "max_examples": 1}))
+    [(x, y)] = EX.sft_examples(str(sft_dir / "train.jsonl"), tok, make_cfg(**{**cfg.to_dict(), "max_examples": 1}))
     n_prompt = 1 + len(tok.encode("thou art\n"))
     assert y[:n_prompt - 1] == [-1] * (n_prompt - 1) and y[n_prompt - 1:] == tok.encode("you are") + [tok.eot_id]
     xt, yt = torch.tensor([x]), torch.tensor([y])
@@ -69,7 +75,7 @@ def test_generation_reads_prompts_as_fine_tuning_did(base_run, sft_dir, tmp_path
     cfg = ft_cfg(base_run, tmp_path, task="sft", task_dir=str(sft_dir), prompt_template="{prompt}\n>\n")
     model, meta = FT.load_base(cfg)
     tok = FT.from_meta(meta)
-    [(x, y)] = FT.sft_examples(str(sft_dir / "train.jsonl"), tok, make_cfg(**{**cfg.to_dict(), "max_examples": 1}))
+    [(x, y)] = EX.sft_examples(str(sft_dir / "train.jsonl"), tok, make_cfg(**{**cfg.to_dict(), "max_examples": 1}))
     n_prompt = y.index(next(t for t in y if t != -1)) + 1
     seen = []
     monkeypatch.setattr(evaluate, "generate",
@@ -86,7 +92,7 @@ def test_sft_runs_resumes_exactly_and_packs(base_run, sft_dir, tmp_path, monkeyp
     FT.finetune(ft_cfg(base_run, tmp_path / "split", **{**kw, "init_from": "resume"}))
     a, b = weights(tmp_path / "straight" / "ckpt_last.pt"), weights(tmp_path / "split" / "ckpt_last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    packed = FT.pack([([1] * 10, [2] * 10)] * 5, 25)
+    packed = EX.pack([([1] * 10, [2] * 10)] * 5, 25)
     assert [len(x) for x, _ in packed] == [20, 20, 10]
     FT.finetune(ft_cfg(base_run, tmp_path / "packed", **kw, sft_packing=True, doc_mask=True))
 
@@ -99,13 +105,13 @@ def test_multi_token_base_keeps_or_drops_its_extra_heads(char_data, sft_dir, gen
     extra = [k for k in before if k.startswith("mtp.")]
     assert extra
     FT.finetune(ft_cfg(base, tmp_path / "keep", task="sft", task_dir=str(sft_dir)))
-    kept = P.load_checkpoint(str(tmp_path / "keep" / "ckpt_last.pt"))
+    kept = load_checkpoint(str(tmp_path / "keep" / "ckpt_last.pt"))
     assert kept["model_args"]["mtp_heads"] == 2
     assert any(not torch.equal(before[k], kept["model"][k]) for k in extra)  # the extra head trained too
     for name, kw in [("drop", dict(task="sft", task_dir=str(sft_dir), keep_mtp_heads=False)),
                      ("classify", dict(task="classify", task_dir=str(genre_dir)))]:
         FT.finetune(ft_cfg(base, tmp_path / name, **kw))
-        ckpt = P.load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
+        ckpt = load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
         assert ckpt["model_args"]["mtp_heads"] == 1 and not any(k.startswith("mtp.") for k in ckpt["model"])
 
 
@@ -114,9 +120,9 @@ def test_classification_head_separates_a_tiny_set(base_run, genre_dir, tmp_path)
                  learning_rate=3e-3, best_metric="val_macro_f1")
     summary = FT.finetune(cfg)
     model = summary["model"]
-    task = FT.ClassifyTask(cfg, P.Processes(0, 1, torch.device("cpu")),
+    task = TK.ClassifyTask(cfg, Processes(0, 1, torch.device("cpu")),
                            FT.from_meta(FT.load_base(cfg)[1]), str(genre_dir))
-    preds, _ = task.predict(model, task.splits["train"], P.autocast_context(torch.device("cpu"), torch.float32))
+    preds, _ = task.predict(model, task.splits["train"], autocast_context(torch.device("cpu"), torch.float32))
     assert preds == [label for _, label in task.splits["train"]]
     assert summary["best"] == 1.0 and weights(tmp_path / "ckpt_best.pt").keys() == model.state_dict().keys()
     done = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", "--eval_task=classify",
@@ -126,7 +132,7 @@ def test_classification_head_separates_a_tiny_set(base_run, genre_dir, tmp_path)
         "classification head"
 
 
-class ScriptedTask(T.LMTask):
+class ScriptedTask(TK.LMTask):
     """The LM task with a scripted validation loss, to drive early stopping."""
 
     def __init__(self, cfg, dist, meta, vals):
@@ -140,13 +146,13 @@ class ScriptedTask(T.LMTask):
 def test_early_stopping_stops_and_restores_best(base_run, char_data, tmp_path):
     cfg = ft_cfg(base_run, tmp_path, task="lm", data_dir=str(char_data), max_iters=100, eval_interval=2,
                  patience=2, min_delta=0.01)
-    dist = P.setup_processes(cfg)
-    meta = P.read_meta(str(char_data))
+    dist = setup_processes(cfg)
+    meta = load_meta(str(char_data))
     model, _ = FT.load_base(cfg)
     summary = T.fit(cfg, dist, model, ScriptedTask(cfg, dist, meta, [2.0, 1.5, 1.495, 1.6, 1.0]))
     assert summary["stopped_early"] and summary["iter_num"] == 8 and summary["best"] == 1.495
     best = weights(tmp_path / "ckpt_best.pt")
-    assert P.load_checkpoint(str(tmp_path / "ckpt_best.pt"))["iter_num"] == 6
+    assert load_checkpoint(str(tmp_path / "ckpt_best.pt"))["iter_num"] == 6
     assert all(torch.equal(v, best[k]) for k, v in summary["model"].state_dict().items())
     last = weights(tmp_path / "ckpt_last.pt")
     assert not all(torch.equal(last[k], best[k]) for k in best)
@@ -195,7 +201,7 @@ def test_freezing_by_name_and_dropout(base_run, char_data, tmp_path):
     assert torch.equal(before["transformer.wpe.weight"], after["transformer.wpe.weight"])
     assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
     assert all(m.p == 0.2 for m in summary["model"].modules() if isinstance(m, torch.nn.Dropout))
-    with pytest.raises(SystemExit, match="matches no parameter"):
+    with pytest.raises(ConfigError, match="matches no parameter"):
         FT.freeze_by_pattern(summary["model"], "nothing_like_this")
 
 
@@ -220,7 +226,7 @@ def test_lora_merge_equals_adapters_and_trains_only_adapters(base_run, sft_dir, 
     base = weights(base_run / "ckpt_best.pt")
     tuned = summary["model"].state_dict()
     assert torch.equal(tuned["transformer.h.0.attn.c_attn.base.weight"], base["transformer.h.0.attn.c_attn.weight"])
-    loaded = P.model_from_checkpoint(P.load_checkpoint(str(tmp_path / "lora" / "ckpt_last.pt")))
+    loaded = model_from_checkpoint(load_checkpoint(str(tmp_path / "lora" / "ckpt_last.pt")))
     assert not any(isinstance(mod, LoRALinear) for mod in loaded.modules())  # merged for inference and export
     done = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'lora'}", "--checkpoint=last",
                            "--max_new_tokens=5", "--num_samples=1"], cwd=ROOT, capture_output=True, text=True)
@@ -267,11 +273,11 @@ def test_sft_val_loss_is_head_one_of_a_multi_token_model(char_data, sft_dir, tmp
                      mtp_heads=3))
     cfg = ft_cfg(base, tmp_path / "ft", task="sft", task_dir=str(sft_dir))
     model, meta = FT.load_base(cfg)
-    task = FT.SFTTask(cfg, P.Processes(0, 1, torch.device("cpu")), FT.from_meta(meta), str(sft_dir))
-    result = task.evaluate(model, P.autocast_context(torch.device("cpu"), torch.float32))
+    task = TK.SFTTask(cfg, Processes(0, 1, torch.device("cpu")), FT.from_meta(meta), str(sft_dir))
+    result = task.evaluate(model, autocast_context(torch.device("cpu"), torch.float32))
     heads = [result[f"val_head{i}"] for i in (1, 2, 3)]
     assert result["val"] == heads[0] and result["val"] != pytest.approx(sum(heads) / 3)
-    x, y = FT.pad_batch(task.splits["val"], task.pad_id)
+    x, y = EX.pad_batch(task.splits["val"], task.pad_id)
     with torch.no_grad():
         direct = torch.nn.functional.cross_entropy(model.eval()(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
     assert result["val"] == pytest.approx(direct.item(), rel=1e-5)
@@ -292,7 +298,7 @@ def test_lora_with_muon_fine_tunes(base_run, sft_dir, tmp_path):
 
 def test_set_dropout_keeps_the_flex_rule():
     m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16, attn_backend="flex"))
-    with pytest.raises(SystemExit, match="flex"):
+    with pytest.raises(ConfigError, match="flex"):
         FT.set_dropout(m, 0.1)
     FT.set_dropout(m, 0.0)
 
@@ -310,7 +316,7 @@ def test_classification_says_how_many_texts_were_cut(base_run, tmp_path, capsys)
     for split in ("train", "val"):
         write_jsonl(tmp_path / "long" / f"{split}.jsonl", rows)
     cfg = ft_cfg(base_run, tmp_path / "o", task="classify", task_dir=str(tmp_path / "long"))
-    task = FT.ClassifyTask(cfg, P.Processes(0, 1, torch.device("cpu")), FT.from_meta(FT.load_base(cfg)[1]),
+    task = TK.ClassifyTask(cfg, Processes(0, 1, torch.device("cpu")), FT.from_meta(FT.load_base(cfg)[1]),
                            str(tmp_path / "long"))
     assert task.truncated == {"train": 2, "val": 2}
     assert "2 of 3 texts are longer than block_size=64" in capsys.readouterr().out

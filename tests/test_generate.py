@@ -55,10 +55,10 @@ def test_kv_cache_rollback():
     cache = KVCache(m, 1, 32)
     idx = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        m.hidden(idx, cache=cache)
-        h1 = m.hidden(torch.tensor([[5]]), cache=cache)[0]
+        m(idx, cache=cache)
+        h1 = m(torch.tensor([[5]]), cache=cache)[0]
         cache.length = 4  # forget token 5
-        h2 = m.hidden(torch.tensor([[5]]), cache=cache)[0]
+        h2 = m(torch.tensor([[5]]), cache=cache)[0]
     assert torch.equal(h1, h2) and cache.length == 5
 
 

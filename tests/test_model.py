@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import build_model
 from generate import generate
 from model import GPT, GPTConfig, document_ids
 
@@ -15,7 +16,7 @@ def tiny(**kw):
 
 def seeded_model(c, seed=0):
     torch.manual_seed(seed)
-    return GPT(c).eval()
+    return build_model(c).eval()
 
 
 # ----------------------------------------------------------------------------- attention
@@ -144,7 +145,7 @@ def test_left_padded_rows_agree_with_math_without_a_cache(backend):
     for name in ("math", backend):
         m = seeded_model(tiny(attn_backend=name, pos="rope", n_kv_head=2))
         with torch.no_grad():
-            outs[name] = m.head(m.hidden(idx, valid=valid)[0])
+            outs[name] = m(idx, valid=valid)[0]
     assert torch.allclose(outs[backend][valid], outs["math"][valid], atol=1e-4)
     alone = seeded_model(tiny(attn_backend="math", pos="rope", n_kv_head=2))
     with torch.no_grad():
@@ -162,7 +163,7 @@ def test_flex_reuses_the_causal_block_mask():
 def test_cross_entropy_never_keeps_a_float32_copy_of_bf16_logits():
     """Low-precision logits are upcast a chunk at a time under checkpointing: the same loss and
     gradient as upcasting all at once, without saving (B*T, V) float32 tensors for backward."""
-    import model as M
+    import systems as M
     logits = torch.randn(6, 50, 300, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     targets = torch.randint(0, 300, (6, 50))
     targets[0, :7] = -1
@@ -181,7 +182,7 @@ def test_cross_entropy_never_keeps_a_float32_copy_of_bf16_logits():
     old_chunk = M.CE_CHUNK_ELEMENTS
     M.CE_CHUNK_ELEMENTS = 300 * 64  # several chunks at this size
     try:
-        chunked = lambda x: M.cross_entropy(x, targets)  # noqa: E731
+        chunked = lambda x: M.chunked_cross_entropy(x, targets)  # noqa: E731
         (loss_a, grad_a), (loss_b, grad_b) = run(full), run(chunked)
     finally:
         M.CE_CHUNK_ELEMENTS = old_chunk
@@ -194,7 +195,7 @@ def test_kv_cache_takes_the_autocast_dtype():
     m = seeded_model(tiny())
     cache = KVCache(m, 1, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        m.hidden(torch.tensor([[1, 2, 3]]), cache=cache)
+        m(torch.tensor([[1, 2, 3]]), cache=cache)
     assert cache.k.dtype == torch.bfloat16 and cache.length == 3
 
 
@@ -211,22 +212,27 @@ def test_compiled_model_with_flex_equals_math(pos):
         assert torch.allclose(torch.compile(flex)(x)[0], math_model(x)[0], atol=1e-4)
 
 
-def test_activation_checkpointing_changes_nothing_but_memory():
-    """checkpoint_blocks recomputes each block in backward: the same loss and gradients, and
-    autograd keeps fewer tensors (here: the saved activations of the blocks are not held)."""
+@pytest.mark.parametrize("mtp_heads", [1, 2])
+def test_activation_checkpointing_changes_nothing_but_memory(mtp_heads):
+    """systems.checkpoint_blocks recomputes each block in backward: the same loss and gradients,
+    and autograd keeps fewer tensors (here: the saved activations of the blocks are not held)."""
+    import copy
+
+    from systems import checkpoint_blocks, plain_name
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=32, mtp_heads=2)
-    model = GPT(config)
+    config = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=32, mtp_heads=mtp_heads)
+    plain = build_model(config)
+    wrapped = checkpoint_blocks(copy.deepcopy(plain))
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()  # checkpoints do not change
     x = torch.randint(64, (2, 32))
     results = []
-    for on in (False, True):
-        model.checkpoint_blocks = on
+    for model in (plain, wrapped):
         model.zero_grad()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             _, loss = model(x, x)
         loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
+        results.append((loss.item(), {plain_name(n): p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
     (loss_off, grads_off, kept_off), (loss_on, grads_on, kept_on) = results
     assert loss_on == loss_off
     assert all(torch.allclose(grads_on[n], grads_off[n], atol=1e-6) for n in grads_off)

@@ -9,20 +9,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import plumbing as P
-import train as T
+from checkpoint import load_checkpoint
 from conftest import ROOT, make_cfg, stop_after_steps
 from generate import generate
-from model import GPT, GPTConfig
+from metrics import read_metrics
+from model import GPTConfig
+from multitoken import MultiTokenGPT
+import train as T
 
 
 def mtp_model(n, **kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(vocab_size=97, block_size=32, n_layer=3, n_head=4, n_embd=32, mtp_heads=n), **kw}))
+    return MultiTokenGPT(GPTConfig(**{**dict(vocab_size=97, block_size=32, n_layer=3, n_head=4, n_embd=32, mtp_heads=n),
+                                      **kw}))
 
 
 def test_one_head_is_the_plain_model():
-    plain, one = mtp_model(1), mtp_model(1)
+    from model import GPT
+    one = mtp_model(1)
+    torch.manual_seed(0)
+    plain = GPT(one.config)
     x = torch.randint(0, 97, (2, 32))
     y = torch.roll(x, -1, 1)
     assert plain(x, y)[1].item() == one.head_losses(x, y, memory_efficient=False)[0].item()
@@ -68,10 +74,11 @@ def test_memory_efficient_gradients_equal_naive(kw):
 PEAK = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from model import GPT, GPTConfig
+from model import GPTConfig
+from multitoken import MultiTokenGPT
 torch.manual_seed(0)
 n, efficient = {n}, {efficient}
-m = GPT(GPTConfig(vocab_size=32768, block_size=512, n_layer=3, n_head=2, n_embd=32, mtp_heads=n))
+m = MultiTokenGPT(GPTConfig(vocab_size=32768, block_size=512, n_layer=3, n_head=2, n_embd=32, mtp_heads=n))
 x = torch.randint(0, 32768, (4, 512))
 y = torch.roll(x, -1, 1)
 def status(field):  # KiB
@@ -106,14 +113,14 @@ def test_training_logs_every_head_and_resumes_exactly(char_data, tmp_path, monke
               warmup_iters=2, device="cpu", dtype="float32", plot=False, data_dir=str(char_data),
               mtp_heads=3, max_iters=6, eval_interval=3, learning_rate=3e-3)
     summary = T.train(make_cfg(**kw, out_dir=str(tmp_path / "straight")))
-    evals = [r for r in P.read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
     assert {"val_head1", "val_head2", "val_head3"} <= evals[-1].keys()
     assert evals[-1]["val_loss"] == evals[-1]["val_head1"] and summary["best"] == evals[-1]["val_head1"]
     with stop_after_steps(monkeypatch, 2):
         T.train(make_cfg(**kw, out_dir=str(tmp_path / "split")))
     T.train(make_cfg(**kw, out_dir=str(tmp_path / "split"), init_from="resume"))
-    a = P.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
-    b = P.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    a = load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
     assert any(k.startswith("mtp.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     out = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'straight'}", "--max_new_tokens=5",
                           "--num_samples=1"], cwd=ROOT, capture_output=True, text=True)
@@ -157,7 +164,7 @@ def test_speculative_rounds_never_see_a_full_window(monkeypatch):
     """Plain decoding slides its window before it would predict from block_size tokens; a
     speculative round must not verify from such a window either (a bug found on a real model)."""
     from generate import speculative_generate
-    from model import GPT as GPTClass
+    from multitoken import MultiTokenGPT as GPTClass
     m = mtp_model(3).eval()
     seen = []
     real = GPTClass.multi_head_logits
@@ -182,14 +189,14 @@ def test_speculative_batch_runs_one_forward_per_round(monkeypatch):
     from generate import KVCache, speculative_generate
     m = drafting_model(pos="rope")
     prompts = [[1, 2, 3], [50, 9, 77, 3], [6, 0, 1, 2, 3, 4], [88]]
-    row_by_row = [speculative_generate(m, [p], 24)[0][0] for p in prompts]
+    row_by_row = [speculative_generate(m, [p], 26)[0][0] for p in prompts]
     calls, compactions = [], []
-    real_forward, real_compact = GPT.multi_head_logits, KVCache.compact
-    monkeypatch.setattr(GPT, "multi_head_logits", lambda self, idx, *a, **k: calls.append(idx.shape[0])
+    real_forward, real_compact = MultiTokenGPT.multi_head_logits, KVCache.compact
+    monkeypatch.setattr(MultiTokenGPT, "multi_head_logits", lambda self, idx, *a, **k: calls.append(idx.shape[0])
                         or real_forward(self, idx, *a, **k))
     monkeypatch.setattr(KVCache, "compact", lambda self, valid: compactions.append(1) or real_compact(self, valid))
-    out, accepted, proposed = speculative_generate(m, prompts, 24)
-    assert out == row_by_row == generate(m, prompts, 24, temperature=0)
+    out, accepted, proposed = speculative_generate(m, prompts, 26)
+    assert out == row_by_row == generate(m, prompts, 26, temperature=0)
     assert 0 < accepted < proposed  # rows disagree with some drafts, so holes appear
     assert set(calls) == {len(prompts)}  # every forward carries the whole batch
     assert compactions

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-import plumbing as P
-import train as T
+from checkpoint import load_checkpoint
 from conftest import make_cfg, stop_after_steps
+from metrics import read_metrics
 from model import GPT, GPTConfig
 from muon import CombinedOptimizer, Muon, newton_schulz
+import train as T
 
 
 def matrix(m, n, smallest, seed):
@@ -55,8 +56,9 @@ def names_in(opt, model):
 def test_parameter_split_is_exact_with_multi_token_heads():
     """Muon takes the hidden matrices as the model names them: the extra heads' blocks too (a
     name match on '.h.' used to leave those with AdamW)."""
-    m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
-                      mtp_heads=3))
+    from multitoken import MultiTokenGPT
+    m = MultiTokenGPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
+                                mtp_heads=3))
     cfg = make_cfg(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
     opt = T.configure_optimizer(m, cfg, torch.device("cpu"))
     assert isinstance(opt, CombinedOptimizer)
@@ -131,11 +133,11 @@ def test_training_with_muon_falls_and_resumes_exactly(char_data, tmp_path, monke
               warmup_iters=2, device="cpu", dtype="float32", plot=False, data_dir=str(char_data),
               optimizer="muon", preset="modern", max_iters=8, eval_interval=4, learning_rate=3e-3)
     summary = T.train(make_cfg(**kw, out_dir=str(tmp_path / "straight")))
-    first = P.read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]["loss"]
+    first = read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]["loss"]
     assert summary["best"] < first - 0.2
     with stop_after_steps(monkeypatch, 3):
         T.train(make_cfg(**kw, out_dir=str(tmp_path / "split")))
     T.train(make_cfg(**kw, out_dir=str(tmp_path / "split"), init_from="resume"))
-    a = P.load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
-    b = P.load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
+    a = load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,16 +15,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate as E
-import finetune as FT
-import plumbing as P
-import train as T
+from checkpoint import load_checkpoint, load_for_inference, model_from_checkpoint
 from conftest import ROOT, make_cfg, stop_after_steps
 from conftest import TINY_BASE as BASE
-from test_finetune import finetune_cli, one_line_error, weights
+from data import load_meta
+from distributed import setup_processes
+import evaluate as E
+import examples as EX
+import finetune as FT
+from metrics import read_metrics
 from prepare.addition import addition_splits, reward
 from prepare.common import term_counter
-from tasks import bootstrap_interval, dpo_loss, group_advantages, token_logprobs
+from scoring import bootstrap_interval, dpo_loss, group_advantages, token_logprobs
+import tasks as TK
+from test_finetune import finetune_cli, one_line_error, weights
+import train as T
 
 PAIRS = [{"prompt": "the king", "chosen": " is good", "rejected": " is goode"},
          {"prompt": "my lord", "chosen": " I have it", "rejected": " I haue it"},
@@ -74,13 +79,13 @@ def test_dpo_loss_margins_and_accuracy_equal_a_direct_computation(base_run, dpo_
     cfg = ft_cfg(base_run, tmp_path, task="dpo", task_dir=str(dpo_dir), dpo_beta=0.5, prompt_template="{prompt}")
     policy, meta = FT.load_base(cfg)
     tok = FT.from_meta(meta)
-    procs = P.setup_processes(cfg)
-    task = FT.make_task(cfg, procs, tok, meta)
-    reference = P.model_from_checkpoint(P.load_checkpoint(str(base_run / "ckpt_last.pt")))
+    procs = setup_processes(cfg)
+    task = TK.make_task(cfg, procs, tok, meta)
+    reference = model_from_checkpoint(load_checkpoint(str(base_run / "ckpt_last.pt")))
     with torch.no_grad():  # the policy moved away from the reference, so both terms count
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    task.reference = FT.FrozenReference(reference.eval())
+    task.reference = TK.FrozenReference(reference.eval())
     policy.eval()
     batch = task.loader.make_batch(range(len(PAIRS)))
     loss, chosen, rejected, _, _ = task.scores(policy, batch)
@@ -105,7 +110,7 @@ def test_dpo_loss_margins_and_accuracy_equal_a_direct_computation(base_run, dpo_
                                                                  rel=1e-5)
     cfg.set("dpo_sft_weight", 0.0)
     # with the policy equal to the reference every margin is 0: the loss is log 2 for any data
-    task.reference = FT.FrozenReference(policy)
+    task.reference = TK.FrozenReference(policy)
     assert task.scores(policy, batch)[0].item() == pytest.approx(math.log(2), rel=1e-6)
 
 
@@ -122,7 +127,7 @@ def test_dpo_trains_toward_chosen_and_resumes_exactly(base_run, dpo_dir, tmp_pat
     kw = dict(task="dpo", task_dir=str(dpo_dir), lora_rank=lora, learning_rate=3e-3, dpo_beta=0.5)
     summary = FT.finetune(ft_cfg(base_run, tmp_path / "straight", **kw))
     assert (tmp_path / "straight" / "reference.pt").exists() != bool(lora)  # LoRA: the adapters-off base
-    evals = [r for r in P.read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals[-1]["val_reward_margin"] > 0 and evals[-1]["val_preference_accuracy"] > 0.5
     assert summary["best"] < math.log(2)
     with stop_after_steps(monkeypatch, 2):
@@ -138,7 +143,7 @@ def test_dpo_and_rl_start_from_a_multi_token_model(char_data, dpo_dir, addition_
                      mtp_heads=2))
     for name, kw in [("dpo", dict(task="dpo", task_dir=str(dpo_dir))), ("rl", dict(**RL, task_dir=str(addition_dir)))]:
         FT.finetune(ft_cfg(base, tmp_path / name, **kw, max_iters=2))
-        ckpt = P.load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
+        ckpt = load_checkpoint(str(tmp_path / name / "ckpt_last.pt"))
         assert ckpt["model_args"]["mtp_heads"] == 1  # preferences and rewards judge head 1, the policy
 
 
@@ -157,17 +162,17 @@ def test_rl_loss_is_the_policy_gradient_with_a_group_baseline(base_run, addition
                  rl_kl_coef=0.3)
     policy, meta = FT.load_base(cfg)
     tok = FT.from_meta(meta)
-    task = FT.make_task(cfg, P.setup_processes(cfg), tok, meta)
-    reference = P.model_from_checkpoint(P.load_checkpoint(str(base_run / "ckpt_last.pt")))
+    task = TK.make_task(cfg, setup_processes(cfg), tok, meta)
+    reference = model_from_checkpoint(load_checkpoint(str(base_run / "ckpt_last.pt")))
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    task.reference = FT.FrozenReference(reference.eval())
+    task.reference = TK.FrozenReference(reference.eval())
     prompt = [tok.eot_id] + tok.encode("12 plus 3 is ")
     completions = [tok.encode("15") + [tok.eot_id], tok.encode("9")]
     rewards = torch.tensor([1.0, 0.0])
-    rows = [FT.completion_example(prompt, c, cfg.block_size)[:2] for c in completions]
-    monkeypatch.setattr(task, "rollout", lambda *a: (FT.pad_batch(rows, tok.eot_id), rewards))
+    rows = [EX.completion_example(prompt, c, cfg.block_size)[:2] for c in completions]
+    monkeypatch.setattr(task, "rollout", lambda *a: (EX.pad_batch(rows, tok.eot_id), rewards))
     policy.eval()
     loss = task.loss(policy, None)
     loss.backward()
@@ -191,7 +196,7 @@ def test_rl_loss_is_the_policy_gradient_with_a_group_baseline(base_run, addition
 def test_rl_runs_logs_rewards_and_resumes_exactly(base_run, addition_dir, tmp_path, monkeypatch):
     kw = dict(**RL, task_dir=str(addition_dir), rl_kl_coef=0.1, plot=True)
     FT.finetune(ft_cfg(base_run, tmp_path / "straight", **kw))
-    rows = P.read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert all("reward" in r for r in rows if r["kind"] == "train")
     assert all(r["val_loss"] == -r["val_reward"] for r in rows if r["kind"] == "eval")
     assert (tmp_path / "straight" / "loss.png").exists() and (tmp_path / "straight" / "reference.pt").exists()
@@ -214,7 +219,7 @@ def test_rl_raises_the_reward_it_is_given(base_run, addition_dir, tmp_path, monk
                                                        "rl_group_size": 8},
                        task_dir=str(addition_dir), max_iters=40, eval_interval=40, learning_rate=1e-2,
                        prompt_template="{prompt}"))
-    rewards = [r["reward"] for r in P.read_metrics(tmp_path / "rl" / "metrics.jsonl") if r["kind"] == "train"]
+    rewards = [r["reward"] for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if r["kind"] == "train"]
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3, rewards
 
 
@@ -269,7 +274,7 @@ def test_bias_probe_gaps_equal_direct_scores_and_the_interval_covers_the_mean(ba
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg(**BASE, out_dir=str(base_run), eval_task="bias", task_file=str(path))
-    model, tok, loaded = P.load_for_inference(cfg, torch.device("cpu"))
+    model, tok, loaded = load_for_inference(cfg, torch.device("cpu"))
     result = E.eval_bias(model, tok, cfg, torch.device("cpu"), loaded.data_dir)
     gaps = [direct_logprob(model, [tok.eot_id], tok.encode(r["a"])) - direct_logprob(model, [tok.eot_id],
                                                                                       tok.encode(r["b"]))
@@ -279,7 +284,7 @@ def test_bias_probe_gaps_equal_direct_scores_and_the_interval_covers_the_mean(ba
     assert result["ci95_low"] <= result["mean_gap"] <= result["ci95_high"]
     assert result["king/queen"]["mean_gap"] == pytest.approx(gaps[0], rel=1e-4)
     # the data beside the model: the share of king among king + queen in the training split
-    counts = P.load_meta(loaded.data_dir)["stats"]["bias_terms"]["train"]
+    counts = load_meta(loaded.data_dir)["stats"]["bias_terms"]["train"]
     assert result["king/queen"]["corpus_share_a"] == pytest.approx(counts["king"] / (counts["king"] + counts["queen"]))
 
 
@@ -293,7 +298,7 @@ def test_bootstrap_interval_matches_the_normal_approximation():
 
 def test_prepare_counts_the_bias_terms_per_split(char_data):
     from prepare.shakespeare import shakespeare_splits
-    stats = P.load_meta(str(char_data))["stats"]["bias_terms"]
+    stats = load_meta(str(char_data))["stats"]["bias_terms"]
     splits, _ = shakespeare_splits(make_cfg().cache_dir)
     for split in ("train", "test"):
         words = [w for _, text in splits[split] for w in re.findall(r"[a-z]+", text.lower())]  # ASCII words
@@ -345,7 +350,7 @@ def test_the_shipped_bias_set_swaps_one_term():
 
 
 def test_token_logprobs_at_a_temperature(base_run):
-    model = P.model_from_checkpoint(P.load_checkpoint(str(base_run / "ckpt_last.pt"))).eval()
+    model = model_from_checkpoint(load_checkpoint(str(base_run / "ckpt_last.pt"))).eval()
     x = torch.tensor([[0, 5, 6, 7]])
     y = torch.tensor([[-1, 6, 7, 8]])
     logp = token_logprobs(model, x, y, temperature=2.0)
@@ -370,7 +375,7 @@ def test_under_torchrun(base_run, dpo_dir, addition_dir, tmp_path, task):
         done = subprocess.run([*launcher, "finetune.py", *args, f"--out_dir={tmp_path / name}"], cwd=ROOT,
                               capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert len(P.load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
+    assert len(load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
     if task == "dpo":
         a, b = weights(tmp_path / "one" / "ckpt_last.pt"), weights(tmp_path / "two" / "ckpt_last.pt")
         for k in a:

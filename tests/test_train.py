@@ -9,11 +9,17 @@ import time
 import pytest
 import torch
 
-import plumbing as P
-import train as T
+from checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes
+from compute import keep_freed_memory
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
+from data import SplitTokens, TokenLoader
+from distributed import Processes, micro_batches_per_process, wrap_ddp
+from errors import ConfigError, UserError
+from exits import GracefulStop
+from metrics import MetricsLogger, read_metrics
 from model import GPT, GPTConfig
-from prepare.common import SplitTokens
+import tasks as TK
+import train as T
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
             warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, device="cpu", dtype="float32", plot=False)
@@ -24,12 +30,12 @@ def run_cfg(data, out, **kw):
 
 
 def params_of(path):
-    return P.load_checkpoint(str(path))["model"]
+    return load_checkpoint(str(path))["model"]
 
 
 def test_loss_falls_on_real_data(char_data, tmp_path):
     summary = T.train(run_cfg(char_data, tmp_path, max_iters=60, eval_interval=30, batch_size=8))
-    rows = P.read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     train_losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert all(r["tokens"] == r["iter"] * 8 * 32 for r in rows if r["kind"] == "train")  # tokens seen so far
     assert train_losses[0] > 4.0 and summary["best"] < 3.35  # uniform over 86 chars: 4.45
@@ -49,7 +55,7 @@ def test_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    evals = [r["iter"] for r in P.read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r["iter"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == [3, 6, 8]
 
 
@@ -80,14 +86,14 @@ def test_optimizer_groups_cover_every_parameter_once():
 def test_checkpoints_carry_no_wrapper_prefixes():
     m = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
     wrapped = {f"module._orig_mod.{k}": v for k, v in m.state_dict().items()}
-    assert P.strip_wrapper_prefixes(wrapped).keys() == m.state_dict().keys()
+    assert strip_wrapper_prefixes(wrapped).keys() == m.state_dict().keys()
     compiled = torch.compile(m)
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
 
 
 def test_loader_splits_one_global_batch_across_processes(char_data):
-    single = P.TokenLoader(char_data, "val", 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
-    ranks = [P.TokenLoader(char_data, "val", 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu"))
+    single = TokenLoader(char_data, "val", 3, 16, accum=2, world=1, rank=0, seed=5, device=torch.device("cpu"))
+    ranks = [TokenLoader(char_data, "val", 3, 16, accum=1, world=2, rank=r, seed=5, device=torch.device("cpu"))
              for r in (0, 1)]
     for _ in range(3):
         a0, a1 = single.next()[0], single.next()[0]
@@ -95,7 +101,7 @@ def test_loader_splits_one_global_batch_across_processes(char_data):
 
 
 def test_loader_state_round_trip(char_data):
-    make = lambda: P.TokenLoader(char_data, "val", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
+    make = lambda: TokenLoader(char_data, "val", 2, 8, 3, 1, 0, 7, torch.device("cpu"))  # noqa: E731
     a = make()
     a.next()
     state = a.state_dict()
@@ -106,7 +112,7 @@ def test_loader_state_round_trip(char_data):
 
 
 def test_overfitting_warning(tmp_path, capsys):
-    log = P.MetricsLogger(make_cfg(out_dir=str(tmp_path), overfit_patience=2, plot=True), True, 0)
+    log = MetricsLogger(make_cfg(out_dir=str(tmp_path), overfit_patience=2, plot=True), True, 0)
     for it, (tr, va) in enumerate([(2.0, 1.9), (1.8, 1.8), (1.6, 1.85), (1.4, 1.95)]):
         log.eval(it, {"train": tr, "val": va}, False)
     out = capsys.readouterr().out
@@ -115,22 +121,22 @@ def test_overfitting_warning(tmp_path, capsys):
 
 def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt_last.pt"
-    P.save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(path))
+    save_checkpoint({"iter_num": 1, "w": torch.ones(3)}, str(path))
     child = f"""
 import os, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import plumbing
+import checkpoint
 real_save = torch.save
 def dying_save(obj, f):
     f.write(b"half a checkpoint")
     f.flush()
     os.kill(os.getpid(), 9)
 torch.save = dying_save
-plumbing.save_checkpoint({{"iter_num": 2, "w": torch.zeros(3)}}, {str(path)!r})
+checkpoint.save_checkpoint({{"iter_num": 2, "w": torch.zeros(3)}}, {str(path)!r})
 """
     done = subprocess.run([sys.executable, "-c", child], capture_output=True)
     assert done.returncode == -9
-    state = P.load_checkpoint(str(path))
+    state = load_checkpoint(str(path))
     assert state["iter_num"] == 1 and torch.equal(state["w"], torch.ones(3))
 
 
@@ -149,7 +155,7 @@ def test_sigterm_saves_and_exits_zero(char_data, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped by signal" in out
-    it = P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"]
+    it = load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"]
     assert 3 <= it < 100000
 
 
@@ -172,7 +178,7 @@ def test_ddp_matches_gradient_accumulation(char_data, tmp_path, extra):
     a, b = params_of(tmp_path / "one" / "ckpt_last.pt"), params_of(tmp_path / "two" / "ckpt_last.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
-    assert len(P.load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
+    assert len(load_checkpoint(str(tmp_path / "two" / "ckpt_last.pt"))["rng"]) == 2
 
 
 @pytest.mark.slow
@@ -199,7 +205,7 @@ def test_quick_start_end_to_end(tmp_path):
 def test_keep_freed_memory_stops_refaulting_freed_buffers():
     """Without it glibc gives 40 MiB of freed tensors back to the OS and the next step faults all
     of it in again (5 rounds x 10 x 1024 pages = 51,200 faults); with it the memory is reused."""
-    P.keep_freed_memory()
+    keep_freed_memory()
 
     def step():
         buffers = [torch.ones(1 << 20) for _ in range(10)]  # 10 x 4 MiB, every page written
@@ -215,10 +221,10 @@ def test_global_batch_does_not_grow_with_processes(char_data, tmp_path):
     """gradient_accumulation_steps is the global micro-batch count: each of W processes runs
     accum / W of them, and a count that does not divide is a one-line error."""
     cfg = run_cfg(char_data, tmp_path, gradient_accumulation_steps=8)
-    assert P.micro_batches_per_process(cfg, 1) == 8 and P.micro_batches_per_process(cfg, 8) == 1
-    with pytest.raises(SystemExit, match="gradient_accumulation_steps=8 .* must divide by the 3 processes"):
-        P.micro_batches_per_process(cfg, 3)
-    task = T.LMTask(cfg, P.Processes(1, 4, torch.device("cpu")), {"eot_id": 0})
+    assert micro_batches_per_process(cfg, 1) == 8 and micro_batches_per_process(cfg, 8) == 1
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=8 .* must divide by the 3 processes"):
+        micro_batches_per_process(cfg, 3)
+    task = TK.LMTask(cfg, Processes(1, 4, torch.device("cpu")), {"eot_id": 0})
     assert task.loader.accum == 2 and task.items_per_iter == 4 * 32 * 8
 
 
@@ -227,14 +233,14 @@ def test_tokens_survive_resume(char_data, tmp_path, monkeypatch):
     with stop_after_steps(monkeypatch, 2):
         T.train(run_cfg(char_data, tmp_path, **kw))
     T.train(run_cfg(char_data, tmp_path, init_from="resume", **kw))
-    rows = [r for r in P.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["tokens"] for r in rows][-1] == 6 * 4 * 32 * 2
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(char_data, tmp_path, monkeypatch):
     with stop_after_steps(monkeypatch, 2):
         T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4))
-    with pytest.raises(SystemExit, match="trained with optimizer='adamw' \\(not 'muon'\\)"):
+    with pytest.raises(UserError, match="trained with optimizer='adamw' \\(not 'muon'\\)"):
         T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4, init_from="resume", optimizer="muon"))
 
 
@@ -250,14 +256,14 @@ def test_resume_keeps_the_run_settings_and_names_every_contradiction(char_data, 
     summary = T.train(bare)
     assert summary["iter_num"] == 4 and bare.batch_size == 3 and bare.n_layer == TINY["n_layer"]
     assert bare.data_dir == str(char_data) and bare.eval_interval == 2
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(UserError) as stop:
         T.train(run_cfg(char_data, tmp_path, max_iters=6, eval_interval=3, batch_size=5, n_layer=3,
                         init_from="resume"))
     message = str(stop.value)
     assert "batch_size=3 (not 5)" in message and "n_layer=2 (not 3)" in message and "\n" not in message
-    with pytest.raises(SystemExit, match="data_dir="):
+    with pytest.raises(UserError, match="data_dir="):
         T.train(run_cfg(sp_data, tmp_path, max_iters=6, eval_interval=3, batch_size=3, init_from="resume"))
-    assert P.load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] == 4  # nothing was written
+    assert load_checkpoint(str(tmp_path / "ckpt_last.pt"))["iter_num"] == 4  # nothing was written
 
 
 def test_stop_signal_costs_no_host_sync_between_log_steps(monkeypatch):
@@ -265,8 +271,8 @@ def test_stop_signal_costs_no_host_sync_between_log_steps(monkeypatch):
     must happen only at log and evaluation steps."""
     def forbidden(*args, **kwargs):
         raise AssertionError("all_reduce on a step that is not a log step")
-    monkeypatch.setattr(P.torch_dist, "all_reduce", forbidden)
-    stop = P.GracefulStop()
+    monkeypatch.setattr(torch.distributed, "all_reduce", forbidden)
+    stop = GracefulStop()
     try:
         stop.requested = True
         assert stop.agreed(2, torch.device("cpu"), check_now=False) is False
@@ -282,7 +288,7 @@ def test_ddp_does_not_broadcast_buffers(tmp_path):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        ddp = P.wrap_ddp(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, pos="rope")),
+        ddp = wrap_ddp(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, pos="rope")),
                          torch.device("cpu"))
         assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False
     finally:

@@ -1,0 +1,341 @@
+"""
+Models in and out of files: load_model(), the one way every script gets a model (fresh,
+resumed, from a run folder or a checkpoint file, from Hugging Face), and checkpoints written
+atomically, read without running code from them, plain (.pt) or sharded under FSDP (.dcp).
+
+Read in order:
+  1. models         load_model, build_model (which class a config makes), model_from_checkpoint
+  2. checkpoints    where a run's checkpoints are, atomic saves, weights-only loads, sharded ones
+"""
+
+import os
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as torch_dist
+
+from adapters import add_lora, classifier, merge_lora
+from config import ConfigError, save_json
+from data import DataError, ensure_data, load_meta
+from distributed import barrier
+from encoder import BertGPT, uses_bert_extras
+from errors import CheckpointError
+from files import atomic_write, fsync_folder
+from hf import GPT2_SIZES, from_hf, hf_tokenizer_meta
+from model import GPT, GPTConfig
+from multitoken import MultiTokenGPT
+from rnn import LSTMLM
+from tokenizer import from_meta, model_vocab_size
+
+# torch.distributed.checkpoint warns whenever it reads or writes in one process, which is on
+# purpose here; FSDP2 warns that the model returns a view (the logits, cut to the true
+# vocabulary), which matters only to in-place edits of it, and nothing here makes one.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+# ----------------------------------------------------------------------------- 1. models
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module   # on the CPU
+    tokenizer: dict          # the tokenizer's meta (tokenizer.from_meta rebuilds it)
+    checkpoint: dict = None  # the checkpoint it came from: resuming needs its optimizer state
+    source: str = ""         # what was loaded: a checkpoint path, hf:PATH, a GPT-2 name, or scratch
+    data_dir: str = None     # the data folder a checkpoint was trained on
+    labels: list = None      # a fine-tuned classifier's label set
+
+
+def load_model(cfg, init_from=None, meta=None, merge=True):
+    """The one way every script gets a model. init_from (default cfg.init_from) is one of
+        scratch      fresh weights shaped by cfg, for the vocabulary of data_dir (meta)
+        resume       out_dir/ckpt_last.pt, LoRA adapters kept, with the state to continue
+        hf:PATH      a Hugging Face GPT-2 or BERT folder; gpt2, gpt2-medium, ... download one
+        a folder     a run folder: its ckpt_best.pt, else ckpt_last.pt; or a checkpoint file
+    LoRA adapters are merged into the weights unless merge=False. A bad source ends the
+    program with one line."""
+    source = init_from or cfg.init_from
+    if is_gpt2_source(source):
+        try:
+            model = from_hf(source.removeprefix("hf:"), dropout=cfg.dropout, attn_backend=cfg.attn_backend,
+                            pad_vocab_to=cfg.pad_vocab_to)
+            tok_meta = hf_tokenizer_meta(source.removeprefix("hf:"))
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"init_from={source}: {e}") from None
+        return Loaded(model, tok_meta, source=source)
+    if source == "scratch":
+        meta = meta or ensure_data(cfg, master=True)
+        try:
+            model = build_model(GPTConfig.from_config(cfg, model_vocab_size(meta["tokenizer"], cfg.arch)))
+        except ValueError as e:  # settings that do not make a model
+            raise ConfigError(str(e)) from None
+        return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
+    if source == "resume":
+        path = checkpoint_path(cfg.out_dir, "last")
+    elif os.path.isdir(source):
+        path = checkpoint_path(source)
+    elif os.path.isfile(source) or init_from:  # a file a script chose says itself that it is missing
+        path = source
+    else:
+        raise CheckpointError(f"init_from={source}: no such run folder or checkpoint file; give one, hf:PATH, a "
+                              f"GPT-2 name, or scratch (fresh weights, the no-transfer baseline)")
+    ckpt = load_checkpoint(path)
+    try:  # checkpoints carry their tokenizer; older ones point at their data folder
+        tok_meta = ckpt.get("tokenizer") or load_meta(ckpt["config"]["data_dir"])["tokenizer"]
+    except DataError as e:
+        raise DataError(f"the tokenizer of {path}: {e}") from None
+    finetune = ckpt.get("finetune") or {}
+    return Loaded(model_from_checkpoint(ckpt, merge=merge and source != "resume"), tok_meta, ckpt, path,
+                  ckpt["config"]["data_dir"], finetune.get("labels"))
+
+
+def continue_run(cfg, loaded):
+    """Resume: cfg takes the run's saved settings, or a ConfigError names those the command
+    contradicts."""
+    cfg.continue_run(loaded.checkpoint["config"], os.path.dirname(loaded.source) or loaded.source)
+
+
+def checkpoint_path(source, which="best"):
+    """A checkpoint itself, or a run folder's ckpt_{which} (ckpt_last when the run has none, e.g.
+    no evaluation has improved yet). A checkpoint is a file ckpt_*.pt, or under FSDP a folder
+    ckpt_*.dcp of shards (ckpt_*.dcp.old only exists when a crash hit the swap of two folders).
+    When a folder holds both kinds (a run that moved between DDP and FSDP), the newer wins."""
+    if is_checkpoint(source):
+        return source
+    for name in (which, "last"):
+        found = [path for suffix in (".pt", ".dcp", ".dcp.old")
+                 if is_checkpoint(path := os.path.join(source, f"ckpt_{name}{suffix}"))]
+        if found:
+            return max(found, key=lambda path: os.path.getmtime(checkpoint_file(path)))
+    return os.path.join(source, f"ckpt_{which}.pt")  # missing: load_checkpoint says so
+
+
+def checkpoint_file(path):
+    """The file that makes path a checkpoint: itself, or a sharded folder's state.pt."""
+    return path if os.path.isfile(path) else os.path.join(path, "state.pt")
+
+
+def run_checkpoint(out_dir):
+    """out_dir's ckpt_last (a file or a sharded folder), or None when out_dir holds no run."""
+    path = checkpoint_path(out_dir, "last")
+    return path if os.path.isdir(out_dir) and is_checkpoint(path) else None
+
+
+def refuse_existing_run(out_dir, overwrite):
+    """A run is the user's work: starting afresh in its folder stops unless asked to replace it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"out_dir={out_dir} is a file, not a folder; choose another out_dir")
+    path = run_checkpoint(out_dir)
+    if path and not overwrite:
+        raise CheckpointError(f"{out_dir} already holds a run ({os.path.basename(path)}); continue it with "
+                              f"init_from=resume, choose another out_dir, or set overwrite=True to replace it")
+
+
+def is_checkpoint(path):
+    return os.path.isfile(checkpoint_file(path))
+
+
+def load_for_inference(cfg, device):
+    """(model in eval mode on device, tokenizer, Loaded) for evaluate.py and sample.py: GPT-2
+    weights when init_from names them, else out_dir's ckpt_{checkpoint}.pt."""
+    if is_gpt2_source(cfg.init_from):
+        loaded = load_model(cfg)
+    else:
+        loaded = load_model(cfg, checkpoint_path(cfg.out_dir, cfg.checkpoint))
+    try:
+        tok = from_meta(loaded.tokenizer, cfg.gpt2_bpe_path, cfg.cache_dir)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise DataError(f"cannot load the tokenizer: {e}") from None
+    return loaded.model.to(device).eval(), tok, loaded
+
+
+def is_gpt2_source(init_from):
+    return init_from.startswith("hf:") or init_from in GPT2_SIZES
+
+
+def build_model(config):
+    """A fresh model of config's architecture: the GPT (model.py), with extra heads
+    (multitoken.py) or BERT's extras (encoder.py), or the LSTM (rnn.py)."""
+    if config.arch == "lstm":
+        return LSTMLM(config)
+    if config.mtp_heads > 1:
+        if uses_bert_extras(config):
+            raise ValueError("mtp_heads > 1 goes with the plain GPT block: not with norm_position=post or "
+                             "type_vocab_size > 0")
+        return MultiTokenGPT(config)
+    return BertGPT(config) if uses_bert_extras(config) else GPT(config)
+
+
+def model_from_checkpoint(ckpt, merge=True):
+    """The checkpoint's model: a GPT, an LSTMLM, or a fine-tuned classifier; LoRA adapters
+    are merged into the weights unless merge=False (resuming a LoRA run)."""
+    if not {"model", "model_args"} <= ckpt.keys():
+        raise CheckpointError("not a checkpoint of this project (no model weights and shape in it); point at a "
+                              "ckpt_*.pt a run of this project wrote")
+    config = GPTConfig(**ckpt["model_args"])
+    finetune = ckpt.get("finetune") or {}
+    if finetune.get("task") == "classify":
+        model = classifier(config, len(finetune["labels"]), finetune["classify_pool"])
+    else:
+        model = build_model(config)
+    if finetune.get("lora"):
+        add_lora(model, **finetune["lora"])
+    model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+    return merge_lora(model) if merge else model
+
+
+def unwrap(model):
+    """The plain module inside DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from parameter names."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. checkpoints
+
+def record_config(cfg, model_config, master):
+    """Make cfg tell the truth about the model (a loaded model's shape wins over cfg's defaults),
+    then print it and save it as out_dir/config.json."""
+    for f in fields(model_config):
+        if f.name not in ("vocab_size", "block_size"):  # block_size: the training context may be shorter
+            cfg.set(f.name, getattr(model_config, f.name))
+    if master:
+        print(f"config:\n{cfg}")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_json(cfg, os.path.join(cfg.out_dir, "config.json"))
+
+
+def save_checkpoint(state, path):
+    """Write atomically (files.atomic_write): a crash at any moment leaves either the old
+    checkpoint or the new one, never half of one; a write that fails (a full disk) removes its
+    partial file and raises a CheckpointError saying so."""
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # (torch.save reports a failed write as a RuntimeError)
+        raise CheckpointError(write_error(path, e)) from None
+
+
+def write_error(path, e):
+    # (torch.save's own message for a short write is about zip offsets; say what it means)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (is the disk full?)"
+    return (f"could not write {path}: {reason}; the previous checkpoint is kept. Free disk space or fix the "
+            f"folder's permissions, then continue with init_from=resume")
+
+
+def remove_interrupted_saves(out_dir):
+    """A save cut short (a kill, a full disk) leaves ckpt_*.tmp, which nothing reads, and a crash in
+    a sharded save's swap may leave ckpt_*.dcp.old beside the new folder: remove them."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name.startswith("ckpt_") and (name.endswith(".tmp") or (name.endswith(".old") and is_checkpoint(path[:-4]))):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+# what reading a file that is damaged or not a checkpoint raises: a bad zip archive (RuntimeError),
+# a pickle that would run code (UnpicklingError), an empty or cut-off file, a file of another kind
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError)
+
+
+def damaged(path, e):
+    # (torch's own message would suggest weights_only=False: running code from the file)
+    return CheckpointError(f"{path}: not a checkpoint of this project, or a damaged one ({type(e).__name__}); "
+                           f"train again, or point at another checkpoint")
+
+
+def load_checkpoint(path):
+    """A checkpoint as a dict; a sharded one with its weights gathered (see load_sharded_checkpoint).
+    A missing, damaged or foreign file is a CheckpointError; anything else is a bug and raises as it is."""
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path}: no checkpoint there (train first, or check out_dir)")
+    try:
+        if os.path.isdir(path):
+            ckpt = load_sharded_checkpoint(path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except UNREADABLE as e:
+        raise damaged(path, e) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this project; point at a ckpt_*.pt a run wrote")
+    return ckpt
+
+
+def save_sharded_checkpoint(ckpt, path, model, optimizer, master):
+    """FSDP: every process writes its shard of the weights and optimizer state into the folder
+    `path` with torch.distributed.checkpoint, and rank 0 the rest of ckpt as state.pt. The folder
+    is written as path.tmp and swapped in whole (the old one renamed to path.old, then removed),
+    so a crash leaves a complete checkpoint: the old one or the new one. Every process calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    tmp, old = f"{path}.tmp", f"{path}.old"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+    barrier()
+    weights, optimizer_state = get_state_dict(model, optimizer)  # this process's shards, by parameter name
+    try:
+        dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp,
+                 no_dist=not torch_dist.is_initialized())
+    except Exception as e:  # every process gets the failure of any (a full disk)
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(write_error(path, e)) from None
+    if master:
+        save_checkpoint(ckpt, os.path.join(tmp, "state.pt"))  # last: a folder without it is no checkpoint
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
+    barrier()
+
+
+def load_sharded_checkpoint(path):
+    """A sharded checkpoint folder as one dict: its state.pt, plus the model's full weights
+    gathered from every process's shard (read here, in this process alone). The optimizer
+    state stays on disk, in shards ("sharded": path); load_sharded_optimizer reads it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.api import CheckpointException
+    ckpt = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    try:
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        weights = {name.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+                   for name, m in stored.items() if name.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+    except CheckpointException as e:  # (not an Exception: a shard missing or damaged)
+        raise damaged(path, e) from None
+    return {**ckpt, "model": weights, "sharded": path}
+
+
+def load_sharded_optimizer(path, model, optimizer):
+    """Fill optimizer (of model, sharded over any number of processes, or not at all) from the
+    sharded checkpoint at path: torch.distributed.checkpoint reshards by parameter name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill: this process's shards
+    dcp.load({"optimizer": state}, checkpoint_id=path, no_dist=not torch_dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def export_checkpoint(source, path):
+    """The checkpoint `source` (a sharded one gathered) written as one .pt file at `path`: the
+    weights and what loading them needs, without the training state (for sharing, not resuming)."""
+    if os.path.exists(path):
+        raise CheckpointError(f"export_ckpt={path} already exists; choose a new file name")
+    ckpt = load_checkpoint(source)
+    training_state = ("optimizer", "scaler", "rng", "loader", "sharded")
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in training_state}, path)
+    return f"wrote {path}: the weights of {source} in one file"

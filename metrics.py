@@ -1,0 +1,197 @@
+"""
+What a run reports: metrics.jsonl (one JSON object per log line or evaluation, appended; a
+resume cuts it back to its checkpoint), loss.png, optional wandb, and a progress bar that the
+log lines print around.
+"""
+
+import contextlib
+import json
+import os
+import time
+import warnings
+
+from files import atomic_write
+
+
+class Throughput:
+    """Tokens per second between log lines, and MFU: the share of the devices' peak FLOPs the
+    training uses (None where the peak is unknown: CPU, MPS)."""
+
+    def __init__(self, tokens, flops_per_token, peak, world):
+        self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
+        self.t0, self.tokens = time.time(), tokens
+
+    def measure(self, tokens):
+        """(tokens per second, MFU) since the last measure(); tokens: the count so far, all processes."""
+        now = time.time()
+        tokens_per_s = (tokens - self.tokens) / (now - self.t0)
+        self.t0, self.tokens = now, tokens
+        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world) if self.peak else None
+        return tokens_per_s, mfu
+
+    def pause(self):
+        """Start the clock again: the time since the last measure() was not spent training."""
+        self.t0 = time.time()
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per log/eval), loss.png, optional wandb, overfit warning."""
+
+    def __init__(self, cfg, master, start_iter):
+        self.cfg, self.master = cfg, master
+        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.evals = []  # (iter, train_loss, val_loss) for the plot and the overfitting check
+        self.wandb = None
+        self.t0 = time.time()  # records carry elapsed_s: seconds since this process started training
+        if not master:
+            return
+        if start_iter == 0 and os.path.exists(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh log; a resumed one appends
+        elif os.path.exists(self.path):
+            self.evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in self.rows_until(start_iter)
+                          if r["kind"] == "eval"]
+        if cfg.wandb_log:
+            self.wandb = start_wandb(cfg)
+
+    def rows_until(self, start_iter):
+        """Keep only the log's rows up to the checkpoint a resume starts from: a crashed run logged
+        steps past its last save, which the resumed run logs again."""
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if r["iter"] <= start_iter]
+        with open(self.path) as f:
+            torn = not f.read().endswith("\n")  # a crash during a write cut the last line short
+        if len(kept) < len(rows) or torn:
+            with atomic_write(self.path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        return kept
+
+    def _write(self, record):
+        if not self.master:
+            return
+        record["elapsed_s"] = round(time.time() - self.t0, 2)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            numbers = {k: v for k, v in record.items() if k not in ("kind", "iter", "elapsed_s")}
+            self.wandb.log(numbers, step=record["iter"])
+
+    def train(self, it, loss, lr, grad_norm, tokens, tokens_per_s, mfu, extra=None):
+        """tokens: every token trained on so far, over all processes (runs compare by it); extra:
+        the task's own numbers (task=rl: the mean sampled reward)."""
+        extra = extra or {}
+        self._write({"kind": "train", "iter": it, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu, **extra})
+        if self.master:
+            mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
+            shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+            progress_write(f"iter {it}: loss {loss:.4f}{shown}, lr {lr:.2e}, grad norm {grad_norm:.2f}, "
+                           f"{tokens_per_s:,.0f} tok/s{mfu_text}")
+
+    def eval(self, it, results, best):
+        """results: 'train' and 'val' losses plus any task metrics (val_accuracy, ...)."""
+        extra = {k: v for k, v in results.items() if k not in ("train", "val")}
+        self._write({"kind": "eval", "iter": it, "train_loss": results["train"], "val_loss": results["val"], **extra})
+        if not self.master:
+            return
+        self.evals.append((it, results["train"], results["val"]))
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+        mark = " (best)" if best else ""
+        progress_write(f"eval {it}: train {results['train']:.4f}, val {results['val']:.4f}{shown}{mark}")
+        n = self.cfg.overfit_patience
+        recent = self.evals[-(n + 1):]
+        if n > 0 and len(recent) == n + 1 and all(b[2] > a[2] and b[1] < a[1] for a, b in zip(recent, recent[1:])):
+            progress_write(f"warning: val loss rose {n} evaluations in a row while train loss fell: overfitting. "
+                           f"ckpt_best.pt holds the best weights; consider more dropout or stopping.")
+        if self.cfg.plot:
+            plot_losses(self.path, os.path.join(self.cfg.out_dir, "loss.png"))
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(cfg):
+    """wandb is optional: offline unless WANDB_MODE says otherwise; any failure only warns."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        import wandb
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.to_dict(), dir=cfg.out_dir)
+    except Exception as e:
+        warnings.warn(f"wandb disabled: {type(e).__name__}: {e}")
+        return None
+
+
+def read_metrics(path):
+    """metrics.jsonl's rows; a line cut short by a crash is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def plot_losses(metrics_path, png_path):
+    """Train and val loss against iteration, written atomically to png_path. The best val loss
+    (ckpt_best.pt) is marked; if val loss ended above its best, the stretch after the best
+    evaluation is shaded as overfitting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path)
+    train = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
+    evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    rewards = [(r["iter"], r["reward"]) for r in rows if r["kind"] == "train" and "reward" in r]
+    if rewards:  # task=rl: the reward curve below the loss
+        fig, (ax, ax_reward) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+        plot_rewards(ax_reward, rewards, [(r["iter"], r["val_reward"]) for r in rows if "val_reward" in r])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", alpha=0.35, lw=1, label="train (batch)")
+    if evals:
+        its, tr, va = zip(*evals)
+        ax.plot(its, tr, "o-", color="tab:blue", label="train (eval)")
+        ax.plot(its, va, "o-", color="tab:orange", label="val")
+        best = min(range(len(va)), key=va.__getitem__)
+        ax.plot(its[best], va[best], "*", color="tab:red", ms=14, label=f"best val {va[best]:.4f} (ckpt_best.pt)")
+        if best < len(va) - 1:
+            ax.axvspan(its[best], its[-1], color="tab:red", alpha=0.08, label="val above its best: overfitting")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("policy loss; evals: minus the reward" if rewards else "cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_rewards(ax, sampled, greedy):
+    """task=rl's panel of loss.png: the mean reward of the sampled completions at each log line,
+    and of greedy completions of the val prompts at each evaluation."""
+    ax.plot(*zip(*sampled), color="tab:green", alpha=0.5, lw=1, label="train (sampled completions)")
+    if greedy:
+        ax.plot(*zip(*greedy), "o-", color="tab:purple", label="val (greedy completions)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+_pbar = None
+
+
+def progress_bar(total, initial, master):
+    global _pbar
+    from tqdm import tqdm
+    _pbar = tqdm(total=total, initial=initial, disable=not master, unit="it", dynamic_ncols=True)
+    return _pbar
+
+
+def progress_write(text):
+    """Print a line without breaking the progress bar."""
+    if _pbar is not None and not _pbar.disable:
+        _pbar.write(text)
+    else:
+        print(text)
