@@ -113,6 +113,7 @@ def build_finetune_model(cfg, base, task):
     """The model fit() trains: the base weights in the task's model, with LoRA adapters if
     asked, and freezing applied. Returns (model, lora settings or None)."""
     model, lora = base, None
+    torch.manual_seed(cfg.seed)  # new weights (a classifier head, LoRA's A) start alike in every run and process
     if isinstance(model, MultiTokenGPT) and (not cfg.keep_mtp_heads or cfg.task in ("classify", "dpo", "rl")):
         model.drop_mtp_heads()  # these tasks read head 1 only
     if cfg.task == "classify":

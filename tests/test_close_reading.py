@@ -181,3 +181,18 @@ def test_bits_per_character_streams_the_split():
         assert (n_chars, n_bytes) == (len(text) + 4, len(text.encode()) + 4)
         assert max(decoded) <= chunk
 
+
+def test_fine_tuning_with_new_weights_is_reproducible(base_run, char_data, tmp_path):
+    """LoRA's A matrices and a classifier head were drawn from torch's unseeded start-up RNG, so
+    two identical fine-tuning runs (or two processes of one) started from different weights.
+    seed now decides them, as it decides a fresh model's."""
+    from conftest import TINY_BASE
+    from finetune import build_finetune_model, load_base
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(int(torch.randint(1 << 30, ())) + len(weights))  # whatever state the process is in
+        cfg = make_cfg(**TINY_BASE, init_from=str(base_run), data_dir=str(char_data), out_dir=str(tmp_path),
+                       task="lm", lora_rank=4)
+        model, _ = build_finetune_model(cfg, load_base(cfg)[0], None)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
