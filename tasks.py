@@ -164,22 +164,39 @@ class ExampleLoader(RandomBatches):
         return sum(len(self.rows[i][0]) for i in picks)
 
 
-class SFTTask:
+class ExampleTask:
+    """What the tasks on a task set's examples share: its train.jsonl and val.jsonl read into
+    rows (read_split), a loader of random batches of them (loader_type), sizes counted in
+    examples, and for dpo and rl the frozen reference (set by finetune() once the policy is
+    built)."""
+    loader_type = ExampleLoader
+
+    def __init__(self, cfg, procs, tok, task_dir):
+        self.cfg, self.procs, self.tok = cfg, procs, tok
+        self.splits = {split: self.read_split(os.path.join(task_dir, f"{split}.jsonl"), split)
+                       for split in ("train", "val")}  # (train first: it may decide what val must hold)
+        self.loader = self.loader_type(self.splits["train"], tok.eot_id, cfg, procs)
+        self.train_size = len(self.splits["train"])
+        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.reference = None
+
+    def read_split(self, path, split):
+        """The rows of one split's task file."""
+        raise NotImplementedError
+
+
+class SFTTask(ExampleTask):
     """Supervised fine-tuning: next-token loss on completion tokens only."""
 
     def __init__(self, cfg, procs, tok, task_dir):
-        self.cfg, self.procs = cfg, procs
         self.doc_eot = tok.eot_id if cfg.doc_mask else None
-        self.splits = {}
-        for split in ("train", "val"):
-            examples = sft_examples(os.path.join(task_dir, f"{split}.jsonl"), tok, cfg)
-            self.splits[split] = pack(examples, cfg.block_size) if cfg.sft_packing else examples
+        super().__init__(cfg, procs, tok, task_dir)
         if cfg.sft_packing and not cfg.doc_mask:
             print("warning: sft_packing without doc_mask lets packed examples attend to each other")
-        self.pad_id = tok.eot_id
-        self.loader = ExampleLoader(self.splits["train"], tok.eot_id, cfg, procs)
-        self.train_size = len(self.splits["train"])
-        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+
+    def read_split(self, path, split):
+        examples = sft_examples(path, self.tok, self.cfg)
+        return pack(examples, self.cfg.block_size) if self.cfg.sft_packing else examples
 
     def loss(self, model, batch):
         x, y = batch
@@ -190,7 +207,7 @@ class SFTTask:
         the whole val split and as many train rows, the rows shared among the processes."""
         out = {}
         for split in ("train", "val"):
-            batches = (self.loader.to_device(*pad_batch(rows, self.pad_id))
+            batches = (self.loader.to_device(*pad_batch(rows, self.tok.eot_id))
                        for rows in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs))
             losses = heldout_losses(model, batches, autocast, self.procs, self.doc_eot)
             out[split] = losses[0]
@@ -204,29 +221,29 @@ class ClassifyLoader(ExampleLoader):
         return self.to_device(*classify_batch([self.rows[i] for i in picks], self.pad_id))
 
 
-class ClassifyTask:
+class ClassifyTask(ExampleTask):
     """text -> label with a classifier (adapters.classifier); the label set comes from the train split."""
+    loader_type = ClassifyLoader
 
     def __init__(self, cfg, procs, tok, task_dir):
-        self.cfg, self.procs, self.tok = cfg, procs, tok
-        data = {s: read_jsonl(os.path.join(task_dir, f"{s}.jsonl"), ["text", "label"], cfg.max_examples)
-                for s in ("train", "val")}
-        self.labels = sorted({r["label"] for r in data["train"]})
-        unknown = sorted({r["label"] for r in data["val"]} - set(self.labels))
+        self.truncated = {}
+        super().__init__(cfg, procs, tok, task_dir)
+
+    def read_split(self, path, split):
+        """[(ids, label index)]; a long text keeps its end: 'last' pooling reads the final token."""
+        cfg, tok = self.cfg, self.tok
+        rows = read_jsonl(path, ["text", "label"], cfg.max_examples)
+        if split == "train":
+            self.labels = sorted({r["label"] for r in rows})
+        unknown = sorted({r["label"] for r in rows} - set(self.labels))
         if unknown:
-            raise DataError(f"label sets differ between splits: val has {unknown}, train only {self.labels}")
-        self.splits, self.truncated = {}, {}
-        for split, rows in data.items():
-            # keep a passage's end when it is too long: 'last' pooling reads the final token
-            cut = [keep_last([tok.eot_id] + tok.encode(r["text"]), cfg.block_size) for r in rows]
-            self.splits[split] = [(ids, self.labels.index(r["label"])) for (ids, _), r in zip(cut, rows)]
-            self.truncated[split] = sum(was_cut for _, was_cut in cut)
-            if self.truncated[split] and procs.master:
-                print(f"warning: {task_dir}/{split}.jsonl: {self.truncated[split]} of {len(rows)} texts are longer "
-                      f"than block_size={cfg.block_size} tokens; the model reads only their last {cfg.block_size}")
-        self.loader = ClassifyLoader(self.splits["train"], tok.eot_id, cfg, procs)
-        self.train_size = len(self.splits["train"])
-        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+            raise DataError(f"label sets differ between splits: {split} has {unknown}, train only {self.labels}")
+        cut = [keep_last([tok.eot_id] + tok.encode(r["text"]), cfg.block_size) for r in rows]
+        self.truncated[split] = sum(was_cut for _, was_cut in cut)
+        if self.truncated[split] and self.procs.master:
+            print(f"warning: {path}: {self.truncated[split]} of {len(rows)} texts are longer than block_size="
+                  f"{cfg.block_size} tokens; the model reads only their last {cfg.block_size}")
+        return [(ids, self.labels.index(r["label"])) for (ids, _), r in zip(cut, rows)]
 
     def loss(self, model, batch):
         return model(*batch)[1]
@@ -257,17 +274,26 @@ class ClassifyTask:
         return out
 
 
-class PreferenceTask:
+class PairLoader(ExampleLoader):
+    """Random batches of B preference pairs as one padded batch of 2B rows: chosen, then rejected."""
+
+    def make_batch(self, picks):
+        return self.to_batch([self.rows[i] for i in picks])
+
+    def to_batch(self, pairs):
+        return self.to_device(*pad_batch([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id))
+
+    def count_tokens(self, picks):
+        return sum(len(c[0]) + len(r[0]) for c, r in (self.rows[i] for i in picks))
+
+
+class PreferenceTask(ExampleTask):
     """DPO on {prompt, chosen, rejected} records: raise the chosen completion against the rejected
     one, measured against the frozen reference (the starting weights; see FrozenReference)."""
+    loader_type = PairLoader
 
-    def __init__(self, cfg, procs, tok, task_dir):
-        self.cfg, self.procs = cfg, procs
-        self.splits = {s: preference_pairs(os.path.join(task_dir, f"{s}.jsonl"), tok, cfg) for s in ("train", "val")}
-        self.loader = PairLoader(self.splits["train"], tok.eot_id, cfg, procs)
-        self.reference = None  # set by finetune() once the policy is built
-        self.train_size = len(self.splits["train"])
-        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+    def read_split(self, path, split):
+        return preference_pairs(path, self.tok, self.cfg)
 
     def scores(self, model, batch):
         """(loss, implicit rewards of chosen and rejected (B,), the policy's log-probabilities of
@@ -308,35 +334,32 @@ class PreferenceTask:
         return out
 
 
-class PairLoader(ExampleLoader):
-    """Random batches of B preference pairs as one padded batch of 2B rows: chosen, then rejected."""
+class PromptLoader(ExampleLoader):
+    """Random batches of prompts: the rows themselves (RewardTask.loss samples their completions)."""
 
     def make_batch(self, picks):
-        return self.to_batch([self.rows[i] for i in picks])
-
-    def to_batch(self, pairs):
-        return self.to_device(*pad_batch([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id))
+        return [self.rows[i] for i in picks]
 
     def count_tokens(self, picks):
-        return sum(len(c[0]) + len(r[0]) for c, r in (self.rows[i] for i in picks))
+        return sum(len(self.rows[i][1]) for i in picks)
 
 
-class RewardTask:
+class RewardTask(ExampleTask):
     """RL with a verifiable reward, GRPO-style (Shao et al. 2024): each step samples rl_group_size
     completions of every prompt with the KV cache, scores them with the reward function, and
     raises the log-probability of those that beat their group's mean (policy gradient with the
     group as baseline), optionally held near the reference by a KL penalty. One gradient step per
     batch of samples, so the policy that sampled is the one updated (no importance ratio needed)."""
 
+    loader_type = PromptLoader
+
     def __init__(self, cfg, procs, tok, task_dir):
-        self.cfg, self.procs, self.tok = cfg, procs, tok
         self.score = reward_function(cfg.reward)
-        self.splits = {s: rl_prompts(os.path.join(task_dir, f"{s}.jsonl"), tok, cfg) for s in ("train", "val")}
-        self.loader = PromptLoader(self.splits["train"], tok.eot_id, cfg, procs)
-        self.reference = None  # set by finetune() when rl_kl_coef > 0
         self.rewards = []  # the mean reward of each step since the last log line
-        self.train_size = len(self.splits["train"])
-        self.items_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+        super().__init__(cfg, procs, tok, task_dir)
+
+    def read_split(self, path, split):
+        return rl_prompts(path, self.tok, self.cfg)
 
     def sample_and_score(self, model, prompts, group_size, temperature):
         """Sample group_size completions of each (text, ids) prompt; returns (the prompts repeated
@@ -392,16 +415,6 @@ class RewardTask:
             out[split] = 0.0 - total.item() / min(n_val, len(self.splits[split]))
         out["val_reward"] = -out["val"]
         return out
-
-
-class PromptLoader(ExampleLoader):
-    """Random batches of prompts: the rows themselves (RewardTask.loss samples their completions)."""
-
-    def make_batch(self, picks):
-        return [self.rows[i] for i in picks]
-
-    def count_tokens(self, picks):
-        return sum(len(self.rows[i][1]) for i in picks)
 
 
 class FrozenReference:

@@ -277,7 +277,7 @@ def test_sft_val_loss_is_head_one_of_a_multi_token_model(char_data, sft_dir, tmp
     result = task.evaluate(model, autocast_context(torch.device("cpu"), torch.float32))
     heads = [result[f"val_head{i}"] for i in (1, 2, 3)]
     assert result["val"] == heads[0] and result["val"] != pytest.approx(sum(heads) / 3)
-    x, y = EX.pad_batch(task.splits["val"], task.pad_id)
+    x, y = EX.pad_batch(task.splits["val"], task.tok.eot_id)
     with torch.no_grad():
         direct = torch.nn.functional.cross_entropy(model.eval()(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
     assert result["val"] == pytest.approx(direct.item(), rel=1e-5)
