@@ -8,6 +8,7 @@ Read in order:
   2. checkpoints    where a run's checkpoints are, atomic saves, weights-only loads, sharded ones
 """
 
+import json
 import os
 import pickle
 import shutil
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 
 from adapters import add_lora, classifier, merge_lora
-from config import ConfigError, save_json
+from config import ConfigError
 from data import DataError, ensure_data, load_meta
 from distributed import barrier
 from encoder import BertGPT, uses_bert_extras
@@ -94,8 +95,10 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
 
 def continue_run(cfg, loaded):
     """Resume: cfg takes the run's saved settings, or a ConfigError names those the command
-    contradicts."""
-    cfg.continue_run(loaded.checkpoint["config"], os.path.dirname(loaded.source) or loaded.source)
+    contradicts, the model's shape (model_args) included."""
+    ckpt = loaded.checkpoint
+    shape = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_KEYS}
+    cfg.continue_run(ckpt["config"], os.path.dirname(loaded.source) or loaded.source, fixed=shape)
 
 
 def checkpoint_path(source, which="best"):
@@ -206,16 +209,25 @@ def strip_wrapper_prefixes(state_dict):
 
 # ----------------------------------------------------------------------------- 2. checkpoints
 
+# The keys of the shared config that give a model's shape. Once a model is built its config
+# (saved as model_args) owns them, not cfg: a run's saved settings leave them out. (block_size
+# stays a setting: the training context may be shorter than the model's.)
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "block_size"))
+
+
+def run_settings(cfg):
+    """cfg without the model's shape: what a checkpoint saves as its config."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in MODEL_KEYS}
+
+
 def record_config(cfg, model_config, master):
-    """Make cfg tell the truth about the model (a loaded model's shape wins over cfg's defaults),
-    then print it and save it as out_dir/config.json."""
-    for f in fields(model_config):
-        if f.name not in ("vocab_size", "block_size"):  # block_size: the training context may be shorter
-            cfg.set(f.name, getattr(model_config, f.name))
+    """Print the run's settings with the model's own shape (a loaded model's, not cfg's
+    defaults) and save them as out_dir/config.json, for the person reading the run."""
     if master:
-        print(f"config:\n{cfg}")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_json(cfg, os.path.join(cfg.out_dir, "config.json"))
+        shown = {**run_settings(cfg), **{k: getattr(model_config, k) for k in MODEL_KEYS}}
+        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in shown.items()))
+        with atomic_write(os.path.join(cfg.out_dir, "config.json")) as f:
+            json.dump(shown, f, indent=2)
 
 
 def save_checkpoint(state, path):

@@ -17,14 +17,12 @@ Read it as: KEYS (the table), then load_config() (how argv becomes a Config).
 
 import ast
 import difflib
-import json
 import os
 import re
 import sys
 from dataclasses import dataclass
 
 from errors import ConfigError
-from files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -349,17 +347,19 @@ class Config:
     def __repr__(self):
         return "\n".join(f"  {k} = {v!r}" for k, v in self.to_dict().items())
 
-    def continue_run(self, saved, run):
+    def continue_run(self, saved, run, fixed=None):
         """Resuming `run`, whose config was `saved`: every key this command left at its default
         takes the run's value; a key it set to another value stops with one line naming each
-        (except MAY_CHANGE_ON_RESUME). So a resume trains the run that was saved."""
+        (except MAY_CHANGE_ON_RESUME). So a resume trains the run that was saved. fixed: values
+        the run holds elsewhere (the model's shape): checked against the command, not taken."""
         conflicts = []
-        for name, value in saved.items():
+        for name, value in {**saved, **(fixed or {})}.items():
             key = KEY_BY_NAME.get(name)
             if key is None or name in MAY_CHANGE_ON_RESUME or not {"train", "finetune"} & set(key.scripts):
                 continue
             if name not in self.chosen:
-                self.__dict__[name] = value
+                if name not in (fixed or {}):
+                    self.__dict__[name] = value
             elif self.__dict__[name] != value:
                 conflicts.append(f"{name}={value!r} (not {self.__dict__[name]!r})")
         if conflicts:
@@ -485,7 +485,3 @@ def cli_config(argv=None):
     except ConfigError as e:
         sys.exit(f"error: {e}")
 
-
-def save_json(cfg, path):
-    with atomic_write(path) as f:
-        json.dump(cfg.to_dict(), f, indent=2)

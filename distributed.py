@@ -80,7 +80,7 @@ def shard_model(model, cfg, compute):
     return local / sum(p.numel() for p in model.parameters())
 
 
-def check_fsdp(cfg, dtype):
+def check_fsdp(cfg, dtype, arch):
     """What parallel=fsdp cannot do yet, said before any work (also in one process, whose
     checkpoints are sharded all the same)."""
     if cfg.optimizer == "muon":
@@ -88,7 +88,7 @@ def check_fsdp(cfg, dtype):
                          "whole); use optimizer=adamw, or parallel=ddp")
     if dtype == torch.float16:
         raise ConfigError("parallel=fsdp trains in bfloat16 or float32; set dtype=bfloat16 (or float32)")
-    if cfg.arch == "lstm":
+    if arch == "lstm":
         raise ConfigError("parallel=fsdp shards transformer blocks; arch=lstm trains with parallel=ddp")
 
 

@@ -23,16 +23,16 @@ fine-tuning. Read it in order:
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
+import dataclasses
 import re
 
 import torch
 
 from adapters import add_lora, classifier
-from checkpoint import continue_run, load_model
+from checkpoint import build_model, continue_run, load_model
 from config import cli_config
 from distributed import setup_processes
 from errors import CheckpointError, ConfigError
-from model import check_flex_dropout
 from multitoken import MultiTokenGPT
 from tasks import FrozenReference, make_task
 from tokenizer import from_meta
@@ -49,18 +49,18 @@ def load_base(cfg):
     return loaded.model, loaded.tokenizer
 
 
-def set_dropout(model, p):
-    """Fine-tuning often wants more dropout than pretraining had: set every dropout layer to p."""
+def with_dropout(model, p):
+    """Fine-tuning often wants more dropout than pretraining had. The model's config is the one
+    owner of its dropout, read by every layer when it is built, so a new rate means the same
+    weights in a model built with it (the model itself when p is its rate already)."""
+    if p == model.config.dropout:
+        return model
     try:
-        check_flex_dropout(model.config.attn_backend, p)
+        rebuilt = build_model(dataclasses.replace(model.config, dropout=p))
     except ValueError as e:
         raise ConfigError(f"dropout={p}: {e}") from None
-    model.config.dropout = p
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = p
-        elif isinstance(m, torch.nn.LSTM) and m.num_layers > 1:  # its dropout between layers
-            m.dropout = p
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
 
 
 # ----------------------------------------------------------------------------- 2. tasks
@@ -148,7 +148,7 @@ def finetune(cfg):
             raise CheckpointError(f"{cfg.out_dir}/ckpt_last.pt is not a task={cfg.task} fine-tuning run")
     else:
         base, tok_meta = load_base(cfg)
-        set_dropout(base, cfg.dropout)
+        base = with_dropout(base, cfg.dropout)
         if cfg.block_size > base.config.block_size:
             raise ConfigError(f"block_size={cfg.block_size} exceeds the base model's {base.config.block_size}")
     arch = (base if ckpt is None else model_to_resume).config.arch

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as torch_dist
 
 from checkpoint import (checkpoint_path, continue_run, load_checkpoint, load_model, load_sharded_optimizer,
-                        record_config, refuse_existing_run, remove_interrupted_saves, run_checkpoint, save_checkpoint,
-                        save_sharded_checkpoint)
+                        record_config, refuse_existing_run, remove_interrupted_saves, run_checkpoint, run_settings,
+                        save_checkpoint, save_sharded_checkpoint)
 from compute import peak_flops, setup_compute
 from config import cli_config
 from data import ensure_data
@@ -87,7 +87,7 @@ class TrainState:
         FSDP (weights=False) the weights and optimizer state are saved apart, in shards."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {**state, "scaler": self.scaler.state_dict(), "iter_num": self.it, "best": self.best,
-                "baseline": self.baseline, "since_best": self.since_best, "config": cfg.to_dict(),
+                "baseline": self.baseline, "since_best": self.since_best, "config": run_settings(cfg),
                 "model_args": vars(self.model.config).copy(),
                 "rng": gather_rng_states(world), "loader": self.loader.state_dict(), **extra}
 
@@ -204,7 +204,7 @@ def start_run(cfg, procs, model, task, ckpt, lr_scales):
     if procs.master:
         remove_interrupted_saves(cfg.out_dir)
     if cfg.parallel == "fsdp":
-        check_fsdp(cfg, compute.dtype)
+        check_fsdp(cfg, compute.dtype, model.config.arch)
     sharded = cfg.parallel == "fsdp" and torch_dist.is_initialized()
     if sharded:  # before the optimizer is built: it must hold the shards
         held = shard_model(model, cfg, compute)

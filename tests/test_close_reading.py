@@ -97,15 +97,17 @@ def test_a_decoder_refuses_first_token_pooling():
     check_task_fits(make_cfg(task="classify", classify_pool="last"), "gpt")
 
 
-def test_set_dropout_reaches_the_lstm_between_layers():
+def test_a_new_dropout_rate_reaches_the_lstm_between_layers():
     """B5: set_dropout changed nn.Dropout layers and the config but not nn.LSTM's inter-layer
     dropout, while a resume rebuilds the LSTM from the config: a resumed run trained another
-    model. Now the model and a rebuild from its config agree everywhere."""
-    from finetune import set_dropout
+    model. Now the config is the one owner (with_dropout builds the model with the new rate), so
+    the model and a rebuild from its config agree everywhere, with the same weights."""
+    from finetune import with_dropout
     from model import GPTConfig
     from rnn import LSTMLM
-    m = LSTMLM(GPTConfig(arch="lstm", vocab_size=50, n_layer=2, n_head=1, n_embd=16, dropout=0.0))
-    set_dropout(m, 0.3)
+    base = LSTMLM(GPTConfig(arch="lstm", vocab_size=50, n_layer=2, n_head=1, n_embd=16, dropout=0.0))
+    m = with_dropout(base, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), m.state_dict().values()))
     rebuilt = LSTMLM(m.config)
 
     def rates(model):

@@ -92,11 +92,16 @@ def test_every_config_file_loads():
         load_config([str(path)])
 
 
-def test_config_saved_as_json(tmp_path):
-    from config import save_json
-    cfg = load_config(["--n_layer=3"])
-    save_json(cfg, tmp_path / "c.json")
-    assert json.loads((tmp_path / "c.json").read_text())["n_layer"] == 3
+def test_config_json_shows_the_model_and_cfg_keeps_no_copy_of_its_shape(tmp_path):
+    """config.json records the run with the model's own shape; cfg itself is not rewritten (the
+    model's config owns its shape), and a checkpoint's settings leave the shape out."""
+    from checkpoint import MODEL_KEYS, record_config, run_settings
+    from model import GPTConfig
+    cfg = load_config([f"--out_dir={tmp_path}", "--n_layer=3", "--batch_size=5"])
+    record_config(cfg, GPTConfig(n_layer=2, n_head=2, n_embd=32), master=True)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["n_layer"], saved["n_embd"], saved["batch_size"]) == (2, 32, 5) and cfg.n_layer == 3
+    assert "batch_size" in run_settings(cfg) and not set(MODEL_KEYS) & run_settings(cfg).keys()
 
 
 def test_presets_apply_where_they_appear(tmp_path):

@@ -296,11 +296,11 @@ def test_lora_with_muon_fine_tunes(base_run, sft_dir, tmp_path):
     assert summary["iter_num"] == 2
 
 
-def test_set_dropout_keeps_the_flex_rule():
+def test_with_dropout_keeps_the_flex_rule():
     m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16, attn_backend="flex"))
     with pytest.raises(ConfigError, match="flex"):
-        FT.set_dropout(m, 0.1)
-    FT.set_dropout(m, 0.0)
+        FT.with_dropout(m, 0.1)
+    assert FT.with_dropout(m, 0.0) is m
 
 
 def test_merged_lora_keeps_the_base_dtype():

@@ -254,7 +254,8 @@ def test_resume_keeps_the_run_settings_and_names_every_contradiction(char_data, 
     bare = load_config([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", "--eval_interval=2",
                         "--plot=False"])
     summary = T.train(bare)
-    assert summary["iter_num"] == 4 and bare.batch_size == 3 and bare.n_layer == TINY["n_layer"]
+    assert summary["iter_num"] == 4 and bare.batch_size == 3
+    assert summary["model"].config.n_layer == TINY["n_layer"]  # the shape is the model's own (model_args)
     assert bare.data_dir == str(char_data) and bare.eval_interval == 2
     with pytest.raises(UserError) as stop:
         T.train(run_cfg(char_data, tmp_path, max_iters=6, eval_interval=3, batch_size=5, n_layer=3,
