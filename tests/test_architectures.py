@@ -190,8 +190,8 @@ def test_encoder_pretrains_evaluates_and_fine_tunes_to_classify(char_data, tmp_p
                 f.write(json.dumps({"text": "ha ha merry jest " * (i % 3 + 1) if i % 2 else "death blood grave",
                                     "label": "comedy" if i % 2 else "tragedy"}) + "\n")
     result = finetune(small(char_data, tmp_path / "cls", task="classify", init_from=str(tmp_path / "bert"),
-                            task_dir=str(task_dir), classify_pool="first", max_iters=24, eval_interval=4,
-                            learning_rate=1e-2, best_metric="val_macro_f1"))
+                            task_dir=str(task_dir), classify_pool="first", max_iters=48, eval_interval=4,
+                            learning_rate=5e-3, best_metric="val_macro_f1"))  # (1e-2 diverged for 1 seed in 4)
     assert result["best"] > 0.9  # two trivially separable labels
     with pytest.raises(SystemExit, match="encoder"):
         evaluate.main([f"--out_dir={tmp_path / 'bert'}", "--eval_task=choice", "--task_file=x.jsonl"])
