@@ -76,10 +76,6 @@ class GPTConfig:
         check_flex_dropout(self.attn_backend, self.dropout)
 
     @property
-    def causal(self):
-        return self.arch != "bert"
-
-    @property
     def padded_vocab(self):
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
