@@ -2,7 +2,7 @@
 BERT's extras on model.GPT, one config key each: post-norm blocks (norm_position='post'),
 token-type embeddings (type_vocab_size), and with arch='bert' the encoder itself (Devlin et al.
 2019): every position attends to every other, and the logits at a position predict the token
-there, which the input hid behind the mask token (masked language modelling; tasks.mask_tokens
+there, which the input hid behind the mask token (masked language modelling; scoring.mask_tokens
 masks the batches). Its head is BERT's: a dense layer, GELU and a norm before the unembedding,
 which has a bias. hf.py reads and writes BertForMaskedLM folders of it.
 """

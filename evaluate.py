@@ -33,8 +33,9 @@ Tasks (eval_task):
             in lm_eval_adapter.py: harness_tasks names them, harness_include adds a folder of
             local YAML tasks, so it runs fully offline on local data.
 
-Every task runs under the same device, dtype and autocast as training (plumbing.setup_compute).
-Scoring helpers shared with fine-tuning and the harness adapter live in tasks.py.
+Every task runs under the same device, dtype and autocast as training (compute.setup_compute).
+Scoring helpers shared with fine-tuning and the harness adapter live in scoring.py, task files in
+examples.py.
 
 Results are merged into out_dir/eval.json (each with dataset, split, checkpoint, tokenizer and
 config), appended as a markdown table to out_dir/eval.md, and loss curves from metrics.jsonl are

@@ -9,16 +9,13 @@ regularisation, early stopping, layer-wise learning rates, gradual unfreezing, f
     python finetune.py configs/rl_addition.py          # rl: addition answers checked by a reward function
 
 The loop, checkpoints, logging and resume are train.py's own (fit()); the starting weights
-come from plumbing.load_model like every script's. This file only adds what is particular to
-fine-tuning. Read it in order:
+come from checkpoint.load_model like every script's; the tasks (lm, sft, classify, dpo, rl) are
+tasks.py's. This file only adds what is particular to fine-tuning. Read it in order:
   1. load_base()        the starting weights (init_from=DIR of a run, a .pt file, hf:PATH, gpt2
-                        names, or scratch) and their tokenizer, which every task reuses
-  2. the tasks          lm (token files), sft (prompt -> completion, loss on the completion
-                        only), classify (a head on the trunk), dpo (preference pairs against a
-                        frozen reference), rl (sampled completions scored by a reward function);
-                        each has loader, loss and evaluate
-  3. techniques         dropout, freezing by name, LoRA, layer-wise LR decay, gradual unfreezing
-  4. finetune()         puts them together and calls fit()
+                        names, or scratch) and their tokenizer, which every task reuses;
+                        with_dropout() for a new dropout rate
+  2. techniques         freezing by name, LoRA, layer-wise LR decay, gradual unfreezing
+  3. finetune()         puts them together with the task and calls fit()
 """
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
@@ -63,9 +60,7 @@ def with_dropout(model, p):
     return rebuilt
 
 
-# ----------------------------------------------------------------------------- 2. tasks
-
-# ----------------------------------------------------------------------------- 3. techniques
+# ----------------------------------------------------------------------------- 2. techniques
 
 def layer_lr_scales(model, decay):
     """{name: factor} for configure_optimizer: the top (final norm, heads) gets the full LR, each
@@ -107,7 +102,7 @@ def freeze_by_pattern(model, patterns):
     return frozen
 
 
-# ----------------------------------------------------------------------------- 4. putting it together
+# ----------------------------------------------------------------------------- 3. putting it together
 
 def build_finetune_model(cfg, base, task):
     """The model fit() trains: the base weights in the task's model, with LoRA adapters if

@@ -3,7 +3,7 @@ Our checkpoints inside EleutherAI's lm-evaluation-harness (optional dependency: 
 
     python evaluate.py --out_dir=out/run --eval_task=harness --harness_tasks=my_task --harness_include=tasks/
 
-HarnessLM implements the harness's three requests on top of the scoring in tasks.py:
+HarnessLM implements the harness's three requests on top of the scoring in scoring.py:
   loglikelihood          log p(continuation | context) and whether greedy decoding yields it
   loglikelihood_rolling  a whole document's log-likelihood, sliding window as in eval_task=lm
   generate_until         KV-cache decoding until a stop string, end-of-text or max_gen_toks
