@@ -56,8 +56,8 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
         resume       out_dir/ckpt_last.pt, LoRA adapters kept, with the state to continue
         hf:PATH      a Hugging Face GPT-2 or BERT folder; gpt2, gpt2-medium, ... download one
         a folder     a run folder: its ckpt_best.pt, else ckpt_last.pt; or a checkpoint file
-    LoRA adapters are merged into the weights unless merge=False. A bad source ends the
-    program with one line."""
+    LoRA adapters are merged into the weights unless merge=False. A bad source raises a
+    CheckpointError (or a ConfigError for settings that make no model)."""
     source = init_from or cfg.init_from
     if is_gpt2_source(source):
         try:

@@ -352,13 +352,13 @@ class Config:
         takes the run's value; a key it set to another value stops with one line naming each
         (except MAY_CHANGE_ON_RESUME). So a resume trains the run that was saved. fixed: values
         the run holds elsewhere (the model's shape): checked against the command, not taken."""
-        conflicts = []
-        for name, value in {**saved, **(fixed or {})}.items():
+        conflicts, fixed = [], fixed or {}
+        for name, value in {**saved, **fixed}.items():
             key = KEY_BY_NAME.get(name)
             if key is None or name in MAY_CHANGE_ON_RESUME or not {"train", "finetune"} & set(key.scripts):
                 continue
             if name not in self.chosen:
-                if name not in (fixed or {}):
+                if name not in fixed:
                     self.__dict__[name] = value
             elif self.__dict__[name] != value:
                 conflicts.append(f"{name}={value!r} (not {self.__dict__[name]!r})")

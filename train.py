@@ -116,7 +116,7 @@ def use_activation_checkpointing(model, on):
         try:
             checkpoint_blocks(model)
         except ValueError as e:
-            raise ConfigError(f"{e}") from None
+            raise ConfigError(str(e)) from None
 
 
 def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, extra_state=None):
