@@ -123,7 +123,8 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     """The training loop, for any task (tasks.Task): task.loader gives batches, task.loss(model,
     batch) the loss, task.evaluate(model, autocast) the held-out numbers. lr_scales {name:
     factor} gives per-parameter learning rates; grad_filter(it) may drop gradients before each
-    step (gradual unfreezing). extra_state goes into checkpoints.
+    step (gradual unfreezing). extra_state goes into checkpoints. ckpt (resuming) is emptied once
+    restored, so its tensors do not stay in memory for the whole run.
 
     cfg.best_metric picks ckpt_best.pt ('val_loss' and 'val_headN': lower is better; any other
     metric the task reports: higher is better); cfg.patience > 0 stops early when it has not moved
@@ -219,6 +220,7 @@ def start_run(cfg, procs, model, task, ckpt, lr_scales):
     torch.manual_seed(cfg.seed + procs.rank)  # dropout masks differ between processes
     if ckpt is not None and ("optimizer" in ckpt or "sharded" in ckpt):
         state.restore(ckpt, cfg, procs.rank)
+        ckpt.clear()  # its weights and optimizer state now live in the model and optimizer: free the copies
     if cfg.compile and not sharded:  # (under FSDP shard_model compiled each block)
         model = torch.compile(model)
     if procs.world > 1 and not sharded:

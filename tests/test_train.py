@@ -12,7 +12,7 @@ import torch
 from checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes
 from compute import keep_freed_memory
 from conftest import CACHE, ROOT, make_cfg, stop_after_steps
-from data import SplitTokens, TokenLoader
+from data import SplitTokens, TokenLoader, load_meta
 from distributed import Processes, micro_batches_per_process, wrap_ddp
 from errors import ConfigError, UserError
 from exits import GracefulStop
@@ -294,3 +294,22 @@ def test_ddp_does_not_broadcast_buffers(tmp_path):
         assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False
     finally:
         dist.destroy_process_group()
+
+
+def test_a_restored_checkpoint_is_not_kept_in_memory(char_data, tmp_path, monkeypatch):
+    """Resuming, fit restores the model and optimizer from the checkpoint dict, then empties it:
+    the caller's reference (train's Loaded) would otherwise hold a second copy of the weights and
+    the optimizer state for the whole run."""
+    from checkpoint import continue_run, load_model
+    from distributed import setup_processes
+    from tasks import LMTask
+    with stop_after_steps(monkeypatch, 2):
+        T.train(run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4))
+    cfg = run_cfg(char_data, tmp_path, max_iters=4, eval_interval=4, init_from="resume")
+    loaded = load_model(cfg)
+    continue_run(cfg, loaded)
+    procs = setup_processes(cfg)
+    ckpt = loaded.checkpoint
+    assert "optimizer" in ckpt
+    summary = T.fit(cfg, procs, loaded.model, LMTask(cfg, procs, load_meta(str(char_data))), ckpt)
+    assert summary["iter_num"] == 4 and ckpt == {}
