@@ -124,6 +124,13 @@ CASES = [
     (["train.py", *SMALL, "--out_dir={tmp}/new", "--arch=lstm", "--pos=rope"], ["arch='lstm'", "pos='rope'"]),
     (["train.py", *SMALL, "--out_dir={tmp}/new", "--arch=lstm", "--activation_checkpointing=True"],
      ["activation_checkpointing", "arch='lstm'"]),
+    (["train.py", *SMALL, "--out_dir={tmp}/new", "--mtp_heads=2", "--norm_position=post"],
+     ["mtp_heads", "norm_position=post"]),
+    # ---- settings a fine-tuning task cannot use (issue 32's close reading)
+    (["finetune.py", *SMALL, "--init_from={run}", "--out_dir={tmp}/ft", "--task=classify", "--classify_pool=first"],
+     ["classify_pool=first", "decoder"]),
+    (["finetune.py", *SMALL, "--init_from={run}", "--out_dir={tmp}/ft", "--task=dpo", "--dropout=0.1"],
+     ["task=dpo", "dropout=0"]),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]
