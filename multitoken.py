@@ -54,7 +54,7 @@ class MultiTokenGPT(GPT):
         """A head block's output (B, T, C) -> logits (B, T, V), as at the end of GPT.forward."""
         logits = self.lm_head(self.transformer.ln_f(h))
         if self.config.logit_softcap > 0:
-            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+            logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         return logits[..., :self.config.vocab_size]
 
     def multi_head_logits(self, idx, cache=None, doc_ids=None, valid=None):

@@ -80,15 +80,16 @@ def cross_entropy(logits, targets):
 def chunked_cross_entropy(logits, targets):
     """cross_entropy of low-precision logits (autocast). Upcast all at once, they would leave a
     float32 copy of the whole tensor and its log-softmax for backward; in eager mode rows are
-    upcast a chunk at a time under checkpointing instead. torch.compile fuses the upcast into
-    the loss kernel by itself."""
+    upcast a chunk at a time under checkpointing instead. The chunks are split(), not sliced: a
+    slice's backward allocates a zero gradient the size of all the logits, so n slices cost n
+    full-size tensors (quadratic; split's backward concatenates once, docs/benchmarks.md).
+    torch.compile fuses the upcast into the loss kernel by itself."""
     logits, targets = logits.flatten(0, 1), targets.flatten()
     if torch.compiler.is_compiling():
         return F.cross_entropy(logits.float(), targets, ignore_index=-1)
     rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
     total = logits.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(targets), rows):
-        args = (logits[i:i + rows], targets[i:i + rows])
+    for args in zip(logits.split(rows), targets.split(rows)):
         total = total + (checkpoint(_summed_ce, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else _summed_ce(*args))
     return total / (targets != -1).sum()
@@ -105,7 +106,7 @@ def checkpoint_blocks(model):
     transformer blocks so that training keeps only the block's input and backward runs the
     block again: activation memory of one block instead of all of them. Parameter names gain
     `_checkpoint_wrapped_module.`; state dicts do not (the wrapper strips it). A model without
-    blocks (arch='lstm') raises ValueError."""
+    blocks (arch='lstm') raises ValueError rather than training silently without."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
                                                                              apply_activation_checkpointing,
                                                                              checkpoint_wrapper)
