@@ -20,8 +20,10 @@ from compute import peak_flops, setup_compute
 from config import cli_config
 from data import ensure_data
 from distributed import Processes
+from errors import ConfigError
 from tasks import LMTask
-from train import configure_optimizer, train_step, use_activation_checkpointing
+from systems import checkpoint_blocks
+from train import configure_optimizer, train_step
 
 WARMUP, TIMED = 5, 20
 
@@ -33,7 +35,10 @@ def measure(cfg, compile_model):
     meta = ensure_data(cfg, master=True)
     torch.manual_seed(cfg.seed)
     raw = load_model(cfg, "scratch", meta).model.to(device)
-    use_activation_checkpointing(raw, cfg.activation_checkpointing)
+    try:  # (a model without blocks, arch=lstm, refuses it)
+        checkpoint_blocks(raw) if cfg.activation_checkpointing else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = torch.compile(raw) if compile_model else raw
     optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -8,6 +8,7 @@ Read in order:
   2. checkpoints    where a run's checkpoints are, atomic saves, weights-only loads, sharded ones
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -50,13 +51,15 @@ class Loaded:
     labels: list = None      # a fine-tuned classifier's label set
 
 
-def load_model(cfg, init_from=None, meta=None, merge=True):
+def load_model(cfg, init_from=None, meta=None, merge=True, weights=True):
     """The one way every script gets a model. init_from (default cfg.init_from) is one of
         scratch      fresh weights shaped by cfg, for the vocabulary of data_dir (meta)
         resume       out_dir/ckpt_last.pt, LoRA adapters kept, with the state to continue
         hf:PATH      a Hugging Face GPT-2 or BERT folder; gpt2, gpt2-medium, ... download one
         a folder     a run folder: its ckpt_best.pt, else ckpt_last.pt; or a checkpoint file
-    LoRA adapters are merged into the weights unless merge=False. A bad source raises a
+    LoRA adapters are merged into the weights unless merge=False. weights=False (scratch, or a
+    sharded checkpoint): the model's shape only, built on the meta device without memory, for
+    FSDP to shard before the weights arrive (distributed.shard_model). A bad source raises a
     CheckpointError (or a ConfigError for settings that make no model)."""
     source = init_from or cfg.init_from
     if is_gpt2_source(source):
@@ -70,7 +73,8 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
     if source == "scratch":
         meta = meta or ensure_data(cfg, master=True)
         try:
-            model = build_model(GPTConfig.from_config(cfg, model_vocab_size(meta["tokenizer"], cfg.arch)))
+            with contextlib.nullcontext() if weights else torch.device("meta"):
+                model = build_model(GPTConfig.from_config(cfg, model_vocab_size(meta["tokenizer"], cfg.arch)))
         except ValueError as e:  # settings that do not make a model
             raise ConfigError(str(e)) from None
         return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
@@ -83,7 +87,7 @@ def load_model(cfg, init_from=None, meta=None, merge=True):
     else:
         raise CheckpointError(f"init_from={source}: no such run folder or checkpoint file; give one, hf:PATH, a "
                               f"GPT-2 name, or scratch (fresh weights, the no-transfer baseline)")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, weights)
     try:  # checkpoints carry their tokenizer; older ones point at their data folder
         tok_meta = ckpt.get("tokenizer") or load_meta(ckpt["config"]["data_dir"])["tokenizer"]
     except DataError as e:
@@ -175,17 +179,20 @@ def build_model(config):
 def model_from_checkpoint(ckpt, merge=True):
     """The checkpoint's model: a GPT, an LSTMLM, or a fine-tuned classifier; LoRA adapters
     are merged into the weights unless merge=False (resuming a LoRA run)."""
-    if not {"model", "model_args"} <= ckpt.keys():
+    if not {"model", "model_args"} <= ckpt.keys() and "sharded" not in ckpt:
         raise CheckpointError("not a checkpoint of this project (no model weights and shape in it); point at a "
                               "ckpt_*.pt a run of this project wrote")
     config = GPTConfig(**ckpt["model_args"])
     finetune = ckpt.get("finetune") or {}
-    if finetune.get("task") == "classify":
-        model = classifier(config, len(finetune["labels"]), finetune["classify_pool"])
-    else:
-        model = build_model(config)
-    if finetune.get("lora"):
-        add_lora(model, **finetune["lora"])
+    with contextlib.nullcontext() if "model" in ckpt else torch.device("meta"):  # (a sharded one's, unread)
+        if finetune.get("task") == "classify":
+            model = classifier(config, len(finetune["labels"]), finetune["classify_pool"])
+        else:
+            model = build_model(config)
+        if finetune.get("lora"):
+            add_lora(model, **finetune["lora"])
+    if "model" not in ckpt:
+        return model
     model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
     return merge_lora(model) if merge else model
 
@@ -193,7 +200,8 @@ def model_from_checkpoint(ckpt, merge=True):
 def unwrap(model):
     """The plain module inside DDP and torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+        # (not `a or b`: truth-testing a module calls its __len__, which a GPT does not have)
+        model = model.module if hasattr(model, "module") else model._orig_mod
     return model
 
 
@@ -241,6 +249,16 @@ def save_checkpoint(state, path):
         raise CheckpointError(write_error(path, e)) from None
 
 
+def copy_checkpoint(source, path):
+    """path as an atomic copy of the checkpoint file just written to source: copying the bytes
+    takes a fraction of the time of serialising the state again (docs/benchmarks.md)."""
+    try:
+        with open(source, "rb") as f, atomic_write(path, "wb") as out:
+            shutil.copyfileobj(f, out, 16 << 20)
+    except OSError as e:
+        raise CheckpointError(write_error(path, e)) from None
+
+
 def write_error(path, e):
     # (torch.save's own message for a short write is about zip offsets; say what it means)
     reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (is the disk full?)"
@@ -268,14 +286,15 @@ def damaged(path, e):
                            f"train again, or point at another checkpoint")
 
 
-def load_checkpoint(path):
-    """A checkpoint as a dict; a sharded one with its weights gathered (see load_sharded_checkpoint).
-    A missing, damaged or foreign file is a CheckpointError; anything else is a bug and raises as it is."""
+def load_checkpoint(path, weights=True):
+    """A checkpoint as a dict; a sharded one with its weights gathered (see load_sharded_checkpoint),
+    or without them (weights=False: FSDP reads them into its shards). A missing, damaged or
+    foreign file is a CheckpointError; anything else is a bug and raises as it is."""
     if not is_checkpoint(path):
         raise CheckpointError(f"{path}: no checkpoint there (train first, or check out_dir)")
     try:
         if os.path.isdir(path):
-            ckpt = load_sharded_checkpoint(path)
+            ckpt = load_sharded_checkpoint(path, weights)
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     except UNREADABLE as e:
@@ -314,14 +333,16 @@ def save_sharded_checkpoint(ckpt, path, model, optimizer, master):
     barrier()
 
 
-def load_sharded_checkpoint(path):
-    """A sharded checkpoint folder as one dict: its state.pt, plus the model's full weights
-    gathered from every process's shard (read here, in this process alone). The optimizer
-    state stays on disk, in shards ("sharded": path); load_sharded_optimizer reads it."""
+def load_sharded_checkpoint(path, weights=True):
+    """A sharded checkpoint folder as one dict: its state.pt, plus (weights=True) the model's full
+    weights gathered from every process's shard (read here, in this process alone). The rest
+    stays on disk, in shards ("sharded": path): load_sharded_state reads it into a sharded model."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.api import CheckpointException
     ckpt = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    if not weights:
+        return {**ckpt, "sharded": path}
     try:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         weights = {name.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
@@ -332,14 +353,20 @@ def load_sharded_checkpoint(path):
     return {**ckpt, "model": weights, "sharded": path}
 
 
-def load_sharded_optimizer(path, model, optimizer):
-    """Fill optimizer (of model, sharded over any number of processes, or not at all) from the
-    sharded checkpoint at path: torch.distributed.checkpoint reshards by parameter name."""
+def load_sharded_state(path, model, optimizer, weights):
+    """Fill optimizer (of model, sharded over any number of processes, or not at all), and the
+    model's weights too when asked, from the sharded checkpoint at path, each process reading
+    only its shards: torch.distributed.checkpoint reshards by parameter name."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill: this process's shards
-    dcp.load({"optimizer": state}, checkpoint_id=path, no_dist=not torch_dist.is_initialized())
-    set_optimizer_state_dict(model, optimizer, state)
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill: this process's shards
+    state = {"model": model_state, "optimizer": optimizer_state} if weights else {"optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=path, no_dist=not torch_dist.is_initialized())
+    except CheckpointException as e:  # (not an Exception: a shard missing or damaged)
+        raise damaged(path, e) from None
+    set_state_dict(model, optimizer, model_state_dict=state.get("model", {}), optim_state_dict=state["optimizer"])
 
 
 def export_checkpoint(source, path):

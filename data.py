@@ -33,8 +33,8 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 
+from distributed import barrier, from_master
 from errors import DataError
 from files import atomic_write
 
@@ -152,7 +152,8 @@ def load_meta(data_dir):
 
 def ensure_data(cfg, master):
     """meta.json of cfg.data_dir, preparing the dataset first when the folder is empty."""
-    if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
+    # rank 0 looks, for all: processes that saw different folders would disagree about the barrier
+    if from_master(not os.path.isfile(os.path.join(cfg.data_dir, "meta.json"))):
         if cfg.dataset != "shakespeare":
             raise DataError(f"{cfg.data_dir} is not prepared; run a prepare/ script for it first")
         if os.path.isdir(cfg.data_dir) and set(os.listdir(cfg.data_dir)) - {".prepare-partial"}:
@@ -162,8 +163,7 @@ def ensure_data(cfg, master):
         if master:
             print(f"{cfg.data_dir} is empty: preparing Shakespeare with the {cfg.tokenizer} tokenizer")
             importlib.import_module("prepare.shakespeare").prepare(cfg)
-        if torch_dist.is_initialized():
-            torch_dist.barrier()
+        barrier()
     meta = load_meta(cfg.data_dir)
     if meta["tokenizer"]["kind"] != cfg.tokenizer and master:
         warnings.warn(f"{cfg.data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer; "
@@ -187,27 +187,47 @@ def prepare_on_first_use(cfg, path):
 # ----------------------------------------------------------------------------- 3. batches
 
 class RandomBatches:
-    """Resumable random batches from a population of `size` items (windows, examples).
+    """Resumable batches from a population of `size` items (windows, examples), an epoch at a time.
 
-    Each optimizer step draws one global set of indices (accum x world x batch) from a generator
-    seeded identically on every process; process r takes micro-batch k's slice r. So a step sees
-    the same data whether it runs on 1 process with accumulation 2 or on 2 processes, and the
-    position in the stream is just the generator state: resumable exactly. Subclasses turn a
-    list of indices into tensors with make_batch() and count their tokens with count_tokens().
-    `tokens` counts the tokens of every step drawn so far, over all processes.
+    Every epoch is a permutation of the items, made by a generator seeded from (seed, epoch), so
+    an epoch reads every item once. Each optimizer step takes the stream's next accum x world x
+    batch items (running on into the next epoch when one ends); process r takes micro-batch k's
+    slice r. So a step sees the same data whether it runs on 1 process with accumulation 2 or on
+    2 processes, and the position in the stream is just (epoch, offset): resumable exactly.
+    Subclasses may choose each epoch's items (epoch_items), and turn a list of items into tensors
+    with make_batch() and count their tokens with count_tokens(). `tokens` counts the tokens of
+    every step drawn so far, over all processes.
     """
 
     def __init__(self, size, batch_size, accum, world, rank, seed, device):
         self.size, self.B, self.accum, self.world, self.rank = size, batch_size, accum, world, rank
-        self.device = device
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed, self.device = seed, device
+        self.epoch, self.offset = 0, 0  # items of the epoch that earlier draws took
+        self.order = None               # the epoch's items in order, made when first needed
         self.pos = accum  # micro-batches served from the current draw; accum = draw again
-        self.draw_state = self.gen.get_state()
+        self.draw_start = (0, 0)
         self.tokens = self.draw_tokens = 0
 
+    def epoch_items(self, generator):
+        """This epoch's items, in the order they are read: a permutation of range(size)."""
+        return torch.randperm(self.size, generator=generator)
+
     def _draw(self):
-        self.draw_state = self.gen.get_state()
-        self.picks = torch.randint(self.size, (self.accum, self.world, self.B), generator=self.gen)
+        self.draw_start = (self.epoch, self.offset)
+        wanted, parts = self.accum * self.world * self.B, []
+        while wanted:
+            if self.order is None:
+                self.order = self.epoch_items(torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch)
+                                                                            % 2**63))
+                if not len(self.order):
+                    raise DataError("nothing to draw batches from: the training split is empty")
+            part = self.order[self.offset:self.offset + wanted]
+            parts.append(part)
+            wanted -= len(part)
+            self.offset += len(part)
+            if self.offset == len(self.order):
+                self.epoch, self.offset, self.order = self.epoch + 1, 0, None
+        self.picks = torch.cat(parts).view(self.accum, self.world, self.B)
         self.pos = 0
         self.draw_tokens = self.count_tokens(self.picks.flatten().tolist())
         self.tokens += self.draw_tokens
@@ -225,51 +245,67 @@ class RandomBatches:
         return tuple(t.to(self.device) for t in tensors)
 
     def state_dict(self):
-        """pos: micro-batches served from the draw that gen (its state before the draw) makes;
+        """(epoch, offset) where the current draw started, and pos: micro-batches served from it;
         0 at a step boundary, so the state means the same whatever accum the reader has (a
         resume may run on another number of processes)."""
         if self.pos == self.accum:
-            return {"gen": self.gen.get_state(), "pos": 0, "tokens": self.tokens}
-        return {"gen": self.draw_state, "pos": self.pos, "tokens": self.tokens - self.draw_tokens}
+            return {"epoch": self.epoch, "offset": self.offset, "pos": 0, "tokens": self.tokens}
+        epoch, offset = self.draw_start
+        return {"epoch": epoch, "offset": offset, "pos": self.pos, "tokens": self.tokens - self.draw_tokens}
 
     def load_state_dict(self, state):
-        self.gen.set_state(state["gen"])
-        self.tokens = state.get("tokens", 0)
+        if "epoch" not in state:  # a checkpoint from before epochs were permutations: its stream cannot go on
+            warnings.warn("the checkpoint's data position is in the older random-draw format; "
+                          "the data order starts again from the first epoch")
+            state = {"epoch": 0, "offset": 0, "pos": 0, "tokens": state.get("tokens", 0)}
+        self.epoch, self.offset, self.order = state["epoch"], state["offset"], None
+        self.tokens = state["tokens"]
         self.pos = self.accum
-        if 0 < state["pos"] < self.accum:  # (checkpoints before this format said accum at a boundary)
+        if 0 < state["pos"] < self.accum:
             self._draw()
             self.pos = state["pos"]
 
 
 class TokenLoader(RandomBatches):
-    """Random windows of block_size + 1 tokens from a split's shards, memory-mapped and read as one
-    sequence: the same batches whether the split is one file or many. With align_eot, windows
-    start only where token align_eot (end-of-text, which opens every document) stands. check_ids:
-    scan the split for ids outside the vocabulary first (once per run; see SplitTokens.check_ids)."""
+    """Windows of block_size + 1 tokens from a split's shards, memory-mapped and read as one
+    sequence: the same batches whether the split is one file or many. An epoch reads
+    non-overlapping windows that tile the split from a random offset below block_size (so each
+    epoch cuts the text at other places), in random order: every token once, but for fewer
+    than block_size at either end. With align_eot, an epoch reads one window from every place
+    where token align_eot (end-of-text, which opens every document) stands. check_ids: scan the
+    split for ids outside the vocabulary first (once per run; see SplitTokens.check_ids). data:
+    the split's SplitTokens when already open (evaluation reads the training loader's)."""
 
     def __init__(self, data_dir, split, batch_size, block_size, accum, world, rank, seed, device, align_eot=None,
-                 check_ids=False):
-        self.data = SplitTokens(data_dir, split)
+                 check_ids=False, data=None):
+        self.data = data or SplitTokens(data_dir, split)
         if check_ids:
             self.data.check_ids()
         if len(self.data) < block_size + 2:
             raise DataError(f"the {split} split of {data_dir} has {len(self.data)} tokens, fewer than "
                             f"block_size+2={block_size + 2}")
         self.T = block_size
-        last = len(self.data) - block_size - 1  # windows start before this
+        self.last = len(self.data) - block_size - 1  # windows start before this
         self.starts = None
         if align_eot is not None:
             self.starts = self.data.positions_of(align_eot)
-            self.starts = self.starts[self.starts < last]
+            self.starts = self.starts[self.starts < self.last]
             if not len(self.starts):
                 raise DataError(f"align_to_documents: no document of {data_dir}'s {split} split starts a full "
                                 f"window; set align_to_documents=False")
-        super().__init__(last if self.starts is None else len(self.starts), batch_size, accum, world, rank, seed,
-                         device)
+        super().__init__(self.last if self.starts is None else len(self.starts), batch_size, accum, world, rank,
+                         seed, device)
 
-    def make_batch(self, picks):
+    def epoch_items(self, generator):
+        """The epoch's window starts, in reading order."""
+        if self.starts is not None:
+            return torch.from_numpy(self.starts)[torch.randperm(len(self.starts), generator=generator)]
+        offset = torch.randint(min(self.T, self.last), (), generator=generator).item()
+        starts = torch.arange(offset, self.last, self.T)
+        return starts[torch.randperm(len(starts), generator=generator)]
+
+    def make_batch(self, starts):
         """(x, y): inputs and next-token targets, each (B, T) int64 on the device."""
-        starts = picks if self.starts is None else self.starts[picks].tolist()
         buf = torch.from_numpy(np.stack([self.data[s:s + self.T + 1] for s in starts]).astype(np.int64))
         buf, = self.to_device(buf)
         return buf[:, :-1], buf[:, 1:]

@@ -61,23 +61,61 @@ def wrap_ddp(model, device):
 def shard_model(model, cfg, compute):
     """FSDP2 (fully_shard): every block is one unit, gathered just before it runs and freed after
     (fsdp_reshard_after_forward); the root unit holds the rest (embeddings, final norm, head).
-    Each process keeps 1/world of every weight, gradient and optimizer state. On GPUs in bf16
-    the gathered weights are bf16 and gradients are reduced in float32. With compile, each
+    Each process keeps 1/world of every weight, gradient and optimizer state. In bf16 the
+    blocks' gathered weights are bf16 and gradients are reduced in float32. With compile, each
     block is compiled in place before sharding (torchtitan's order). Returns the fraction of
-    the parameters this process holds."""
+    the parameters this process holds.
+
+    The model never exists whole on a GPU: it is sharded on the meta device (no memory), then
+    each process allocates its shards on its device. Rank 0's weights (when it has them: a
+    fresh run; a resume reads its shards from the checkpoint instead) are sent out tensor by
+    tensor, each process keeping its shard. Only rank 0 ever built the model in host memory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    precision = MixedPrecisionPolicy()
+    has_weights = not any(p.is_meta for p in model.parameters())
+    weights = model.state_dict() if has_weights and torch_dist.get_rank() == 0 else {}
+    with same_parameters():
+        model.to("meta")
+    # In bf16 the blocks' weights are gathered in bf16; the root unit's (embeddings, final norm,
+    # head) stay float32 and autocast runs its matmuls in bf16, and no unit casts its inputs:
+    # so the residual stream, x0 and the RoPE tables stay float32 between blocks, as under DDP
+    # with autocast (one float32 gather of the embeddings per step is the price).
+    precision = root_precision = MixedPrecisionPolicy(cast_forward_inputs=False)
     if compute.dtype == torch.bfloat16:
-        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         if cfg.compile:
             block.compile()
         fully_shard(block, mp_policy=precision, reshard_after_forward=cfg.fsdp_reshard_after_forward)
-    fully_shard(model, mp_policy=precision)
+    fully_shard(model, mp_policy=root_precision)
     if isinstance(model, MultiTokenGPT):  # evaluation calls head_losses on the root: it must gather weights too
         register_fsdp_forward_method(model, "head_losses")
-    local = sum(p.to_local().numel() for p in model.parameters())
-    return local / sum(p.numel() for p in model.parameters())
+    with same_parameters():
+        model.to_empty(device=compute.device)
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(compute.device)
+    if from_master(has_weights):
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    held = sum(p.to_local().numel() for p in model.parameters()) / sum(p.numel() for p in model.parameters())
+    if torch_dist.get_rank() == 0:
+        print(f"FSDP: each of the {torch_dist.get_world_size()} processes holds {held:.1%} of the weights and "
+              f"their optimizer state")
+    return held
+
+
+@contextlib.contextmanager
+def same_parameters():
+    """Moving a module between devices (to meta, or to_empty) makes new Parameter objects, which
+    would untie weights that two modules share (a tied LM head and embedding); swapping the new
+    tensors into the same objects keeps them shared."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
 
 
 def check_fsdp(cfg, dtype, arch):
@@ -93,12 +131,12 @@ def check_fsdp(cfg, dtype, arch):
 
 
 def gradient_sync(model, enabled):
-    """A context for one micro-batch's forward and backward: reduce gradients across processes
-    only when enabled (the last micro-batch of a step). DDP prepares the reduction during the
-    forward, so its no_sync() must wrap both; FSDP is told with a flag."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-    elif hasattr(model, "no_sync") and not enabled:     # DDP
+    """A context for one micro-batch's forward and backward: under DDP, reduce gradients across
+    processes only when enabled (the last micro-batch of a step); DDP prepares the reduction
+    during the forward, so its no_sync() must wrap both. FSDP reduce-scatters after every
+    micro-batch (as torchtitan does): holding the sync back would keep every block's unsharded
+    gradient until the last micro-batch, the memory FSDP exists to save."""
+    if hasattr(model, "no_sync") and not enabled:  # DDP (an FSDP2 module has no no_sync)
         return model.no_sync()
     return contextlib.nullcontext()
 
@@ -118,15 +156,29 @@ def barrier():
         torch_dist.barrier()
 
 
+def from_master(value):
+    """Rank 0's value, on every process. A decision that drives collectives (resume or start
+    afresh, prepare the data or not, did the metric improve, did the save work) must be taken
+    once: processes that look for themselves (node-local disks, a stale NFS cache, a float that
+    rounds differently) would run different collectives and hang, or silently diverge."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ----------------------------------------------------------------------------- RNG states of every process
 
 def rng_state():
+    """This process's RNG states. On a GPU only its own device's: a resume on fewer GPUs (another
+    world size) could not restore the states of devices it no longer sees."""
     np_state = np.random.get_state()
     state = {"python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: setup_processes set it
     return state
 
 
@@ -135,8 +187,11 @@ def set_rng_state(state):
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints from before: every visible device's state
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def gather_rng_states(world):

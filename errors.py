@@ -21,3 +21,8 @@ class DataError(UserError):
 class CheckpointError(UserError):
     """No checkpoint where one was expected, a damaged or foreign one, or a run that does not
     match the command that continues it."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient norm became NaN or infinite: a learning rate too high, no
+    gradient clipping, float16 overflow. The last checkpoint still holds finite weights."""

@@ -10,6 +10,9 @@ import os
 import time
 import warnings
 
+import torch
+
+from errors import TrainingDiverged
 from files import atomic_write
 
 
@@ -32,6 +35,39 @@ class Throughput:
     def pause(self):
         """Start the clock again: the time since the last measure() was not spent training."""
         self.t0 = time.time()
+
+
+class DivergenceWatch:
+    """Notices the first step whose loss or gradient norm is not finite, without reading anything
+    back to the host at every step (a few tiny device ops instead); check() reads it at log and
+    evaluation steps, before anything is logged or saved, so a diverged run stops there and its
+    last checkpoint keeps finite weights. Under float16 an infinite gradient norm is no alarm: the
+    loss scaler skips that step and lowers the scale."""
+
+    def __init__(self, device, fp16):
+        self.fp16 = fp16
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # iteration of the first bad step
+        self.values = torch.zeros(2, device=device)                         # its loss and gradient norm
+
+    def step(self, it, loss, grad_norm):
+        values = torch.stack([loss.float(), grad_norm.float()])
+        bad = ~torch.isfinite(values[0] if self.fp16 else values).all()
+        new = bad & (self.first < 0)
+        self.first = torch.where(new, it, self.first)
+        self.values = torch.where(new, values, self.values)
+
+    def check(self, world):
+        """Raise TrainingDiverged on every process if any process saw a bad step."""
+        first = self.first.clone()
+        if world > 1:  # every process must stop: a bad loss on one rank is everyone's problem
+            import torch.distributed as torch_dist
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MAX)
+        if first.item() >= 0:
+            loss, grad_norm = self.values.tolist()
+            raise TrainingDiverged(f"training diverged at iteration {first.item()}: loss {loss}, gradient norm "
+                                   f"{grad_norm}; nothing was saved after it (ckpt_last holds the last finite "
+                                   f"weights). Lower learning_rate, set grad_clip (e.g. 1.0) or use bfloat16, "
+                                   f"then resume or start again")
 
 
 class MetricsLogger:

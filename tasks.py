@@ -13,6 +13,7 @@ their outputs become numbers from scoring.py.
 
 import copy
 import functools
+import math
 import os
 from contextlib import contextmanager
 from typing import Protocol
@@ -92,18 +93,20 @@ class LMTask:
         return model(x, y, doc_ids=doc_ids)[1]
 
     def evaluate(self, model, autocast):
-        return estimate_loss(model, self.cfg, self.procs, autocast, self.eot_id, self.masking)
+        return estimate_loss(model, self.cfg, self.procs, autocast, self.eot_id, self.masking, self.loader.data)
 
 
 @torch.no_grad()
-def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None):
+def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None, train_data=None):
     """Mean loss over cfg.eval_iters batches per split. The batches are the same at every
     evaluation (a fixed seed), so curves compare like with like and training RNG is untouched.
-    masking: an encoder's (LMTask.masking), drawn from a generator seeded alike every time."""
+    masking: an encoder's (LMTask.masking), drawn from a generator seeded alike every time.
+    train_data: the train split's SplitTokens when open (its shards are not mapped twice)."""
     out = {}
     for split in ("train", "val"):
-        loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
-                             cfg.eval_iters, procs.world, procs.rank, seed=cfg.seed + 1, device=procs.device)
+        loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size, cfg.eval_iters, procs.world,
+                             procs.rank, seed=cfg.seed + 1, device=procs.device,
+                             data=train_data if split == "train" else None)
         batches = (loader.next() for _ in range(cfg.eval_iters))
         if masking is not None:
             generator = torch.Generator().manual_seed(cfg.seed + 2 + procs.rank)
@@ -131,8 +134,8 @@ def heldout_losses(model, batches, autocast, procs, eot_id=None):
             doc_ids = document_ids(x, eot_id) if eot_id is not None else None
             with autocast:
                 losses = [module(x, y, doc_ids=doc_ids)[1]] if n_heads == 1 else raw.head_losses(x, y, doc_ids)
-            scored = (y >= 0).sum()
-            totals += torch.stack(losses).float() * scored
+            scored = (y >= 0).sum()  # (a batch with nothing scored has a NaN loss: it adds 0)
+            totals += torch.where(scored > 0, torch.stack(losses).float() * scored, 0.0)
             count += scored
     if procs.world > 1:
         torch_dist.all_reduce(totals)
@@ -144,9 +147,13 @@ def heldout_losses(model, batches, autocast, procs, eot_id=None):
 
 def heldout_batches(splits, split, batch_size, procs):
     """This process's batches of a split's held-out rows: every val row, and as many train rows
-    (so train and val are scored alike), dealt out among the processes a batch at a time."""
+    (so train and val are scored alike), dealt out among the processes a batch at a time. Every
+    process gets the same number of batches, the last ones empty ([]) where it runs out of rows:
+    under FSDP each batch's forward is a collective that every process must join."""
     rows = splits[split][:len(splits["val"])]
-    return (rows[i:i + batch_size] for i in range(procs.rank * batch_size, len(rows), procs.world * batch_size))
+    rounds = math.ceil(len(rows) / (procs.world * batch_size))
+    starts = ((k * procs.world + procs.rank) * batch_size for k in range(rounds))
+    return (rows[i:i + batch_size] for i in starts)
 
 
 class ExampleLoader(RandomBatches):
@@ -207,7 +214,8 @@ class SFTTask(ExampleTask):
         the whole val split and as many train rows, the rows shared among the processes."""
         out = {}
         for split in ("train", "val"):
-            batches = (self.loader.to_device(*pad_batch(rows, self.tok.eot_id))
+            # (a process out of rows runs an unscored row: FSDP gathers weights in every forward)
+            batches = (self.loader.to_device(*pad_batch(rows or [([self.tok.eot_id], [-1])], self.tok.eot_id))
                        for rows in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs))
             losses = heldout_losses(model, batches, autocast, self.procs, self.doc_eot)
             out[split] = losses[0]
@@ -319,7 +327,7 @@ class PreferenceTask(ExampleTask):
         with evaluating(unwrap(model)) as raw:
             for split in ("train", "val"):
                 sums = torch.zeros(4, device=self.procs.device)  # loss, margin, preferred, policy prefers chosen
-                for pairs in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs):
+                for pairs in filter(None, heldout_batches(self.splits, split, self.cfg.batch_size, self.procs)):
                     with autocast:
                         scores = self.scores(raw, self.loader.to_batch(pairs))
                     loss, chosen, rejected, logp_chosen, logp_rejected = scores
@@ -406,7 +414,7 @@ class RewardTask(ExampleTask):
         out, n_val = {}, len(self.splits["val"])
         for split in ("train", "val"):
             total = torch.zeros((), device=self.procs.device)
-            for prompts in heldout_batches(self.splits, split, self.cfg.batch_size, self.procs):
+            for prompts in filter(None, heldout_batches(self.splits, split, self.cfg.batch_size, self.procs)):
                 with autocast:
                     total += self.sample_and_score(model, prompts, 1, 0.0)[2].sum()
             if self.procs.world > 1:

@@ -22,6 +22,7 @@ the checkpoint: model, optimizer, scaler, iteration, RNG states, and the loader'
 
 import exits  # noqa: F401  first: from here on a signal or a failed write ends the program with one line
 
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -29,17 +30,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from checkpoint import (checkpoint_path, continue_run, load_checkpoint, load_model, load_sharded_optimizer,
-                        record_config, refuse_existing_run, remove_interrupted_saves, run_checkpoint, run_settings,
-                        save_checkpoint, save_sharded_checkpoint)
+from checkpoint import (checkpoint_path, continue_run, copy_checkpoint, load_checkpoint, load_model,
+                        load_sharded_state, record_config, refuse_existing_run, remove_interrupted_saves,
+                        run_checkpoint, run_settings, save_checkpoint, save_sharded_checkpoint)
 from compute import peak_flops, setup_compute
 from config import cli_config
 from data import ensure_data
-from distributed import (check_fsdp, gather_rng_states, gradient_sync, set_rng_state,
+from distributed import (check_fsdp, from_master, gather_rng_states, gradient_sync, set_rng_state,
                          setup_processes, shard_model, wrap_ddp)
 from errors import CheckpointError, ConfigError, DataError
 from exits import GracefulStop
-from metrics import MetricsLogger, Throughput, progress_bar
+from metrics import DivergenceWatch, MetricsLogger, Throughput, progress_bar
 from muon import CombinedOptimizer, Muon
 from systems import checkpoint_blocks, plain_name
 from tasks import LMTask
@@ -50,15 +51,17 @@ def train(cfg):
     """Pretrain as cfg says; returns a summary dict (iterations, best metric, the model)."""
     procs = setup_processes(cfg)
     if cfg.init_from == "auto":  # restarts (torchrun --max_restarts, a requeued job) continue the run
-        cfg.set("init_from", "resume" if run_checkpoint(cfg.out_dir) else "scratch")
+        # rank 0 looks, for all: on node-local disks or a stale NFS cache processes might disagree
+        cfg.set("init_from", "resume" if from_master(bool(run_checkpoint(cfg.out_dir))) else "scratch")
     resuming = cfg.init_from == "resume"
+    shards = cfg.parallel == "fsdp" and torch_dist.is_initialized()  # then weights may come later: shard_model
     if resuming:  # the run's own settings come first: its data, its model, its optimizer
-        loaded = load_model(cfg)
+        loaded = load_model(cfg, weights=not shards)
         continue_run(cfg, loaded)
     meta = ensure_data(cfg, procs.master)
     if not resuming:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        loaded = load_model(cfg, meta=meta)
+        loaded = load_model(cfg, meta=meta, weights=procs.master or not shards)
     arch = loaded.model.config.arch
     if loaded.model.config.vocab_size != model_vocab_size(meta["tokenizer"], arch):
         raise DataError(f"init_from={cfg.init_from} has a {loaded.model.config.vocab_size}-token vocabulary "
@@ -96,35 +99,25 @@ class TrainState:
             raise CheckpointError(f"{cfg.out_dir}/ckpt_last.pt was trained with optimizer="
                                   f"{ckpt['config']['optimizer']}; resume with that optimizer, or start a new out_dir")
         if "sharded" in ckpt:  # an FSDP run's: resharded to however many processes run now
-            load_sharded_optimizer(ckpt["sharded"], self.model, self.optimizer)
+            load_sharded_state(ckpt["sharded"], self.model, self.optimizer, weights="model" not in ckpt)
         elif cfg.parallel == "fsdp":
             raise CheckpointError(f"{cfg.out_dir}/ckpt_last.pt was saved without FSDP; resume it with "
                                   f"parallel=ddp, or start a new out_dir")
         else:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # (empty when the run trained without float16: a new scaler starts then)
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["loader"])
         self.it, self.best, self.since_best = ckpt["iter_num"], ckpt["best"], ckpt["since_best"]
-        self.baseline = ckpt.get("baseline", self.best)  # (checkpoints from before it was kept)
+        self.baseline = ckpt.get("baseline", self.best)
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-
-
-def use_activation_checkpointing(model, on):
-    """Recompute each transformer block in backward (the activation_checkpointing key). A model
-    without blocks (arch='lstm') refuses it rather than training silently without."""
-    if on:
-        try:
-            checkpoint_blocks(model)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
 
 
 def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, extra_state=None):
     """The training loop, for any task (tasks.Task): task.loader gives batches, task.loss(model,
-    batch) the loss, task.evaluate(model, autocast) the held-out numbers. lr_scales {name:
-    factor} gives per-parameter learning rates; grad_filter(it) may drop gradients before each
-    step (gradual unfreezing). extra_state goes into checkpoints. ckpt (resuming) is emptied once
-    restored, so its tensors do not stay in memory for the whole run.
+    batch) the loss, task.evaluate(model, autocast) the held-out numbers. lr_scales {name: factor}
+    gives per-parameter learning rates; grad_filter(it) may drop gradients before each step
+    (gradual unfreezing). extra_state goes into checkpoints; ckpt (resuming) is emptied once read.
 
     cfg.best_metric picks ckpt_best.pt ('val_loss' and 'val_headN': lower is better; any other
     metric the task reports: higher is better); cfg.patience > 0 stops early when it has not moved
@@ -133,8 +126,12 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
     run = start_run(cfg, procs, model, task, ckpt, lr_scales)
     state, model, autocast, max_iters = run.state, run.model, run.compute.autocast, run.max_iters
     log, stop, speed = MetricsLogger(cfg, procs.master, state.it), GracefulStop(), run.throughput
+    watch = DivergenceWatch(run.compute.device, fp16=state.scaler.is_enabled())  # NaN or inf: stop
     pbar = progress_bar(max_iters, state.it, procs.master)
     train_loss, early = None, False
+    # Python's cycle collector pauses one process at a time, and under DDP or FSDP every process
+    # waits for the slowest: freeze what setup made, and collect only at evaluations, all together
+    gc.collect(), gc.freeze(), gc.disable()
     try:
         while state.it < max_iters:
             lr = lr_at(state.it, cfg, max_iters)
@@ -142,25 +139,29 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
                 group["lr"] = lr * group["lr_scale"]
             loss, grad_norm = train_step(model, state.optimizer, state.scaler, state.loader, cfg, autocast, task.loss,
                                          grad_filter, state.it)
+            watch.step(state.it, loss, grad_norm)
             state.it += 1
             pbar.update(1)
             log_now = state.it % cfg.log_interval == 0 or state.it == max_iters
             eval_now = state.it % cfg.eval_interval == 0 or state.it == max_iters
+            stop_now = stop.agreed(procs.world, run.compute.device, check_now=log_now or eval_now)
+            if log_now or eval_now or stop_now:  # before anything is logged or saved
+                watch.check(procs.world)
             if log_now:
-                # the logged train loss is this process's loss on the step's last micro-batch: one
-                # noisy sample, not a mean over micro-batches or processes (that needs evaluate)
+                # the logged train loss is this process's mean over its micro-batches of the step: a
+                # noisy sample, not a mean over processes (evaluate's numbers are that)
                 train_loss = loss.item()  # a host sync, so only at log steps
                 tokens_per_s, mfu = speed.measure(state.loader.tokens)
                 extra = task.step_metrics() if hasattr(task, "step_metrics") else {}  # e.g. task=rl's reward
                 log.train(state.it, train_loss, lr, grad_norm.item(), state.loader.tokens, tokens_per_s, mfu, extra)
                 pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            stop_now = stop.agreed(procs.world, run.compute.device, check_now=log_now or eval_now)
             if eval_now:
-                results = task.evaluate(model, autocast)
+                results = from_master(task.evaluate(model, autocast))  # one verdict on "improved" for all
                 improved, early = state_after_eval(state, cfg, results)
                 log.eval(state.it, results, improved)
                 save_run(state, cfg, procs, improved, extra_state)
-                speed.pause()  # evaluation time is not training throughput
+                gc.collect()
+                speed.pause()  # evaluation time (and the collection) is not training throughput
             elif stop_now:
                 save_run(state, cfg, procs, False, extra_state)
             if stop_now:
@@ -176,6 +177,7 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
         pbar.close()
         log.close()
         stop.close()
+        gc.unfreeze(), gc.enable()
     if early:
         restore_best(state.model, cfg)
     end_run(procs, run.compute)
@@ -196,11 +198,13 @@ class Run:
 def start_run(cfg, procs, model, task, ckpt, lr_scales):
     """Everything before the first step: the model on its device (sharded under FSDP), the
     optimizer, the state restored from ckpt when resuming, then compile and DDP."""
-    use_activation_checkpointing(model, cfg.activation_checkpointing)  # before anything is written
+    try:  # before anything is written: a model without blocks (arch=lstm) refuses it
+        checkpoint_blocks(model) if cfg.activation_checkpointing else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.init_from != "resume":
         refuse_existing_run(cfg.out_dir, cfg.overwrite)
     compute = setup_compute(cfg, procs.device)
-    model = model.to(compute.device)
     record_config(cfg, model.config, procs.master)
     if procs.master:
         remove_interrupted_saves(cfg.out_dir)
@@ -208,10 +212,9 @@ def start_run(cfg, procs, model, task, ckpt, lr_scales):
         check_fsdp(cfg, compute.dtype, model.config.arch)
     sharded = cfg.parallel == "fsdp" and torch_dist.is_initialized()
     if sharded:  # before the optimizer is built: it must hold the shards
-        held = shard_model(model, cfg, compute)
-        if procs.master:
-            print(f"FSDP: each of the {procs.world} processes holds {held:.1%} of the weights and their "
-                  f"optimizer state")
+        shard_model(model, cfg, compute)
+    else:
+        model = model.to(compute.device)
     state = TrainState(model, configure_optimizer(model, cfg, compute.device, lr_scales),
                        torch.amp.GradScaler(compute.device.type, enabled=compute.dtype == torch.float16), task.loader)
     max_iters = cfg.max_iters
@@ -249,9 +252,8 @@ def end_run(procs, compute):
     if procs.master and compute.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
     if procs.world > 1:
-        # Wait here until every process's last collective (the save's RNG gather) is done and freed.
-        # gloo frees a finished collective on its own thread, which needs the GIL; tearing the group
-        # down meanwhile (the DDP wrapper's last reference goes when fit returns) deadlocked 1 run in 6.
+        # Wait until every process's last collective is done and freed: gloo frees one on its own
+        # thread (needing the GIL), and tearing the group down meanwhile deadlocked 1 run in 6.
         torch_dist.barrier()
         torch_dist.destroy_process_group()
 
@@ -285,30 +287,40 @@ def lower_is_better(metric):
 
 def save_run(state, cfg, procs, is_best, extra_state):
     """ckpt_last always, ckpt_best too when the best metric improved: .pt files that only the
-    master writes, or under FSDP .dcp folders that every process writes its shard into. Every
-    process builds the state (it gathers their RNG states).
-
+    master writes (ckpt_last then a copy of ckpt_best's bytes), or under FSDP .dcp folders that
+    every process writes its shard into. Every process builds the state (it gathers their RNG
+    states) and learns whether the master's write worked (else it would wait in a collective).
     ckpt_last is what a resume reads, so ckpt_best is written first: a crash between the two
     leaves ckpt_last one evaluation behind, and the resumed run redoes that evaluation and
-    writes the same ckpt_best again. (The other order would leave ckpt_last recording a best
-    that ckpt_best does not hold.)"""
+    writes the same ckpt_best again."""
     sharded = cfg.parallel == "fsdp"
     ckpt = state.checkpoint(cfg, procs.world, extra_state or {}, weights=not sharded)
-    for which in ("best", "last") if is_best else ("last",):
-        path = os.path.join(cfg.out_dir, f"ckpt_{which}.dcp" if sharded else f"ckpt_{which}.pt")
-        if sharded:
+    paths = [os.path.join(cfg.out_dir, f"ckpt_{which}.{'dcp' if sharded else 'pt'}")
+             for which in (("best", "last") if is_best else ("last",))]
+    if sharded:
+        for path in paths:
             save_sharded_checkpoint(ckpt, path, state.model, state.optimizer, procs.master)
-        elif procs.master:
-            save_checkpoint(ckpt, path)
+        return
+    failed = None
+    if procs.master:
+        try:
+            save_checkpoint(ckpt, paths[0])
+            if is_best:
+                copy_checkpoint(paths[0], paths[1])
+        except CheckpointError as e:
+            failed = str(e)
+    failed = from_master(failed)
+    if failed:
+        raise CheckpointError(failed)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_filter=None, it=0):
-    """Accumulate gradients over this process's micro-batches, clip, and step. Returns (loss,
-    grad norm) as tensors (no host sync). loss_fn(model, batch) -> loss; grad_filter(it) may
-    drop gradients before the step."""
-    accum = loader.accum
+    """Accumulate gradients over this process's micro-batches, clip, and step. Returns (its mean
+    loss over them, grad norm) as tensors (no host sync). loss_fn(model, batch) -> loss;
+    grad_filter(it) may drop gradients before the step."""
+    accum, total = loader.accum, 0.0
     for micro in range(accum):
         batch = loader.next()
         # under DDP or FSDP gradients are reduced across processes only after the last micro-batch
@@ -316,6 +328,7 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_fi
             with autocast:
                 loss = loss_fn(model, batch)
             scaler.scale(loss / accum).backward()
+        total = total + loss.detach() / accum
     if grad_filter is not None:
         grad_filter(it)
     scaler.unscale_(optimizer)
@@ -326,7 +339,7 @@ def train_step(model, optimizer, scaler, loader, cfg, autocast, loss_fn, grad_fi
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm
+    return total, grad_norm
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule

@@ -29,7 +29,7 @@ import gzip
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -104,8 +104,7 @@ def tasks(inputs, text_field):
     reader, come as bytes), parse and clean, so that scales with num_proc and no text is copied
     through a pipe."""
     files, size = [], 0
-    for label, where, file_size in inputs:
-        path = where() if callable(where) else where
+    for label, path, file_size in fetched_ahead(inputs):
         try:
             if path.endswith(TEXT_SUFFIXES):
                 files.append((label, path))
@@ -123,6 +122,19 @@ def tasks(inputs, text_field):
             raise DataError(f"{label}: compressed file ends early (truncated); download or copy it again") from None
     if files:
         yield "files", files
+
+
+def fetched_ahead(inputs, threads=2):
+    """inputs as (label, local path, bytes), in order. The hf: files are downloaded on `threads`
+    threads, in order, while the workers prepare the files before them: downloading each only
+    when its turn comes would leave every worker idle for the whole download."""
+    pool = ThreadPoolExecutor(threads)
+    try:
+        paths = [pool.submit(where) if callable(where) else where for _, where, _ in inputs]
+        for (label, _, size), path in zip(inputs, paths):
+            yield label, path if isinstance(path, str) else path.result(), size
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def unreadable(label, error):

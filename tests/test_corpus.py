@@ -197,6 +197,25 @@ def test_hf_dataset_goes_through_the_parquet_path(tmp_path, monkeypatch):
     assert token_files(tmp_path / "hf") == token_files(tmp_path / "local")
 
 
+def test_downloads_run_ahead_of_the_file_being_prepared():
+    """While the first hf: file is being prepared, the next one is already downloading (on a thread)."""
+    import threading
+    from prepare.text import fetched_ahead
+    started = {name: threading.Event() for name in ("a", "b", "c")}
+
+    def fetch(name):
+        def download():
+            started[name].set()
+            return f"/cache/{name}.parquet"
+        return download
+    inputs = [("hf:a", fetch("a"), 1), ("local", "/here/x.jsonl", 2), ("hf:b", fetch("b"), 3), ("hf:c", fetch("c"), 4)]
+    stream = fetched_ahead(inputs)
+    assert next(stream) == ("hf:a", "/cache/a.parquet", 1)
+    assert started["b"].wait(timeout=60)  # not waiting for its turn
+    assert list(stream) == [("local", "/here/x.jsonl", 2), ("hf:b", "/cache/b.parquet", 3),
+                            ("hf:c", "/cache/c.parquet", 4)]
+
+
 def test_learned_tokenizers_read_a_bounded_sample(tmp_path):
     inputs = write_formats(tmp_path / "in", corpus())
     meta = prep(tmp_path / "d", inputs["jsonl"], tokenizer_sample_chars=300)

@@ -87,20 +87,22 @@ def test_random_kills_during_training_and_saves_change_nothing(char_data, tmp_pa
 
 
 def crash_at_save(n):
-    """Python for a child process: train.py whose n-th checkpoint write dies by SIGKILL."""
+    """Python for a child process: train.py whose n-th checkpoint write (a save, or the copy of
+    ckpt_best to ckpt_last) dies by SIGKILL."""
     return f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 import train
 calls = 0
-real = train.save_checkpoint
-def save(state, path):
-    global calls
-    calls += 1
-    if calls == {n}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(state, path)
-train.save_checkpoint = save
+def dying(real):
+    def write(*args):
+        global calls
+        calls += 1
+        if calls == {n}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(*args)
+    return write
+train.save_checkpoint, train.copy_checkpoint = dying(train.save_checkpoint), dying(train.copy_checkpoint)
 train.train(train.cli_config(sys.argv[1:]))
 """
 

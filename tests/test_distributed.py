@@ -66,8 +66,9 @@ def test_fsdp_matches_one_process(char_data, tmp_path, extra):
     out = torchrun(2, char_data, tmp_path / "fsdp", "--parallel=fsdp", *common)
     assert "holds 50.0% of the weights" in out
     assert (tmp_path / "fsdp" / "ckpt_last.dcp").is_dir() and not (tmp_path / "fsdp" / "ckpt_last.pt").exists()
-    # compiled kernels fuse differently in the two layouts: float rounding, not a different step
-    atol = 1e-5 if "--compile=True" in extra else 1e-6
+    # compiled kernels fuse differently in the two layouts, and FSDP reduce-scatters each
+    # micro-batch's gradient (one process sums them first): float rounding, not a different step
+    atol = 1e-5 if "--compile=True" in extra or "--gradient_accumulation_steps=4" in extra else 1e-6
     assert_close(weights(tmp_path / "one"), weights(tmp_path / "fsdp"), atol=atol)
 
 

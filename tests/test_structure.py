@@ -5,7 +5,7 @@ import ast
 from conftest import ROOT
 
 PREPARE_SCRIPTS = {f"prepare.{p.stem}" for p in (ROOT / "prepare").glob("*.py") if p.stem not in ("__init__", "common")}
-SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench", "bench_data"} | PREPARE_SCRIPTS
+SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench", "bench_data", "bench_scale"} | PREPARE_SCRIPTS
 # the one exception: fine-tuning and benchmarking reuse the training loop
 SCRIPT_IMPORTS_ALLOWED = {("finetune", "train"), ("bench", "train"),
                           # task sets built from another's sources, and bench_data's corpus
