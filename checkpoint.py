@@ -250,11 +250,22 @@ def save_checkpoint(state, path):
 
 
 def copy_checkpoint(source, path):
-    """path as an atomic copy of the checkpoint file just written to source: copying the bytes
-    takes a fraction of the time of serialising the state again (docs/benchmarks.md)."""
+    """path, atomically, as the checkpoint file just written to source without serialising the
+    state again: a hard link (instant, no second copy on disk), or where the filesystem has none
+    a copy of the bytes (docs/benchmarks.md). Sharing the file is safe because no checkpoint is
+    ever written in place: every save writes a new file and renames it over the old name."""
+    tmp = f"{path}.tmp"
     try:
-        with open(source, "rb") as f, atomic_write(path, "wb") as out:
-            shutil.copyfileobj(f, out, 16 << 20)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network and FUSE filesystems)
+            with open(source, "rb") as f, atomic_write(path, "wb") as out:
+                shutil.copyfileobj(f, out, 16 << 20)
+            return
+        os.replace(tmp, path)
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise CheckpointError(write_error(path, e)) from None
 
