@@ -280,7 +280,7 @@ def write_error(path, e):
 def remove_interrupted_saves(out_dir):
     """A save cut short (a kill, a full disk) leaves ckpt_*.tmp, which nothing reads, and a crash in
     a sharded save's swap may leave ckpt_*.dcp.old beside the new folder: remove them."""
-    for name in os.listdir(out_dir):
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         path = os.path.join(out_dir, name)
         if name.startswith("ckpt_") and (name.endswith(".tmp") or (name.endswith(".old") and is_checkpoint(path[:-4]))):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

@@ -324,6 +324,10 @@ MAY_CHANGE_ON_RESUME = ("max_iters", "epochs", "min_lr", "eval_interval", "eval_
                         "activation_checkpointing", "init_from", "out_dir", "overwrite", "cache_dir", "gpt2_bpe_path")
 
 
+# What the resuming command itself decides, never taken from the run: that it resumes, and where.
+RESUME_SAYS = ("init_from", "out_dir", "overwrite")
+
+
 class Config:
     """Attribute access to the resolved keys: cfg.batch_size. `chosen` holds the keys set by a
     config file, an override or a script (not left at their defaults): what a resume compares."""
@@ -348,19 +352,20 @@ class Config:
         return "\n".join(f"  {k} = {v!r}" for k, v in self.to_dict().items())
 
     def continue_run(self, saved, run, fixed=None):
-        """Resuming `run`, whose config was `saved`: every key this command left at its default
-        takes the run's value; a key it set to another value stops with one line naming each
-        (except MAY_CHANGE_ON_RESUME). So a resume trains the run that was saved. fixed: values
-        the run holds elsewhere (the model's shape): checked against the command, not taken."""
+        """Resuming `run`, whose config was `saved`: every key this command does not name takes
+        the run's value, those that may change on resume (MAY_CHANGE_ON_RESUME) included; a key
+        it names with another value stops with one line naming each, unless it may change. So a
+        resume trains the run that was saved, and goes on only where the command says. fixed:
+        values the run holds elsewhere (the model's shape): checked against the command, not taken."""
         conflicts, fixed = [], fixed or {}
         for name, value in {**saved, **fixed}.items():
             key = KEY_BY_NAME.get(name)
-            if key is None or name in MAY_CHANGE_ON_RESUME or not {"train", "finetune"} & set(key.scripts):
+            if key is None or name in RESUME_SAYS or not {"train", "finetune"} & set(key.scripts):
                 continue
             if name not in self.chosen:
                 if name not in fixed:
                     self.__dict__[name] = value
-            elif self.__dict__[name] != value:
+            elif name not in MAY_CHANGE_ON_RESUME and self.__dict__[name] != value:
                 conflicts.append(f"{name}={value!r} (not {self.__dict__[name]!r})")
         if conflicts:
             raise ConfigError(f"{run} was trained with {', '.join(conflicts)}; a resumed run keeps its settings "

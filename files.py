@@ -6,7 +6,12 @@ results, Hugging Face exports and prepared datasets all go through here.
 """
 
 import contextlib
+import fcntl
 import os
+import socket
+import time
+
+from errors import UserError
 
 
 @contextlib.contextmanager
@@ -35,3 +40,35 @@ def fsync_folder(folder):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_locks = {}  # folder -> the open file whose lock this process holds
+
+
+def lock_folder(folder, what):
+    """Take an exclusive lock on folder (its .lock file) for this process, or stop with one line
+    naming the process that holds it: two runs writing one out_dir (a requeued job beside workers
+    that outlived their torchrun, two commands into one new folder) would interleave metrics and
+    overwrite each other's checkpoints. The lock goes with the process (a kill releases it too);
+    taking it again in the same process is a no-op. Creates folder."""
+    folder = os.path.abspath(folder)
+    if folder in _locks:
+        return
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by {holder}; wait for it to end (or stop it) before {what} there, "
+                        f"or choose another folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode())
+    _locks[folder] = fd
+
+
+def unlock_folder(folder):
+    fd = _locks.pop(os.path.abspath(folder), None)
+    if fd is not None:
+        os.close(fd)  # (closing the file releases the lock)

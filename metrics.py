@@ -70,6 +70,17 @@ class DivergenceWatch:
                                    f"then resume or start again")
 
 
+def describe_run(cfg, model, world, it, max_iters, epochs_per_iter):
+    """What a run is about to do, in three lines (the master's)."""
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embeddings=False) / 1e6:.2f}M "
+          f"without embeddings)")
+    print(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} micro-batches (shared by {world} "
+          f"processes) of {cfg.block_size} tokens; max_iters {max_iters} = {max_iters * epochs_per_iter:.2f} epochs")
+    if it >= max_iters:
+        print(f"{cfg.out_dir} is already at iteration {it} of max_iters={max_iters}: nothing to train; set a higher "
+              f"max_iters (or epochs) to go on")
+
+
 class MetricsLogger:
     """metrics.jsonl (one JSON object per log/eval), loss.png, optional wandb, overfit warning."""
 

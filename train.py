@@ -40,7 +40,8 @@ from distributed import (check_fsdp, from_master, gather_rng_states, gradient_sy
                          setup_processes, shard_model, wrap_ddp)
 from errors import CheckpointError, ConfigError, DataError
 from exits import GracefulStop
-from metrics import DivergenceWatch, MetricsLogger, Throughput, progress_bar
+from files import lock_folder, unlock_folder
+from metrics import DivergenceWatch, MetricsLogger, Throughput, describe_run, progress_bar
 from muon import CombinedOptimizer, Muon
 from systems import checkpoint_blocks, plain_name
 from tasks import LMTask
@@ -70,7 +71,9 @@ def train(cfg):
         raise DataError(f"{cfg.data_dir} was prepared with another tokenizer than the run in {cfg.out_dir} "
                         f"was trained on; resume with the run's data, or start a new out_dir")
     task = LMTask(cfg, procs, meta, arch)
-    return fit(cfg, procs, loaded.model, task, loaded.checkpoint, extra_state={"tokenizer": meta["tokenizer"]})
+    # (init_from=RUN starts a new run from RUN's weights: its optimizer and iteration stay behind)
+    return fit(cfg, procs, loaded.model, task, loaded.checkpoint if resuming else None,
+               extra_state={"tokenizer": meta["tokenizer"]})
 
 
 @dataclass
@@ -180,7 +183,7 @@ def fit(cfg, procs, model, task, ckpt=None, lr_scales=None, grad_filter=None, ex
         gc.unfreeze(), gc.enable()
     if early:
         restore_best(state.model, cfg)
-    end_run(procs, run.compute)
+    end_run(procs, run.compute, cfg.out_dir)
     return {"iter_num": state.it, "best": state.best, "best_metric": cfg.best_metric, "train_loss": train_loss,
             "stopped_early": early, "model": state.model}
 
@@ -204,10 +207,10 @@ def start_run(cfg, procs, model, task, ckpt, lr_scales):
         raise ConfigError(str(e)) from None
     if cfg.init_from != "resume":
         refuse_existing_run(cfg.out_dir, cfg.overwrite)
-    compute = setup_compute(cfg, procs.device)
-    record_config(cfg, model.config, procs.master)
-    if procs.master:
+    if procs.master:  # one writer per out_dir
+        lock_folder(cfg.out_dir, "training")
         remove_interrupted_saves(cfg.out_dir)
+    compute = setup_compute(cfg, procs.device)
     if cfg.parallel == "fsdp":
         check_fsdp(cfg, compute.dtype, model.config.arch)
     sharded = cfg.parallel == "fsdp" and torch_dist.is_initialized()
@@ -224,16 +227,13 @@ def start_run(cfg, procs, model, task, ckpt, lr_scales):
     if ckpt is not None and ("optimizer" in ckpt or "sharded" in ckpt):
         state.restore(ckpt, cfg, procs.rank)
         ckpt.clear()  # its weights and optimizer state now live in the model and optimizer: free the copies
+    record_config(cfg, state.model.config, procs.master)  # (once a resume has loaded: the run's values)
     if cfg.compile and not sharded:  # (under FSDP shard_model compiled each block)
         model = torch.compile(model)
     if procs.world > 1 and not sharded:
         model = wrap_ddp(model, compute.device)
     if procs.master:
-        print(f"model: {state.model.num_params() / 1e6:.2f}M parameters "
-              f"({state.model.num_params(embeddings=False) / 1e6:.2f}M without embeddings)")
-        print(f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} micro-batches (shared by "
-              f"{procs.world} processes) of {cfg.block_size} tokens; max_iters {max_iters} = "
-              f"{max_iters * task.items_per_iter / task.train_size:.2f} epochs")
+        describe_run(cfg, state.model, procs.world, state.it, max_iters, task.items_per_iter / task.train_size)
     speed = Throughput(state.loader.tokens, state.model.flops_per_token(cfg.block_size),
                        peak_flops(compute.device), procs.world)
     return Run(state, model, compute, max_iters, speed)
@@ -248,9 +248,10 @@ def restore_best(model, cfg):
     set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True))
 
 
-def end_run(procs, compute):
+def end_run(procs, compute, out_dir):
     if procs.master and compute.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
+    unlock_folder(out_dir)
     if procs.world > 1:
         # Wait until every process's last collective is done and freed: gloo frees one on its own
         # thread (needing the GIL), and tearing the group down meanwhile deadlocked 1 run in 6.

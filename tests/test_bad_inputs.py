@@ -6,6 +6,7 @@ char dataset, `{run}` a finished run folder (both copied fresh for each case), `
 folder. Before and after each case every file under those folders is hashed."""
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -242,7 +243,7 @@ SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_che
 def hashes(*folders):
     out = {}
     for folder in folders:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".lock"):  # (who holds it)
             out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
@@ -304,3 +305,64 @@ def test_read_only_out_dir_is_one_line(char_data, read_only_folder):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(errors) == 1 and f"{read_only_folder}/run" in errors[0] and "Read-only" in errors[0], errors
+
+
+# ----------------------------------------------------------------------------- runs that must not overlap or drift
+
+
+def train_cli(char_data, out, *args):
+    from test_train import train_cmd
+    return subprocess.run(train_cmd(char_data, out, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_with_the_holder_named(char_data, tmp_path):
+    """One process holds out_dir (as a run's workers that outlived their torchrun would); a second
+    train.py into it stops with one line naming the holder, and writes nothing there."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                               f"from files import lock_folder; lock_folder({str(out)!r}, 'x'); print('held', "
+                               f"flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # waits for the lock, not for a clock
+        done = train_cli(char_data, out, "--max_iters=2", "--eval_interval=2")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and len(errors) == 1, done.stderr[-2000:]
+        assert f"is in use by pid {holder.pid}" in errors[0], errors
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert train_cli(char_data, out, "--max_iters=2", "--eval_interval=2").returncode == 0  # released with its holder
+
+
+@pytest.mark.slow
+def test_resume_alone_continues_the_run_as_it_was_set_up(char_data, tmp_path):
+    """--out_dir=RUN --init_from=resume, nothing else: the run's own max_iters, min_lr and
+    patience, not the defaults (5000 steps, 6e-5, no early stopping); a finished run trains nothing."""
+    out = tmp_path / "run"
+    first = train_cli(char_data, out, "--max_iters=4", "--eval_interval=2", "--min_lr=1e-5", "--patience=3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt_before = (out / "ckpt_last.pt").read_bytes()
+    again = subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--init_from=resume"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already at iteration 4 of max_iters=4" in again.stdout
+    assert (out / "ckpt_last.pt").read_bytes() == ckpt_before
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["max_iters"], saved["min_lr"], saved["patience"]) == (4, 1e-5, 3)
+    longer = subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=6"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["max_iters"], saved["min_lr"], saved["eval_interval"]) == (6, 1e-5, 2)
+
+
+@pytest.mark.slow
+def test_init_from_another_run_starts_a_new_run_from_its_weights(char_data, finished_run, tmp_path):
+    """train.py --init_from=RUN --out_dir=NEW: RUN's weights, but iteration 0 and a new optimizer
+    (it used to inherit RUN's iteration, train nothing and exit 0)."""
+    done = train_cli(char_data, tmp_path / "new", f"--init_from={finished_run}", "--max_iters=3", "--eval_interval=3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["kind"] == "train"] == [1, 2, 3]

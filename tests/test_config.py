@@ -113,3 +113,38 @@ def test_presets_apply_where_they_appear(tmp_path):
     cfg = load_config(["--mlp=swiglu", "--preset=modern"])
     assert cfg.mlp == "relu2"                          # the preset overrides what came before
     assert all(getattr(load_config(["--preset=gpt2"]), k) == getattr(load_config([]), k) for k in PRESETS["gpt2"])
+
+
+# the run's own value for each key that may change on resume (none of them a default)
+RUN_VALUES = {"max_iters": 2000, "epochs": 1.5, "min_lr": 1e-5, "eval_interval": 100, "eval_iters": 7,
+              "log_interval": 5, "patience": 4, "min_delta": 0.01, "overfit_patience": 0, "plot": False,
+              "wandb_log": True, "wandb_project": "mine", "wandb_run_name": "r1", "device": "cpu",
+              "dtype": "float32", "compile": True, "parallel": "fsdp", "fsdp_reshard_after_forward": False,
+              "activation_checkpointing": True, "cache_dir": "elsewhere", "gpt2_bpe_path": "bpe.tiktoken"}
+
+
+def test_a_resume_takes_every_key_it_does_not_name_from_the_run():
+    """Key by key: `--init_from=resume` alone continues the run as it was set up, also for the
+    keys a command may change (they fell back to their defaults before)."""
+    from config import MAY_CHANGE_ON_RESUME, RESUME_SAYS
+    assert set(RUN_VALUES) == set(MAY_CHANGE_ON_RESUME) - set(RESUME_SAYS)
+    saved = {**load_config([], {"learning_rate": 1e-3, "batch_size": 7}).to_dict(), **RUN_VALUES,
+             "out_dir": "old_place", "init_from": "scratch"}
+    for name, value in RUN_VALUES.items():
+        assert KEYS[[k.name for k in KEYS].index(name)].default != value, name
+    cfg = load_config(["--init_from=resume", "--out_dir=run"])
+    cfg.continue_run(saved, "run")
+    for name, value in RUN_VALUES.items():
+        assert getattr(cfg, name) == value, name
+    assert (cfg.learning_rate, cfg.batch_size, cfg.init_from, cfg.out_dir) == (1e-3, 7, "resume", "run")
+
+
+@pytest.mark.parametrize("name", sorted(RUN_VALUES))
+def test_a_resume_changes_only_what_the_command_names(name):
+    from config import KEY_BY_NAME
+    saved = {**load_config([]).to_dict(), **RUN_VALUES}
+    named = KEY_BY_NAME[name].default  # the command names the key, with its default value
+    cfg = load_config(["--init_from=resume", f"--{name}={named}"])
+    cfg.continue_run(saved, "run")
+    assert getattr(cfg, name) == named
+    assert all(getattr(cfg, other) == value for other, value in RUN_VALUES.items() if other != name)
