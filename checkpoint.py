@@ -79,7 +79,7 @@ def load_model(cfg, init_from=None, meta=None, merge=True, weights=True):
             raise ConfigError(str(e)) from None
         return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
     if source == "resume":
-        path = checkpoint_path(cfg.out_dir, "last")
+        path = run_checkpoint(cfg.out_dir) or checkpoint_path(cfg.out_dir, "last")
     elif os.path.isdir(source):
         path = checkpoint_path(source)
     elif os.path.isfile(source) or init_from:  # a file a script chose says itself that it is missing
@@ -126,19 +126,35 @@ def checkpoint_file(path):
 
 
 def run_checkpoint(out_dir):
-    """out_dir's ckpt_last (a file or a sharded folder), or None when out_dir holds no run."""
+    """The checkpoint a resume of out_dir reads: its ckpt_last (a file or a sharded folder), else
+    its ckpt_best (a first save that filled the disk leaves only that, and it holds the whole
+    training state too); None when out_dir holds no run."""
+    if not os.path.isdir(out_dir):
+        return None
     path = checkpoint_path(out_dir, "last")
-    return path if os.path.isdir(out_dir) and is_checkpoint(path) else None
+    path = path if is_checkpoint(path) else checkpoint_path(out_dir, "best")
+    return path if is_checkpoint(path) else None
+
+
+# what a run writes into out_dir, and a new run would replace (reference.pt: FrozenReference checks)
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png")
 
 
 def refuse_existing_run(out_dir, overwrite):
-    """A run is the user's work: starting afresh in its folder stops unless asked to replace it."""
+    """A run is the user's work, and so is anything else a new run would write over (a Hugging
+    Face export's config.json, an earlier run's metrics): starting afresh in such a folder stops
+    unless asked to replace it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"out_dir={out_dir} is a file, not a folder; choose another out_dir")
     path = run_checkpoint(out_dir)
     if path and not overwrite:
         raise CheckpointError(f"{out_dir} already holds a run ({os.path.basename(path)}); continue it with "
                               f"init_from=resume, choose another out_dir, or set overwrite=True to replace it")
+    there = sorted(f for f in os.listdir(out_dir) if f in RUN_FILES or f.startswith("ckpt_")) \
+        if os.path.isdir(out_dir) else []
+    if there and not overwrite:
+        raise CheckpointError(f"{out_dir} holds files a new run would replace ({', '.join(there)}); choose another "
+                              f"out_dir, or set overwrite=True to replace them")
 
 
 def is_checkpoint(path):

@@ -325,9 +325,8 @@ def publish(work, out, files):
     stale_meta = os.path.join(out, "meta.json")
     if os.path.exists(stale_meta):
         os.remove(stale_meta)
-    for f in os.listdir(out):
-        if f.endswith(".bin") and f.startswith(tuple(f"{s}." for s in SPLITS) + tuple(f"{s}_" for s in SPLITS)):
-            os.remove(os.path.join(out, f))
+    for f in token_files_in(out):
+        os.remove(os.path.join(out, f))
     for name in files + ["meta.json"]:
         os.replace(os.path.join(work, name), os.path.join(out, name))
 
@@ -342,6 +341,18 @@ def refuse_existing_dataset(folder, overwrite, files=("meta.json",), key="data_d
     if there and not overwrite:
         raise DataError(f"{folder} already holds a prepared dataset ({', '.join(there)}); choose another --{key}, "
                         f"or set --overwrite=True to replace it")
+    tokens = token_files_in(folder) if "meta.json" in files else []  # (a nanoGPT-style train.bin, val.bin)
+    if tokens and not overwrite:
+        raise DataError(f"{folder} holds token files that preparing would replace ({', '.join(tokens[:3])}"
+                        f"{', ...' if len(tokens) > 3 else ''}) but no meta.json; choose another --{key}, or set "
+                        f"--overwrite=True to replace them")
+
+
+def token_files_in(folder):
+    """The split token files in folder: train.bin (nanoGPT's naming) or train_00000.bin, and so on."""
+    prefixes = tuple(f"{s}." for s in SPLITS) + tuple(f"{s}_" for s in SPLITS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(f for f in names if f.endswith(".bin") and f.startswith(prefixes))
 
 
 def write_dataset(splits, tok, cfg, source, cleaning_stats=None):

@@ -366,3 +366,48 @@ def test_init_from_another_run_starts_a_new_run_from_its_weights(char_data, fini
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_folder_a_new_run_would_overwrite_is_refused(char_data, tmp_path):
+    """A Hugging Face export, an earlier run's metrics: a new run into it stops and changes nothing."""
+    for name, content in [("config.json", '{"model_type": "gpt2"}'), ("metrics.jsonl", '{"kind": "train"}\n')]:
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text(content)
+        done = train_cli(char_data, out, "--max_iters=2", "--eval_interval=2")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and len(errors) == 1, done.stderr[-2000:]
+        assert f"holds files a new run would replace ({name})" in errors[0]
+        assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_text() == content
+
+
+@pytest.mark.slow
+def test_a_run_whose_first_ckpt_last_was_lost_resumes_from_ckpt_best(char_data, tmp_path):
+    """A full disk at the first save can leave ckpt_best and no ckpt_last: init_from=resume (what
+    the error advised) continues from ckpt_best, and a fresh start there is refused."""
+    out = tmp_path / "run"
+    assert train_cli(char_data, out, "--max_iters=2", "--eval_interval=2").returncode == 0
+    (out / "ckpt_last.pt").unlink()
+    best = (out / "ckpt_best.pt").read_bytes()
+    fresh = train_cli(char_data, out, "--max_iters=2", "--eval_interval=2")
+    assert fresh.returncode == 1 and "already holds a run (ckpt_best.pt)" in fresh.stderr
+    assert (out / "ckpt_best.pt").read_bytes() == best
+    resumed = train_cli(char_data, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_preparing_into_a_nanogpt_style_data_folder_is_refused(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (folder / name).write_bytes(b"\0" * 64)
+    done = subprocess.run([sys.executable, "prepare/shakespeare.py", f"--data_dir={folder}", f"--cache_dir={CACHE}",
+                           "--tokenizer=char"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr[-2000:]
+    assert "holds token files that preparing would replace (train.bin, val.bin)" in errors[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["train.bin", "val.bin"]
