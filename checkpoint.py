@@ -20,7 +20,7 @@ import torch
 import torch.distributed as torch_dist
 
 from adapters import add_lora, classifier, merge_lora
-from config import ConfigError
+from config import KEY_BY_NAME, ConfigError
 from data import DataError, ensure_data, load_meta
 from distributed import barrier
 from encoder import BertGPT, uses_bert_extras
@@ -152,9 +152,21 @@ def refuse_existing_run(out_dir, overwrite):
                               f"init_from=resume, choose another out_dir, or set overwrite=True to replace it")
     there = sorted(f for f in os.listdir(out_dir) if f in RUN_FILES or f.startswith("ckpt_")) \
         if os.path.isdir(out_dir) else []
-    if there and not overwrite:
+    if there and not overwrite and not stopped_before_saving(out_dir):
         raise CheckpointError(f"{out_dir} holds files a new run would replace ({', '.join(there)}); choose another "
                               f"out_dir, or set overwrite=True to replace them")
+
+
+def stopped_before_saving(out_dir):
+    """Whether out_dir holds a run of this project that was killed before its first checkpoint
+    (its config.json, perhaps metrics, nothing to resume): starting again there (the same command,
+    or init_from=auto after a restart) replaces those leftovers, as a resume would have."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"out_dir", "init_from", "max_iters", "n_layer"} <= saved.keys()
 
 
 def is_checkpoint(path):
@@ -245,13 +257,16 @@ def run_settings(cfg):
 
 
 def record_config(cfg, model_config, master):
-    """Print the run's settings with the model's own shape (a loaded model's, not cfg's
-    defaults) and save them as out_dir/config.json, for the person reading the run."""
+    """Save the run's settings with the model's own shape (a loaded model's, not cfg's defaults)
+    as out_dir/config.json, for the person reading the run, and print those that differ from
+    the defaults."""
     if master:
-        shown = {**run_settings(cfg), **{k: getattr(model_config, k) for k in MODEL_KEYS}}
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in shown.items()))
+        settings = {**run_settings(cfg), **{k: getattr(model_config, k) for k in MODEL_KEYS}}
         with atomic_write(os.path.join(cfg.out_dir, "config.json")) as f:
-            json.dump(shown, f, indent=2)
+            json.dump(settings, f, indent=2)
+        changed = {k: v for k, v in settings.items() if k not in KEY_BY_NAME or v != KEY_BY_NAME[k].default}
+        print(f"config (all of it in {cfg.out_dir}/config.json; here what differs from the defaults):\n" +
+              "\n".join(f"  {k} = {v!r}" for k, v in changed.items()))
 
 
 def save_checkpoint(state, path):

@@ -487,6 +487,8 @@ def cli_config(argv=None):
     """load_config for a script's __main__: a ConfigError ends the program with one line."""
     try:
         return load_config(argv)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except ConfigError as e:  # (under torchrun rank 0 says it for every process: the same command)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 

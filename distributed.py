@@ -147,7 +147,8 @@ def micro_batches_per_process(cfg, world):
     accum = cfg.gradient_accumulation_steps
     if accum % world:
         raise ConfigError(f"gradient_accumulation_steps={accum} is the global number of micro-batches per "
-                         f"step and must divide by the {world} processes; use a multiple of {world}")
+                         f"step and must divide by the {world} processes; use a multiple of {world} (a resumed "
+                         f"run keeps its own: run it on a number of processes that divides {accum})")
     return accum // world
 
 

@@ -12,6 +12,8 @@ Every script imports this module first, before torch (whose imports take seconds
     and hands back to this when the loop ends.
   - a UserError (errors.py: a bad config key, bad data, a missing or foreign checkpoint) that
     reaches the top ends the program with its one `error:` line and exit code 1.
+  - a warning of this codebase's own (a long prompt cropped, ...) prints as one `warning:`
+    line, without Python's file and line.
   - an OSError about a file (no space left, permission denied, read-only file system, a folder
     that is a file) that nothing else caught ends the program with one `error:` line naming the
     file and the reason, instead of a traceback.
@@ -24,8 +26,9 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
-from errors import UserError
+from errors import ConfigError, UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAIN_PID = os.getpid()
@@ -39,6 +42,8 @@ def stop(signum, frame=None, what="nothing was half-written; run the command aga
 
 
 def report_error(kind, error, trace):
+    if issubclass(kind, ConfigError) and not first_process():
+        return  # the same command, the same verdict: under torchrun rank 0 says it for all
     if issubclass(kind, UserError):  # bad input, said for the user by the code that found it
         print(f"error: {error}", file=sys.stderr)
     elif issubclass(kind, OSError) and error.filename:
@@ -46,6 +51,23 @@ def report_error(kind, error, trace):
               f"another path", file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, trace)  # a bug: the traceback is what finds it
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our own warnings (warnings.warn in this folder's code) as one `warning:` line, without
+    Python's file, line number and source line; anyone else's as Python shows them."""
+    if os.path.abspath(filename).startswith(HERE + os.sep):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        python_show_warning(message, category, filename, lineno, file, line)
+
+
+python_show_warning = warnings.showwarning
+
+
+def first_process():
+    """Rank 0 under torchrun, or a program run on its own."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_as_script():
@@ -57,6 +79,7 @@ if run_as_script():
     for _signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_signum, stop)
     sys.excepthook = report_error
+    warnings.showwarning = show_warning
 
 
 class GracefulStop:

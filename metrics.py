@@ -7,6 +7,7 @@ log lines print around.
 import contextlib
 import json
 import os
+import sys
 import time
 import warnings
 
@@ -79,6 +80,15 @@ def describe_run(cfg, model, world, it, max_iters, epochs_per_iter):
     if it >= max_iters:
         print(f"{cfg.out_dir} is already at iteration {it} of max_iters={max_iters}: nothing to train; set a higher "
               f"max_iters (or epochs) to go on")
+
+
+def describe_end(out_dir, device):
+    """The run's last lines: peak GPU memory, and where its results are."""
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    kept = [name for name in ("ckpt_best.pt", "ckpt_best.dcp", "ckpt_last.pt", "ckpt_last.dcp", "metrics.jsonl",
+                              "loss.png") if os.path.exists(os.path.join(out_dir, name))]
+    print(f"done: {out_dir}/ holds {', '.join(kept)}")
 
 
 class MetricsLogger:
@@ -232,7 +242,9 @@ _pbar = None
 def progress_bar(total, initial, master):
     global _pbar
     from tqdm import tqdm
-    _pbar = tqdm(total=total, initial=initial, disable=not master, unit="it", dynamic_ncols=True)
+    # on a terminal only: redirected to a log, the redraws would fill it (the log lines say the same)
+    _pbar = tqdm(total=total, initial=initial, disable=not master or not sys.stderr.isatty(), unit="it",
+                 dynamic_ncols=True)
     return _pbar
 
 

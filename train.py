@@ -41,7 +41,7 @@ from distributed import (check_fsdp, from_master, gather_rng_states, gradient_sy
 from errors import CheckpointError, ConfigError, DataError
 from exits import GracefulStop
 from files import lock_folder, unlock_folder
-from metrics import DivergenceWatch, MetricsLogger, Throughput, describe_run, progress_bar
+from metrics import DivergenceWatch, MetricsLogger, Throughput, describe_end, describe_run, progress_bar
 from muon import CombinedOptimizer, Muon
 from systems import checkpoint_blocks, plain_name
 from tasks import LMTask
@@ -249,8 +249,8 @@ def restore_best(model, cfg):
 
 
 def end_run(procs, compute, out_dir):
-    if procs.master and compute.device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(compute.device) / 2**30:.1f} GiB")
+    if procs.master:
+        describe_end(out_dir, compute.device)
     unlock_folder(out_dir)
     if procs.world > 1:
         # Wait until every process's last collective is done and freed: gloo frees one on its own

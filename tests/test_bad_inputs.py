@@ -411,3 +411,37 @@ def test_preparing_into_a_nanogpt_style_data_folder_is_refused(tmp_path):
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-2000:]
     assert "holds token files that preparing would replace (train.bin, val.bin)" in errors[0]
     assert sorted(p.name for p in folder.iterdir()) == ["train.bin", "val.bin"]
+
+
+@pytest.mark.slow
+def test_a_redirected_run_logs_plain_lines_a_short_config_and_where_its_results_are(char_data, tmp_path):
+    done = train_cli(char_data, tmp_path / "run", "--max_iters=3", "--eval_interval=3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "it/s" not in done.stderr and "\r" not in done.stderr  # no progress-bar redraws in a log
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("iter ")] == \
+        ["iter 1", "iter 2", "iter 3"]  # the plain periodic lines (log_interval=1)
+    config = done.stdout.split("config (")[1].split("model:")[0].splitlines()[1:]
+    assert 0 < len(config) < 30 and "  beta1 = 0.9" not in config  # defaults are in config.json only
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["beta1"] == 0.9
+    assert done.stdout.strip().splitlines()[-1] == \
+        f"done: {tmp_path / 'run'}/ holds ckpt_best.pt, ckpt_last.pt, metrics.jsonl"
+
+
+@pytest.mark.slow
+def test_warnings_are_one_line(finished_run):
+    done = subprocess.run([sys.executable, "sample.py", f"--out_dir={finished_run}", "--start=" + "a" * 200,
+                           "--max_new_tokens=2", "--num_samples=1", "--device=cpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: prompt longer than block_size-1" in done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_config_error_is_said_once(char_data, tmp_path):
+    from test_train import train_cmd
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *train_cmd(char_data, tmp_path / "run", "--learning_rat=1")[1:]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("error: --learning_rat: unknown config key") == 1, done.stderr[-2000:]

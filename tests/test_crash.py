@@ -55,31 +55,56 @@ def leftovers(out):
     return [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old"))]
 
 
+def killed_in_save(n):
+    """Python for a child process: train.py that dies by SIGKILL halfway through writing its n-th
+    checkpoint (part of the file written, the rest not): a kill in the middle of a save."""
+    return f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, train
+calls, real = 0, torch.save
+def save(obj, f, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == {n}:
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(obj, f, *args, **kwargs)
+torch.save = save
+train.train(train.cli_config(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_random_kills_during_training_and_saves_change_nothing(char_data, tmp_path):
-    """SIGKILL a run four times, twice the moment a checkpoint starts being written and twice at
-    a random moment; init_from=auto continues it each time (also from no checkpoint at all)."""
+    """SIGKILL a run four times, twice halfway through writing a checkpoint and twice after a
+    random step (the kill lands in the step after it, or in a save); init_from=auto continues it
+    each time. Every kill waits for an event (a save begun, a step logged), never for a clock, so
+    the test means the same on a loaded machine."""
     straight = run(char_data, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    out, rng, in_save = tmp_path / "killed", random.Random(0), 0
+    out, rng = tmp_path / "killed", random.Random(0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # log lines reach the pipe as they are printed
     for attempt in range(4):
-        proc = subprocess.Popen(train_cmd(char_data, out, *RUN), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        if attempt % 2 == 0:  # the moment a save begins: its .tmp file appears
-            # (a kill at a random moment may have landed before the first save: then nothing is saved)
-            last = out / "ckpt_last.pt"
-            saved_before = load_checkpoint(str(last))["iter_num"] if last.exists() else 0
-            while proc.poll() is None and not any(p.name.endswith(".tmp") for p in out.glob("ckpt_*")):
-                time.sleep(0.001)
-        else:
-            time.sleep(rng.uniform(1.5, 5))  # a random moment: before the loop, in a step, or in a save
-        proc.kill()
-        proc.wait()
-        if attempt % 2 == 0:
-            in_save += bool(leftovers(out))
-            now = load_checkpoint(str(out / "ckpt_last.pt"))["iter_num"] if (out / "ckpt_last.pt").exists() else 0
-            assert now >= saved_before
-    assert in_save >= 1, "no kill landed during a save"
+        last = out / "ckpt_last.pt"
+        saved_before = load_checkpoint(str(last))["iter_num"] if last.exists() else 0
+        if attempt % 2 == 0:  # halfway through the first save this run makes
+            done = subprocess.run([sys.executable, "-c", killed_in_save(1), *train_cmd(char_data, out, *RUN)[2:]],
+                                  cwd=ROOT, capture_output=True)
+            assert done.returncode == -signal.SIGKILL
+            assert any(p.name.endswith(".tmp") for p in out.iterdir()), "the kill landed in a save"
+        else:  # after a random logged step
+            proc = subprocess.Popen(train_cmd(char_data, out, *RUN), cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, env=env)
+            target = saved_before + rng.randint(1, 9)
+            for line in proc.stdout:
+                if line.startswith(f"iter {target}:"):
+                    break
+            proc.kill()
+            proc.wait()
+        now = load_checkpoint(str(last))["iter_num"] if last.exists() else 0
+        assert now >= saved_before
     finished = run(char_data, out)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert_same_state(final_state(out), final_state(tmp_path / "straight"))
