@@ -42,6 +42,8 @@ def pick_device(name):
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA GPU is visible; use device=cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but this machine has no Apple GPU (MPS); use device=cpu or auto")
     return torch.device(name)
 
 

@@ -161,7 +161,8 @@ KEYS = [
     _k("init_from", "scratch", "scratch | resume (out_dir's ckpt_last) | auto (train.py: resume when out_dir has a "
        "checkpoint, else scratch; for restarts) | hf:PATH | gpt2[-medium|-large|-xl] | a run folder or checkpoint",
        scripts=("train", "finetune", "evaluate", "sample")),
-    _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL, allowed="[0, inf)"),
+    _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL,
+       allowed="[0, 1e18]"),
     _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps", scripts=LOADS_MODEL,
        allowed=r"auto|cpu|mps|cuda(:\d+)?"),
     _k("dtype", "auto", "compute dtype (autocast); auto = bfloat16 on GPUs that support it, else float32",
@@ -425,9 +426,13 @@ def read_config_file(path):
         source = open(path, encoding="utf-8").read()
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
     scope = {}
     try:
         exec(compile(source, path, "exec"), scope)
+    except SystemExit:  # (it would end the program with exit code 0 and no word)
+        raise ConfigError(f"config file {path} calls sys.exit(); a config file only sets keys") from None
     except Exception as e:
         raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in scope.items()

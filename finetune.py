@@ -92,7 +92,10 @@ def gradual_unfreezing(every, model):
 
 def freeze_by_pattern(model, patterns):
     """requires_grad=False for parameters whose name matches any pattern; returns their names."""
-    regexes = [re.compile(p) for p in patterns.split(",") if p]
+    try:
+        regexes = [re.compile(p) for p in patterns.split(",") if p]
+    except re.error as e:
+        raise ConfigError(f"freeze={patterns!r}: not a regular expression ({e})") from None
     frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in regexes)]
     for name, p in model.named_parameters():
         if name in frozen:

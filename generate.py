@@ -162,6 +162,7 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token is already enough
+        drop[:, 0] = False  # the likeliest token always stays (a top_p below float32's range would drop all)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 

@@ -91,6 +91,12 @@ def describe_end(out_dir, device):
     print(f"done: {out_dir}/ holds {', '.join(kept)}")
 
 
+def lower_is_better(metric):
+    """Losses (val_loss, and each multi-token head's val_headN) fall as a model improves; the
+    tasks' other metrics (accuracy, F1, reward) rise."""
+    return metric == "val_loss" or metric.startswith("val_head")
+
+
 class MetricsLogger:
     """metrics.jsonl (one JSON object per log/eval), loss.png, optional wandb, overfit warning."""
 

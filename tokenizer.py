@@ -34,6 +34,7 @@ import os
 import numpy as np
 
 from data import DataError, fetch_sdist_member
+from errors import ConfigError
 
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
@@ -393,7 +394,8 @@ def load_gpt2_encoding(bpe_path="", cache_dir="data/cache"):
     import tiktoken
     if bpe_path:
         if not os.path.isfile(bpe_path):
-            raise FileNotFoundError(f"gpt2_bpe_path={bpe_path}: no such file")
+            raise ConfigError(f"gpt2_bpe_path={bpe_path}: no such file; point it at a gpt2.tiktoken ranks file, "
+                              f"or leave it empty")
         return _gpt2_from_ranks_file(bpe_path)
     cached = os.path.join(cache_dir, "gpt2.tiktoken")
     if os.path.isfile(cached):  # fetched before (sha256-checked then): no network round trip
@@ -411,7 +413,8 @@ def _gpt2_from_ranks_file(path):
     from tiktoken.load import load_tiktoken_bpe
     ranks = load_tiktoken_bpe(path)
     if len(ranks) != GPT2_EOT_ID:
-        raise ValueError(f"{path}: has {len(ranks)} BPE ranks, GPT-2 has {GPT2_EOT_ID}; wrong file?")
+        raise DataError(f"{path}: has {len(ranks)} BPE ranks, GPT-2 has {GPT2_EOT_ID}; not GPT-2's ranks file (or a "
+                        f"truncated one)")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: GPT2_EOT_ID}, explicit_n_vocab=GPT2_EOT_ID + 1)
 

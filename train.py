@@ -41,7 +41,8 @@ from distributed import (check_fsdp, from_master, gather_rng_states, gradient_sy
 from errors import CheckpointError, ConfigError, DataError
 from exits import GracefulStop
 from files import lock_folder, unlock_folder
-from metrics import DivergenceWatch, MetricsLogger, Throughput, describe_end, describe_run, progress_bar
+from metrics import (DivergenceWatch, MetricsLogger, Throughput, describe_end, describe_run, lower_is_better,
+                     progress_bar)
 from muon import CombinedOptimizer, Muon
 from systems import checkpoint_blocks, plain_name
 from tasks import LMTask
@@ -280,12 +281,6 @@ def state_after_eval(state, cfg, results):
     return improved, cfg.patience > 0 and state.since_best >= cfg.patience
 
 
-def lower_is_better(metric):
-    """Losses (val_loss, and each multi-token head's val_headN) fall as a model improves; the
-    tasks' other metrics (accuracy, F1, reward) rise."""
-    return metric == "val_loss" or metric.startswith("val_head")
-
-
 def save_run(state, cfg, procs, is_best, extra_state):
     """ckpt_last always, ckpt_best too when the best metric improved: .pt files that only the
     master writes (ckpt_last then a copy of ckpt_best's bytes), or under FSDP .dcp folders that
@@ -361,7 +356,8 @@ def configure_optimizer(model, cfg, device, lr_scales=None):
     groups = {}
     for name, p in trainable.items():
         muon, decay = id(p) in hidden, p.dim() >= 2
-        scale = (lr_scales[name] if lr_scales else 1.0) * (cfg.muon_lr / cfg.learning_rate if muon else 1.0)
+        muon_scale = cfg.muon_lr / cfg.learning_rate if muon and cfg.learning_rate else 1.0  # (lr 0: all 0 anyway)
+        scale = (lr_scales[name] if lr_scales else 1.0) * muon_scale
         weight_decay = (cfg.muon_weight_decay if muon else cfg.weight_decay) if decay else 0.0
         group = groups.setdefault((muon, decay, scale), {"params": [], "lr_scale": scale, "weight_decay": weight_decay})
         group["params"].append(p)
@@ -369,6 +365,9 @@ def configure_optimizer(model, cfg, device, lr_scales=None):
     muon_groups = [g for (muon, *_), g in sorted(groups.items()) if muon]
     in_groups = [id(p) for g in adamw_groups + muon_groups for p in g["params"]]
     assert sorted(in_groups) == sorted(map(id, trainable.values())), "every parameter in exactly one group"
+    if model.config.attn_backend == "flex" and device.type == "cpu":
+        raise ConfigError("attn_backend=flex cannot train on a CPU (FlexAttention has no CPU backward pass in "
+                          "this torch); train with attn_backend=sdpa, or on a GPU")
     optimizers = []
     if adamw_groups:
         optimizers.append(torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),

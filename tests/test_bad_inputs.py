@@ -42,7 +42,8 @@ CASES = [
     (["train.py", "--max_iters=0"], ["max_iters", "[1, inf)"]),
     (["train.py", "--optimizer=sgd"], ["optimizer", "adamw"]),
     (["train.py", "--n_layer=0"], ["n_layer", "[1, inf)"]),
-    (["train.py", "--seed=-1"], ["seed", "[0, inf)"]),
+    (["train.py", "--seed=-1"], ["seed", "[0, 1e18]"]),
+    (["train.py", "--seed=100000000000000000000"], ["seed", "[0, 1e18]"]),
     (["train.py", "--grad_clip=-1"], ["grad_clip", "[0, inf)"]),
     (["train.py", "--decay_frac=1.5"], ["decay_frac", "[0, 1]"]),
     (["train.py", "--muon_momentum=1"], ["muon_momentum", "[0, 1)"]),
@@ -132,6 +133,17 @@ CASES = [
      ["classify_pool=first", "decoder"]),
     (["finetune.py", *SMALL, "--init_from={run}", "--out_dir={tmp}/ft", "--task=dpo", "--dropout=0.1"],
      ["task=dpo", "dropout=0"]),
+    # ---- values that passed the checks and then crashed (issue 37, item 6)
+    (["train.py", "{tmp}/latin1_config.py"], ["latin1_config.py", "not UTF-8"], "latin1_config"),
+    (["train.py", "{tmp}/exiting_config.py"], ["exiting_config.py", "calls sys.exit()"], "exiting_config"),
+    (["train.py", "--device=mps", "--out_dir={tmp}/new"], ["device=mps", "no Apple GPU"]),
+    (["train.py", "--attn_backend=flex", "--dropout=0", "--out_dir={tmp}/new"], ["attn_backend=flex", "CPU"]),
+    (["finetune.py", "--init_from={run}", "--freeze=(", "--block_size=32", "--out_dir={tmp}/ft"],
+     ["freeze", "not a regular expression"]),
+    (["sample.py", "--init_from=hf:{tmp}/hf", "--gpt2_bpe_path={tmp}/missing.tiktoken"],
+     ["gpt2_bpe_path", "no such file"], "hf_gpt2"),
+    (["sample.py", "--init_from=hf:{tmp}/hf", "--gpt2_bpe_path={tmp}/short.tiktoken"],
+     ["short.tiktoken", "BPE ranks"], "hf_gpt2"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]
@@ -202,6 +214,19 @@ def hf_folder(fill, edit_weights=None, edit_config=None, preset="gpt2"):
         (folder / "config.json").write_text(json.dumps(config))
 
 
+def latin1_config(fill):
+    (fill["tmp"] / "latin1_config.py").write_bytes("# caf\xe9\nbatch_size = 4\n".encode("latin-1"))
+
+
+def exiting_config(fill):
+    (fill["tmp"] / "exiting_config.py").write_text("import sys\nsys.exit()\n")
+
+
+def hf_gpt2(fill):
+    hf_folder(fill)
+    (fill["tmp"] / "short.tiktoken").write_text("IQ== 0\n")  # one rank of GPT-2's 50,256
+
+
 def hf_missing_weights(fill):
     hf_folder(fill, lambda w: [w.pop(f"transformer.h.0.attn.c_attn.{p}") for p in ("weight", "bias")])
 
@@ -237,7 +262,8 @@ def hf_config_lacks_key(fill):
 SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_checkpoint, truncated_tokens,
                                   meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
                                   hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key,
-                                  bert_folder_without_vocab, bert_config_lacks_key)}
+                                  bert_folder_without_vocab, bert_config_lacks_key, latin1_config, exiting_config,
+                                  hf_gpt2)}
 
 
 def hashes(*folders):

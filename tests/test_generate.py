@@ -62,3 +62,9 @@ def test_kv_cache_rollback():
     assert torch.equal(h1, h2) and cache.length == 5
 
 
+
+
+def test_a_top_p_below_float32s_range_keeps_the_likeliest_token():
+    from generate import sample_next
+    logits = torch.tensor([[0.1, 3.0, -1.0, 0.5]])
+    assert sample_next(logits, 1.0, 0, 1e-300).tolist() == [1]  # (it dropped every token: NaN probabilities)

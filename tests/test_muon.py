@@ -141,3 +141,11 @@ def test_training_with_muon_falls_and_resumes_exactly(char_data, tmp_path, monke
     a = load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["model"]
     b = load_checkpoint(str(tmp_path / "split" / "ckpt_last.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muon_with_a_zero_learning_rate_builds_its_groups():
+    """learning_rate=0 passed the config check and then divided by zero (muon_lr / learning_rate)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    cfg = make_cfg(optimizer="muon", learning_rate=0.0)
+    optimizer = T.configure_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(optimizer, CombinedOptimizer)
