@@ -346,9 +346,9 @@ def test_a_second_writer_is_refused_with_the_holder_named(char_data, tmp_path):
     """One process holds out_dir (as a run's workers that outlived their torchrun would); a second
     train.py into it stops with one line naming the holder, and writes nothing there."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                               f"from files import lock_folder; lock_folder({str(out)!r}, 'x'); print('held', "
-                               f"flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from files import lock_folder; "
+            f"lock_folder({str(out)!r}, 'x'); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # waits for the lock, not for a clock
         done = train_cli(char_data, out, "--max_iters=2", "--eval_interval=2")
