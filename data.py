@@ -88,15 +88,24 @@ class SplitTokens:
             raise DataError(f"{data_dir}/meta.json: no {split} split; re-run the prepare script for it")
         self.files = [os.path.join(data_dir, f) for f in split_files(meta, split)]
         self.parts = [read_tokens(f) for f in self.files]
+        self.shards = (meta.get("shards") or {}).get(split) or [{} for _ in self.files]  # what preparing wrote
+        for path, part, shard in zip(self.files, self.parts, self.shards):
+            if shard.get("tokens", len(part)) != len(part):  # (a val split replaced by test data, say)
+                raise DataError(f"{path}: {len(part):,} tokens where meta.json says {shard['tokens']:,}: a file from "
+                                f"another preparation; prepare the data again")
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # where each shard starts
         self.dtype = self.parts[0].dtype
         self.vocab_size = meta["vocab_size"]
 
     def check_ids(self, chunk=1 << 24):
-        """DataError naming the file and position of the first id outside meta.json's vocabulary
-        (a damaged file, or shards of another dataset): caught when the data is opened, not as an
-        index error inside the model. A scan at memory speed (a GB in well under a second)."""
-        for path, part in zip(self.files, self.parts):
+        """DataError naming the file whose sha256 is not meta.json's (swapped, zeroed or replaced
+        shards; about 1 GB/s), or the file and position of the first id outside the vocabulary (a
+        file prepared before shards had digests): caught when the data is opened, not as wrong
+        training or an index error inside the model. Once per run, for train and val."""
+        for path, part, shard in zip(self.files, self.parts, self.shards):
+            if shard.get("sha256") and sha256_of(path) != shard["sha256"]:
+                raise DataError(f"{path}: its sha256 is not the one meta.json recorded: the file is damaged, or "
+                                f"swapped or replaced after preparing; prepare the data again")
             for i in range(0, len(part), chunk):
                 piece = part[i:i + chunk]
                 if len(piece) and piece.max() >= self.vocab_size:

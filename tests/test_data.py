@@ -8,6 +8,7 @@ import pytest
 
 from conftest import CACHE, ROOT, make_cfg
 from data import DataError, SplitTokens, read_tokens
+from errors import ConfigError
 from prepare.common import (SeenDigests, clean_text, dedup, scrub_pii, token_dtype_for, write_dataset,
                             write_tokens)
 from prepare.shakespeare import TEST_WORKS, VAL_WORKS, read_texts
@@ -83,7 +84,7 @@ def test_a_batch_of_documents_encodes_as_each_one_alone(hamlet, literal_eot):
 
 
 def test_gpt2_from_user_file_wins(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ConfigError, match="no such file"):
         GPT2Tokenizer(bpe_path=str(tmp_path / "none.tiktoken"))
     tok = GPT2Tokenizer(bpe_path=os.path.join(CACHE, "gpt2.tiktoken"))
     assert tok.encode("Hello world") == [15496, 995]
@@ -259,3 +260,26 @@ def test_sentencepiece_trains_on_lines_longer_than_its_limit():
     tok = build_tokenizer(make_cfg(tokenizer="sentencepiece", sp_vocab_size=400), docs)
     assert tok.trained_on["characters"] == sum(map(len, docs)) and tok.trained_on["whole_split"]  # all of it
     round_trips(tok, docs)
+
+
+def zeroed(token_file):
+    """The same file, its header kept and every token 0."""
+    from data import HEADER_BYTES
+    return token_file[:HEADER_BYTES] + bytes(len(token_file) - HEADER_BYTES)
+
+
+def test_swapped_zeroed_or_replaced_token_files_are_caught_when_opened(sharded_char_data, tmp_path):
+    """meta.json's per-shard token counts and sha256 are checked: they were written and never read."""
+    import shutil
+    cases = {"swapped": lambda d: (os.replace(d / "train_00001.bin", d / "x"), os.replace(d / "train_00002.bin",
+                                                                                          d / "train_00001.bin"),
+                                   os.replace(d / "x", d / "train_00002.bin")),
+             "zeroed": lambda d: (d / "train_00003.bin").write_bytes(zeroed((d / "train_00003.bin").read_bytes())),
+             "val replaced by test": lambda d: shutil.copy(d / "test_00000.bin", d / "val_00000.bin")}
+    for name, damage in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        shutil.copytree(sharded_char_data, folder)
+        damage(folder)
+        split = "val" if name.startswith("val") else "train"
+        with pytest.raises(DataError, match="meta.json"):
+            SplitTokens(str(folder), split).check_ids()
