@@ -358,10 +358,12 @@ def save_sharded_checkpoint(ckpt, path, model, optimizer, master):
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
     barrier()
     weights, optimizer_state = get_state_dict(model, optimizer)  # this process's shards, by parameter name
+    from torch.distributed.checkpoint.api import CheckpointException
     try:
         dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp,
                  no_dist=not torch_dist.is_initialized())
-    except Exception as e:  # every process gets the failure of any (a full disk)
+    except (Exception, CheckpointException) as e:  # every process gets the failure of any (a full disk);
+        # (torch's CheckpointException is a BaseException: `except Exception` alone lets it through)
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(write_error(path, e)) from None

@@ -58,6 +58,7 @@ from compute import setup_compute
 from config import cli_config
 from data import DataError, SplitTokens, load_meta, prepare_on_first_use
 from examples import keep_last, prompt_ids, read_jsonl, reward_function, task_path
+from files import atomic_write
 from generate import generate
 from metrics import plot_losses, read_metrics
 from scoring import bootstrap_interval, classification_report, lm_metrics, mlm_metrics, sequence_logprob
@@ -322,16 +323,26 @@ def flat_numbers(result, prefix=""):
 def save_result(out_dir, key, entry):
     """Merge entry into out_dir/eval.json under key; append a markdown table to eval.md."""
     path = os.path.join(out_dir, "eval.json")
-    results = json.load(open(path)) if os.path.isfile(path) else {}
+    try:
+        results = json.load(open(path)) if os.path.isfile(path) else {}
+    except (ValueError, UnicodeDecodeError):
+        results = None
+    if not isinstance(results, dict):  # (said after the result itself is printed: nothing is lost)
+        print(json.dumps({key: entry}, indent=1))
+        raise DataError(f"{path} is not this project's results file (a JSON object); the result above was not "
+                        f"saved: move that file away and rerun")
     results[key] = entry
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
     rows = flat_numbers(entry["metrics"])
-    with open(os.path.join(out_dir, "eval.md"), "a") as f:
-        f.write(f"\n### {key} — {entry['checkpoint']}\n\n| metric | value |\n| --- | --- |\n")
-        f.writelines(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows.items())
+    try:
+        with atomic_write(path) as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(out_dir, "eval.md"), "a") as f:
+            f.write(f"\n### {key} — {entry['checkpoint']}\n\n| metric | value |\n| --- | --- |\n")
+            f.writelines(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n"
+                         for k, v in rows.items())
+    except OSError as e:  # a full disk: the finished evaluation is printed, not lost
+        print(json.dumps({key: entry}, indent=1))
+        raise DataError(f"could not write {path} ({e.strerror or e}); the result is printed above") from None
 
 
 def dataset_name(path, split):

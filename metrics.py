@@ -166,7 +166,11 @@ class MetricsLogger:
             progress_write(f"warning: val loss rose {n} evaluations in a row while train loss fell: overfitting. "
                            f"ckpt_best.pt holds the best weights; consider more dropout or stopping.")
         if self.cfg.plot:
-            plot_losses(self.path, os.path.join(self.cfg.out_dir, "loss.png"))
+            try:
+                plot_losses(self.path, os.path.join(self.cfg.out_dir, "loss.png"))
+            except OSError as e:  # a plot is no reason to stop training (a full disk stops the next save)
+                progress_write(f"warning: could not write {self.cfg.out_dir}/loss.png ({e.strerror or e}); "
+                               f"training goes on")
 
     def close(self):
         if self.wandb is not None:

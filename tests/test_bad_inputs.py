@@ -144,6 +144,7 @@ CASES = [
      ["gpt2_bpe_path", "no such file"], "hf_gpt2"),
     (["sample.py", "--init_from=hf:{tmp}/hf", "--gpt2_bpe_path={tmp}/short.tiktoken"],
      ["short.tiktoken", "BPE ranks"], "hf_gpt2"),
+    (["evaluate.py", "--eval_split=val"], ["eval.json", "not this project's results file"], "foreign_eval_json"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]
@@ -222,6 +223,10 @@ def exiting_config(fill):
     (fill["tmp"] / "exiting_config.py").write_text("import sys\nsys.exit()\n")
 
 
+def foreign_eval_json(fill):
+    (fill["run"] / "eval.json").write_text("[1, 2, 3]")
+
+
 def hf_gpt2(fill):
     hf_folder(fill)
     (fill["tmp"] / "short.tiktoken").write_text("IQ== 0\n")  # one rank of GPT-2's 50,256
@@ -263,7 +268,7 @@ SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_che
                                   meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
                                   hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key,
                                   bert_folder_without_vocab, bert_config_lacks_key, latin1_config, exiting_config,
-                                  hf_gpt2)}
+                                  hf_gpt2, foreign_eval_json)}
 
 
 def hashes(*folders):
