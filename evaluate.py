@@ -119,6 +119,10 @@ def eval_generate(model, tok, cfg, device, out_dir):
     for i, r in enumerate(rows):
         if "completion" not in r and "references" not in r:
             raise DataError(f"{path}: record {i + 1} has neither 'completion' nor 'references'")
+        refs = r["references"] if "references" in r else [r["completion"]]
+        if not isinstance(refs, list) or not refs or not all(isinstance(x, str) for x in refs):
+            raise DataError(f"{path}: record {i + 1}: 'references' must list one or more texts "
+                            f"('completion': one text)")
     if cfg.skip_long:  # the same subset fine-tuning trained on: prompts that fit the context
         fits = [len(prompt_ids(tok, cfg.prompt_template, r["prompt"])) < model.config.block_size for r in rows]
         print(f"skip_long: scoring the {sum(fits)} of {len(rows)} examples whose prompt fits block_size")
@@ -177,6 +181,8 @@ def eval_classify(model, tok, cfg, device, out_dir, classifier=None, labels=None
     path = task_path(cfg, "genre")
     rows = read_jsonl(path, ["text", "label"], cfg.max_examples)
     labels = labels or sorted({r["label"] for r in rows})
+    if len(labels) < 2:  # (one class: an accuracy of 1.0 that means nothing)
+        raise DataError(f"{path}: every record has the label {labels[0]!r}; classifying needs at least two labels")
     method = "zero-shot label likelihood" if classifier is None else "classification head"
     for i, r in enumerate(rows):
         if r["label"] not in labels:
@@ -223,9 +229,9 @@ def eval_choice(model, tok, cfg, device):
     rows = read_jsonl(path, ["context", "choices", "answer"], cfg.max_examples)
     raw = norm = margin = 0
     for i, r in enumerate(tqdm(rows, desc="choosing", unit="example")):
-        if not isinstance(r["choices"], list) or len(r["choices"]) < 2:
+        if len(r["choices"]) < 2 or not all(isinstance(c, str) for c in r["choices"]):
             raise DataError(f"{path}: record {i + 1}: 'choices' must list at least two texts to choose between")
-        if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
+        if not 0 <= r["answer"] < len(r["choices"]):
             raise DataError(f"{path}: record {i + 1}: answer {r['answer']!r} is not an index into its choices")
         context = [tok.eot_id] + tok.encode(r["context"])  # a document starts at end-of-text
         scores = [sequence_logprob(model, context, tok.encode(c), device) for c in r["choices"]]

@@ -4,40 +4,65 @@ to the model the same way in fine-tuning and evaluation, and the (x, y) rows eac
 on, targets of -1 wherever nothing is to be learned (the prompt, the padding).
 """
 
+import functools
 import importlib
 import json
 import math
 import numbers
 import os
+import string
 import sys
 
 import torch
 
 from data import DataError, task_dir_of
+from errors import ConfigError
 
 # ----------------------------------------------------------------------------- task files
 
+# what each field of a task file holds (a label: a name or a number; bool is no number here)
+FIELD_KINDS = {"text": str, "prompt": str, "completion": str, "chosen": str, "rejected": str, "context": str,
+               "a": str, "b": str, "label": (str, int), "choices": list, "answer": int}
+
+
 def read_jsonl(path, fields, max_examples=0):
-    """Records of a JSONL file, each checked for `fields`; errors name the line."""
+    """Records of a JSONL file, each a JSON object with `fields` of the kinds FIELD_KINDS says;
+    errors name the line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such task file (set task_file or task_dir)")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (needs {', '.join(fields)})")
-            rows.append(row)
-            if max_examples and len(rows) == max_examples:
-                break
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: a record is a JSON object with {', '.join(fields)}; "
+                            f"this line holds a {type(row).__name__}")
+        missing = [k for k in fields if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (needs {', '.join(fields)})")
+        for name in fields:
+            kind, value = FIELD_KINDS.get(name, object), row[name]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise DataError(f"{path}:{lineno}: field {name!r} must be a {wanted}, not {json.dumps(value)[:40]}")
+        rows.append(row)
+        if max_examples and len(rows) == max_examples:
+            break
     if not rows:
         raise DataError(f"{path}: empty task file")
+    kinds = {type(r["label"]).__name__ for r in rows} if "label" in fields else set()
+    if len(kinds) > 1:
+        raise DataError(f"{path}: labels mix {' and '.join(sorted(kinds))}; give every label as a name (or every "
+                        f"one as a number)")
     return rows
 
 
@@ -49,7 +74,22 @@ def task_path(cfg, default_task):
 def prompt_ids(tok, template, prompt):
     """What a model reads before its answer, in fine-tuning and evaluation alike: end-of-text
     (a document starts here, as in pretraining) and the prompt shown through the template."""
+    check_template(template)
     return [tok.eot_id] + tok.encode(template.format(prompt=prompt))
+
+
+@functools.lru_cache(maxsize=8)
+def check_template(template):
+    """prompt_template must show the prompt, once or more, and nothing else: without {prompt}
+    every example would train on the same text; another {name} has no value to fill it."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # a lone { or }
+        raise ConfigError(f"prompt_template={template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    if names != {"prompt"}:
+        raise ConfigError(f"prompt_template={template!r} must contain {{prompt}}" +
+                          (f" and no other field (it has {', '.join(sorted(names - {'prompt'}))})"
+                           if names - {"prompt"} else ""))
 
 
 def keep_last(ids, block_size):

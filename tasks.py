@@ -243,6 +243,9 @@ class ClassifyTask(ExampleTask):
         rows = read_jsonl(path, ["text", "label"], cfg.max_examples)
         if split == "train":
             self.labels = sorted({r["label"] for r in rows})
+            if len(self.labels) < 2:  # (one class: every prediction right, accuracy and F1 of 1.0 that mean nothing)
+                raise DataError(f"{path}: every example has the label {self.labels[0]!r}; a classifier needs at "
+                                f"least two labels to tell apart")
         unknown = sorted({r["label"] for r in rows} - set(self.labels))
         if unknown:
             raise DataError(f"label sets differ between splits: {split} has {unknown}, train only {self.labels}")

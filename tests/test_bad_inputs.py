@@ -18,6 +18,11 @@ from test_train import TINY
 
 SMALL = [f"--{k}={v}" for k, v in TINY.items()]
 
+FT_SFT = ["finetune.py", "--init_from={run}", "--task=sft", "--task_dir={tmp}/t", "--block_size=32",
+          "--out_dir={tmp}/ft"]
+FT_CLASSIFY = ["finetune.py", "--init_from={run}", "--task=classify", "--task_dir={tmp}/t", "--block_size=32",
+               "--out_dir={tmp}/ft"]
+
 CASES = [
     # ---- config: names, types and ranges, checked before any work
     (["train.py", "--batch_sise=4"], ["batch_sise", "batch_size"]),
@@ -145,6 +150,23 @@ CASES = [
     (["sample.py", "--init_from=hf:{tmp}/hf", "--gpt2_bpe_path={tmp}/short.tiktoken"],
      ["short.tiktoken", "BPE ranks"], "hf_gpt2"),
     (["evaluate.py", "--eval_split=val"], ["eval.json", "not this project's results file"], "foreign_eval_json"),
+    # ---- task files (issue 37, item 5): each set up by task_set(kind) below
+    (FT_SFT, ["train.jsonl", "not UTF-8"], "latin1_rows"),
+    (FT_SFT, ["train.jsonl:2", "a JSON object", "str"], "bare_string_row"),
+    (FT_SFT, ["train.jsonl:1", "field 'completion' must be a str", "null"], "null_completion"),
+    (FT_SFT + ["--prompt_template=Q: {{question}}"], ["prompt_template", "{prompt}"], "sft_rows"),  # ({{: format)
+    (FT_SFT + ["--prompt_template={{prompt}} {{x}}"], ["prompt_template", "no other field", "x"], "sft_rows"),
+    (FT_CLASSIFY, ["train.jsonl:1", "field 'label' must be a str or int"], "list_label"),
+    (FT_CLASSIFY, ["train.jsonl", "labels mix int and str"], "mixed_labels"),
+    (FT_CLASSIFY, ["train.jsonl:1", "field 'text' must be a str", "42"], "number_text"),
+    (FT_CLASSIFY, ["train.jsonl", "at least two labels"], "one_label"),
+    (["evaluate.py", "--eval_task=generate", "--task_file={tmp}/t/val.jsonl"], ["'references' must list"],
+     "empty_references"),
+    (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["field 'answer' must be a int", "true"],
+     "bool_answer"),
+    (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["field 'choices' must be a list"],
+     "string_choices"),
+    (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["at least two texts"], "one_choice"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]
@@ -223,6 +245,39 @@ def exiting_config(fill):
     (fill["tmp"] / "exiting_config.py").write_text("import sys\nsys.exit()\n")
 
 
+def rows_in(fill, train, val=None):
+    """A task set in tmp/t: train.jsonl's lines as given (bytes, or text), val.jsonl likewise or a copy."""
+    folder = fill["tmp"] / "t"
+    folder.mkdir()
+    for name, lines in (("train", train), ("val", val if val is not None else train)):
+        data = lines if isinstance(lines, bytes) else "".join(line + "\n" for line in lines).encode()
+        (folder / f"{name}.jsonl").write_bytes(data)
+
+
+SFT_ROW = '{"prompt": "thou art", "completion": "you are"}'
+TASK_ROWS = {
+    "latin1_rows": ('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"), [SFT_ROW]),
+    "bare_string_row": ([SFT_ROW, '"just a string"'], [SFT_ROW]),
+    "null_completion": (['{"prompt": "a", "completion": null}'], [SFT_ROW]),
+    "sft_rows": ([SFT_ROW], None),
+    "list_label": (['{"text": "a", "label": ["x"]}', '{"text": "b", "label": "y"}'], None),
+    "mixed_labels": (['{"text": "a", "label": 1}', '{"text": "b", "label": "y"}'], None),
+    "number_text": (['{"text": 42, "label": "x"}', '{"text": "b", "label": "y"}'], None),
+    "one_label": (['{"text": "a", "label": "x"}', '{"text": "b", "label": "x"}'], None),
+    "empty_references": (['{"prompt": "a", "references": []}'], None),
+    "bool_answer": (['{"context": "a", "choices": ["b", "c"], "answer": true}'], None),
+    "string_choices": (['{"context": "a", "choices": "abc", "answer": 1}'], None),
+    "one_choice": (['{"context": "a", "choices": ["b"], "answer": 0}'], None),
+}
+
+
+def task_rows_setup(kind):
+    def setup(fill):
+        rows_in(fill, *TASK_ROWS[kind])
+    setup.__name__ = kind
+    return setup
+
+
 def foreign_eval_json(fill):
     (fill["run"] / "eval.json").write_text("[1, 2, 3]")
 
@@ -268,7 +323,7 @@ SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_che
                                   meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
                                   hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key,
                                   bert_folder_without_vocab, bert_config_lacks_key, latin1_config, exiting_config,
-                                  hf_gpt2, foreign_eval_json)}
+                                  hf_gpt2, foreign_eval_json, *map(task_rows_setup, TASK_ROWS))}
 
 
 def hashes(*folders):

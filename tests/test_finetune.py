@@ -256,7 +256,7 @@ def test_bad_inputs(base_run, sft_dir, genre_dir, gpt2_data, tmp_path):
     (bad / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     one_line_error(finetune_cli(f"--init_from={base_run}", f"--out_dir={tmp_path}/o", "--task=sft",
                                 f"--task_dir={bad}"), "train.jsonl:2: missing field 'completion'")
-    write_jsonl(bad / "train.jsonl", [{"text": "a", "label": "x"}])
+    write_jsonl(bad / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "z"}])
     write_jsonl(bad / "val.jsonl", [{"text": "a", "label": "y"}])
     one_line_error(finetune_cli(f"--init_from={base_run}", f"--out_dir={tmp_path}/o", "--task=classify",
                                 f"--task_dir={bad}"), "label sets differ between splits", "['y']")
