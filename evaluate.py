@@ -86,7 +86,8 @@ def text_length(tok, ids, first=0, chunk=1 << 20):
 def eval_lm(model, tok, cfg, data_dir, device):
     ids = SplitTokens(data_dir, cfg.eval_split)  # the split's shards, read as one sequence
     ids.check_ids()
-    stride = cfg.eval_stride or max(1, model.config.block_size // 2)
+    # (a stride past the context would skip tokens: it is capped there, and the record says what ran)
+    stride = min(cfg.eval_stride or max(1, model.config.block_size // 2), model.config.block_size)
     t0 = time.time()
     total, count, heads = lm_metrics(model, ids, stride, cfg.batch_size, device)
     seconds = time.time() - t0

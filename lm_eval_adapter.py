@@ -10,6 +10,8 @@ HarnessLM implements the harness's three requests on top of the scoring in scori
 An empty context is the end-of-text token, which opens every document in our training data.
 """
 
+import os
+
 import numpy as np
 from lm_eval.api.model import LM
 
@@ -62,7 +64,13 @@ def run_harness(model, tok, cfg, device):
     from lm_eval.tasks import TaskManager
     if not cfg.harness_tasks:
         raise ConfigError("eval_task=harness needs harness_tasks=name[,name...]")
+    if cfg.harness_include and not os.path.isdir(cfg.harness_include):
+        raise ConfigError(f"harness_include={cfg.harness_include}: no such folder of task YAML files")
     manager = TaskManager(include_path=cfg.harness_include or None)
+    unknown = [t for t in cfg.harness_tasks.split(",") if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"harness_tasks: no lm-evaluation-harness task named {', '.join(unknown)}; check the "
+                          f"name, or point harness_include at the folder of its YAML file")
     results = simple_evaluate(model=HarnessLM(model, tok, device, cfg.batch_size, cfg.max_new_tokens),
                               tasks=cfg.harness_tasks.split(","), task_manager=manager,
                               limit=cfg.max_examples or None, log_samples=False)

@@ -167,6 +167,9 @@ CASES = [
     (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["field 'choices' must be a list"],
      "string_choices"),
     (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["at least two texts"], "one_choice"),
+    (["evaluate.py", "--eval_task=harness", "--harness_tasks=no_such_task"], ["no lm-evaluation-harness task", "no_such"]),
+    (["evaluate.py", "--eval_task=harness", "--harness_tasks=x", "--harness_include={tmp}/nope"],
+     ["harness_include", "no such folder"]),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
 ]

@@ -323,3 +323,14 @@ def test_evaluate_runs_under_the_configured_autocast(char_data, tmp_path, monkey
     E.main([f"--out_dir={tmp_path}", "--dtype=bfloat16", "--eval_stride=32", "--batch_size=256", "--device=cpu"])
     assert seen and all(seen)
     assert json.loads((tmp_path / "eval.json").read_text())["lm:" + char_data.name + ":test"]["dtype"] == "bfloat16"
+
+
+def test_a_stride_past_the_context_is_recorded_as_the_stride_that_ran(char_data):
+    """eval_stride is capped at block_size when scoring; the result said the requested value."""
+    from data import load_meta
+    from tokenizer import from_meta
+    model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=86)).eval()
+    cfg = make_cfg(eval_stride=1000, eval_split="val", batch_size=64)
+    tok = from_meta(load_meta(str(char_data))["tokenizer"])
+    result = E.eval_lm(model, tok, cfg, str(char_data), torch.device("cpu"))
+    assert result["stride"] == 16 and result["context"] == 16
