@@ -88,6 +88,9 @@ def load_model(cfg, init_from=None, meta=None, merge=True, weights=True):
         raise CheckpointError(f"init_from={source}: no such run folder or checkpoint file; give one, hf:PATH, a "
                               f"GPT-2 name, or scratch (fresh weights, the no-transfer baseline)")
     ckpt = load_checkpoint(path, weights)
+    if "model_args" not in ckpt or not {"model", "sharded"} & ckpt.keys() or not {"tokenizer", "config"} & ckpt.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of this project (a torch file without its model, shape or "
+                              f"tokenizer); point at a ckpt_*.pt a run wrote")
     try:  # checkpoints carry their tokenizer; older ones point at their data folder
         tok_meta = ckpt.get("tokenizer") or load_meta(ckpt["config"]["data_dir"])["tokenizer"]
     except DataError as e:
@@ -221,7 +224,11 @@ def model_from_checkpoint(ckpt, merge=True):
             add_lora(model, **finetune["lora"])
     if "model" not in ckpt:
         return model
-    model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+    except RuntimeError as e:  # missing, unexpected or misshapen weights
+        raise CheckpointError(f"the checkpoint's weights do not fit its own model_args (edited or mixed files?): "
+                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     return merge_lora(model) if merge else model
 
 

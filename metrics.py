@@ -4,7 +4,6 @@ resume cuts it back to its checkpoint), loss.png, optional wandb, and a progress
 log lines print around.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ import warnings
 
 import torch
 
-from errors import TrainingDiverged
+from errors import DataError, TrainingDiverged
 from files import atomic_write
 
 
@@ -189,12 +188,21 @@ def start_wandb(cfg):
 
 
 def read_metrics(path):
-    """metrics.jsonl's rows; a line cut short by a crash is skipped."""
+    """metrics.jsonl's rows; a line cut short by a crash is skipped. A row this project did not
+    write (not an object with kind and iter) is a DataError naming the line: a resume would
+    otherwise rewrite the file without it."""
     rows = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
+    with open(path, errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            ours = isinstance(row, dict) and row.get("kind") in ("train", "eval") and isinstance(row.get("iter"), int)
+            if not ours:
+                raise DataError(f"{path}:{lineno}: not a row of this project's metrics log; move the file away "
+                                f"(or fix the line) and rerun")
+            rows.append(row)
     return rows
 
 

@@ -32,7 +32,7 @@ from examples import (classify_batch, completion_example, keep_last, pack, pad_b
 from generate import generate
 from model import document_ids
 from scoring import classification_report, dpo_loss, group_advantages, mask_tokens, token_logprobs
-from tokenizer import mask_id_of, model_vocab_size
+from tokenizer import from_meta, mask_id_of, model_vocab_size
 
 
 class Task(Protocol):
@@ -79,6 +79,7 @@ class LMTask:
         self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
                                   procs.rank, cfg.seed, procs.device,
                                   align_eot=meta["eot_id"] if cfg.align_to_documents else None, check_ids=True)
+        from_meta(meta["tokenizer"], cfg.gpt2_bpe_path, cfg.cache_dir)  # a cut table: stop now, not at sampling
         # val is first read at the first evaluation: open it now, so a missing or damaged one stops at once
         TokenLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, 1, 1, 0, cfg.seed, procs.device,
                     check_ids=True)

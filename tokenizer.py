@@ -376,17 +376,24 @@ def model_vocab_size(meta, arch):
 
 
 def from_meta(meta, bpe_path="", cache_dir="data/cache"):
-    """Rebuild a tokenizer from the dict its meta() wrote (meta.json['tokenizer'])."""
+    """Rebuild a tokenizer from the dict its meta() wrote (meta.json['tokenizer']). A table that
+    does not make the vocabulary it records (a cut or edited list) is a DataError here, not a
+    crash when the first sample decodes an id past its end."""
     kind = meta["kind"]
     if kind == "char":
-        return CharTokenizer(meta["chars"])
-    if kind == "gpt2":
-        return GPT2Tokenizer(bpe_path, cache_dir)
-    if kind == "sentencepiece":
-        return SentencePieceTokenizer(base64.b64decode(meta["model_b64"]))
-    if kind == "wordpiece":
-        return WordPieceTokenizer(meta["vocab"], meta["lowercase"])
-    raise ValueError(f"unknown tokenizer kind {kind!r} in meta.json")
+        tok = CharTokenizer(meta["chars"])
+    elif kind == "gpt2":
+        tok = GPT2Tokenizer(bpe_path, cache_dir)
+    elif kind == "sentencepiece":
+        tok = SentencePieceTokenizer(base64.b64decode(meta["model_b64"]))
+    elif kind == "wordpiece":
+        tok = WordPieceTokenizer(meta["vocab"], meta["lowercase"])
+    else:
+        raise DataError(f"unknown tokenizer kind {kind!r} in meta.json")
+    if tok.vocab_size != meta["vocab_size"]:
+        raise DataError(f"the {kind} tokenizer's table makes {tok.vocab_size} tokens where its meta says "
+                        f"{meta['vocab_size']}: the table was cut or edited; prepare the data again")
+    return tok
 
 
 def load_gpt2_encoding(bpe_path="", cache_dir="data/cache"):

@@ -150,7 +150,11 @@ CASES = [
     (["sample.py", "--init_from=hf:{tmp}/hf", "--gpt2_bpe_path={tmp}/short.tiktoken"],
      ["short.tiktoken", "BPE ranks"], "hf_gpt2"),
     (["evaluate.py", "--eval_split=val"], ["eval.json", "not this project's results file"], "foreign_eval_json"),
-    # ---- task files (issue 37, item 5): each set up by task_set(kind) below
+    (["sample.py", "--max_new_tokens=2"], ["ckpt_best.pt", "not a checkpoint of this project"], "foreign_dict_pt"),
+    (["train.py", *SMALL, "--out_dir={tmp}/new"], ["char tokenizer", "84 tokens", "86", "cut or edited"],
+     "cut_char_table"),
+    (["sample.py", "--max_new_tokens=2"], ["weights do not fit its own model_args"], "mismatched_pt"),
+    # ---- task files (issue 37, item 5): each set up from TASK_ROWS below
     (FT_SFT, ["train.jsonl", "not UTF-8"], "latin1_rows"),
     (FT_SFT, ["train.jsonl:2", "a JSON object", "str"], "bare_string_row"),
     (FT_SFT, ["train.jsonl:1", "field 'completion' must be a str", "null"], "null_completion"),
@@ -167,7 +171,8 @@ CASES = [
     (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["field 'choices' must be a list"],
      "string_choices"),
     (["evaluate.py", "--eval_task=choice", "--task_file={tmp}/t/val.jsonl"], ["at least two texts"], "one_choice"),
-    (["evaluate.py", "--eval_task=harness", "--harness_tasks=no_such_task"], ["no lm-evaluation-harness task", "no_such"]),
+    (["evaluate.py", "--eval_task=harness", "--harness_tasks=no_such_task"],
+     ["no lm-evaluation-harness task", "no_such"]),
     (["evaluate.py", "--eval_task=harness", "--harness_tasks=x", "--harness_include={tmp}/nope"],
      ["harness_include", "no such folder"]),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
@@ -281,6 +286,25 @@ def task_rows_setup(kind):
     return setup
 
 
+def foreign_dict_pt(fill):
+    import torch
+    torch.save({"state": {"w": torch.zeros(2)}}, fill["run"] / "ckpt_best.pt")
+
+
+def cut_char_table(fill):
+    import json
+    meta = json.loads((fill["data"] / "meta.json").read_text())
+    meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:-2]
+    (fill["data"] / "meta.json").write_text(json.dumps(meta))
+
+
+def mismatched_pt(fill):
+    import torch
+    ckpt = torch.load(fill["run"] / "ckpt_best.pt", weights_only=True)
+    ckpt["model_args"]["n_embd"] *= 2
+    torch.save(ckpt, fill["run"] / "ckpt_best.pt")
+
+
 def foreign_eval_json(fill):
     (fill["run"] / "eval.json").write_text("[1, 2, 3]")
 
@@ -326,7 +350,8 @@ SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_che
                                   meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
                                   hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key,
                                   bert_folder_without_vocab, bert_config_lacks_key, latin1_config, exiting_config,
-                                  hf_gpt2, foreign_eval_json, *map(task_rows_setup, TASK_ROWS))}
+                                  hf_gpt2, foreign_eval_json, foreign_dict_pt, mismatched_pt, cut_char_table,
+                                  *map(task_rows_setup, TASK_ROWS))}
 
 
 def hashes(*folders):
@@ -534,3 +559,21 @@ def test_under_torchrun_a_config_error_is_said_once(char_data, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("error: --learning_rat: unknown config key") == 1, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_metrics_row_this_project_did_not_write_stops_a_resume(finished_run, tmp_path):
+    """A resume rewrites metrics.jsonl up to its checkpoint: a foreign row is one line, not a
+    KeyError, and not silently dropped."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + "[1, 2]\n" + "".join(lines[2:]))
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "train.py", f"--out_dir={run}", "--init_from=resume", "--max_iters=4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "metrics.jsonl:3: not a row of this project's metrics log" in errors[0]
+    assert path.read_bytes() == before
