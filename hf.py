@@ -23,6 +23,7 @@ import torch
 
 from config import PRESETS
 from encoder import BertGPT
+from errors import CheckpointError
 from model import GPT, GPTConfig
 from tokenizer import GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
 
@@ -249,9 +250,16 @@ def export_hf(model, out_dir, tokenizer_meta=None):
     The folder is written as out_dir.tmp, then moved into place: in one rename when out_dir is
     missing or empty, else file by file (each file whole; files the export does not write stay).
     So an interrupted export never leaves a folder that looks finished."""
+    from safetensors import SafetensorError  # (safetensors reports a failed write as its own error)
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted export's leftovers
-    what = write_hf_folder(model, tmp, tokenizer_meta)
+    try:
+        what = write_hf_folder(model, tmp, tokenizer_meta)
+    except (OSError, SafetensorError) as e:  # a full disk: no half-written folder left behind, one line
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or str(e).split(": ")[-1]
+        raise CheckpointError(f"could not write the export to {out_dir} ({reason}); nothing was written there: "
+                              f"free space, then export again") from None
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
         os.rmdir(out_dir)
     if os.path.isdir(out_dir):

@@ -393,9 +393,15 @@ def write_jsonl_splits(out_dir, splits, stats):
 
 
 def run_main(main):
-    """Run a prepare script's main(); a DataError becomes one line on stderr and exit code 1."""
+    """Run a prepare script's main(); a DataError, or a write that failed (a full disk: the
+    partial work folder is gone by then, DatasetWriter.__exit__), becomes one line on stderr and
+    exit code 1."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        print(f"error: {e.filename or 'the dataset'}: {e.strerror or e}; nothing was published (the folder is as "
+              f"it was): free space or fix the permissions, then prepare again", file=sys.stderr)
         sys.exit(1)

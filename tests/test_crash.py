@@ -212,3 +212,25 @@ def test_a_signal_at_any_moment_ends_with_one_line(char_data, tmp_path, signum, 
         assert [line for line in err.splitlines() if line.startswith("stopped by")] == [
             f"stopped by {name}: nothing was half-written; run the command again to do the work"]
         assert not (tmp_path / "ckpt_last.pt").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses RLIMIT_FSIZE")
+def test_full_disk_in_preparation_and_export_is_one_line_and_leaves_nothing(char_data, tmp_path):
+    """The writers besides the checkpoint: a prepared dataset's shards and --export_hf."""
+    from conftest import CACHE
+    data = tmp_path / "data"
+    done = subprocess.run([sys.executable, "prepare/shakespeare.py", f"--data_dir={data}", f"--cache_dir={CACHE}",
+                           "--tokenizer=char", "--shard_tokens=100000"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=fill_disk_at(50_000))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-2000:]
+    assert "nothing was published" in errors[0]
+    assert not data.exists() or os.listdir(data) == []  # no work folder, no half a dataset
+    out = tmp_path / "run"
+    assert run(char_data, out, "--max_iters=2", "--eval_interval=2").returncode == 0
+    done = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--export_hf={tmp_path / 'hf'}"],
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=fill_disk_at(20_000))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-2000:]
+    assert "could not write the export" in errors[0]
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
