@@ -21,7 +21,8 @@ from collections import Counter
 import numpy as np
 
 from data import SPLITS, VERSION, DataError, sha256_of, token_header
-from files import atomic_write
+from errors import UserError
+from files import atomic_write, lock_folder, unlock_folder
 
 # ----------------------------------------------------------------------------- cleaning
 
@@ -256,6 +257,7 @@ class DatasetWriter:
         for w in self.writers.values():
             if w.file is not None:
                 w.file.close()
+        unlock_folder(self.work)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def add(self, split, name, ids, characters, term_counts=None):
@@ -300,23 +302,19 @@ class DatasetWriter:
 
 
 def claim_work_folder(work):
-    """Make an empty work folder, clearing one a killed run left (never one a live run uses)."""
-    pid_file = os.path.join(work, "pid")
-    if os.path.isdir(work):
-        try:
-            with open(pid_file) as f:
-                pid = int(f.read())
-            os.kill(pid, 0)  # raises when no such process
-            if pid != os.getpid():
-                raise DataError(f"{work}: another preparation (pid {pid}) is writing this data_dir; "
-                                f"wait for it, or stop it and rerun")
-        except (OSError, ValueError):
-            pass
+    """Take the work folder for this process: an exclusive lock on it (files.lock_folder: a
+    second preparation of the same data_dir, on this machine or another that shares the folder,
+    stops with one line naming the holder), then clear what a killed run left in it."""
+    try:
+        lock_folder(work, "preparing a dataset")
+    except UserError as e:
+        raise DataError(str(e)) from None
+    leftovers = [f for f in os.listdir(work) if f != ".lock"]
+    if leftovers:
         print(f"{work}: removing an unfinished preparation left by an earlier run")
-        shutil.rmtree(work)
-    os.makedirs(work)
-    with open(pid_file, "w") as f:
-        f.write(str(os.getpid()))
+    for name in leftovers:
+        path = os.path.join(work, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def publish(work, out, files):

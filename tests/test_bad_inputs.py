@@ -577,3 +577,23 @@ def test_a_metrics_row_this_project_did_not_write_stops_a_resume(finished_run, t
     assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "metrics.jsonl:3: not a row of this project's metrics log" in errors[0]
     assert path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_second_preparation_of_one_data_dir_is_refused(tmp_path):
+    """Two preparations into one data_dir (on two machines sharing it, say) would mix their shards."""
+    data = tmp_path / "data"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from files import lock_folder; "
+            f"lock_folder({str(data / '.prepare-partial')!r}, 'x'); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = subprocess.run([sys.executable, "prepare/shakespeare.py", f"--data_dir={data}", f"--cache_dir={CACHE}",
+                               "--tokenizer=char"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and len(errors) == 1, done.stderr[-2000:]
+        assert f"in use by pid {holder.pid}" in errors[0]
+        assert sorted(p.name for p in data.iterdir()) == [".prepare-partial"]
+    finally:
+        holder.stdin.close()
+        holder.wait()
