@@ -14,6 +14,8 @@ Every script imports this module first, before torch (whose imports take seconds
     reaches the top ends the program with its one `error:` line and exit code 1.
   - a warning of this codebase's own (a long prompt cropped, ...) prints as one `warning:`
     line, without Python's file and line.
+  - running out of memory (a batch_size or vocabulary too large) says how much one tensor asked
+    for and what to lower, instead of torch's allocator traceback.
   - an OSError about a file (no space left, permission denied, read-only file system, a folder
     that is a file) that nothing else caught ends the program with one `error:` line naming the
     file and the reason, instead of a traceback.
@@ -46,6 +48,10 @@ def report_error(kind, error, trace):
         return  # the same command, the same verdict: under torchrun rank 0 says it for all
     if issubclass(kind, UserError):  # bad input, said for the user by the code that found it
         print(f"error: {error}", file=sys.stderr)
+    elif out_of_memory(error):
+        print(f"error: out of memory: {out_of_memory(error)}; lower batch_size or block_size (raise "
+              f"gradient_accumulation_steps to keep the global batch), use a smaller model or pad_vocab_to, or set "
+              f"activation_checkpointing=True", file=sys.stderr)
     elif issubclass(kind, OSError) and error.filename:
         print(f"error: {error.filename}: {error.strerror or error}; free space, fix the permissions, or choose "
               f"another path", file=sys.stderr)
@@ -63,6 +69,17 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 python_show_warning = warnings.showwarning
+
+
+def out_of_memory(error):
+    """What an allocation that failed asked for (CPU or GPU), or None for any other error."""
+    import re
+    text = str(error)
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if cpu:
+        return f"one tensor needed {int(cpu.group(1)) / 2**30:,.1f} GiB of host memory"
+    gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
+    return f"one tensor needed {gpu.group(1)} more of GPU memory" if gpu and "out of memory" in text else None
 
 
 def first_process():

@@ -142,6 +142,7 @@ CASES = [
     (["train.py", "{tmp}/latin1_config.py"], ["latin1_config.py", "not UTF-8"], "latin1_config"),
     (["train.py", "{tmp}/exiting_config.py"], ["exiting_config.py", "calls sys.exit()"], "exiting_config"),
     (["train.py", "--device=mps", "--out_dir={tmp}/new"], ["device=mps", "no Apple GPU"]),
+    (["train.py", *SMALL, "--pad_vocab_to=100000000000", "--out_dir={tmp}/new"], ["out of memory", "GiB", "pad_vocab_to"]),
     (["train.py", "--attn_backend=flex", "--dropout=0", "--out_dir={tmp}/new"], ["attn_backend=flex", "CPU"]),
     (["finetune.py", "--init_from={run}", "--freeze=(", "--block_size=32", "--out_dir={tmp}/ft"],
      ["freeze", "not a regular expression"]),
