@@ -321,3 +321,32 @@ def test_a_ddp_run_resumes_on_fewer_processes(char_data, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
+
+
+def test_fsdp_reduces_every_micro_batch():
+    """Holding FSDP's gradient sync back until the last micro-batch kept every block's unsharded
+    gradient in memory in between: gradient_sync no longer turns it off (DDP's no_sync stays)."""
+    calls = []
+
+    class FakeFSDP(torch.nn.Module):
+        def set_requires_gradient_sync(self, enabled):
+            calls.append(enabled)
+    with D.gradient_sync(FakeFSDP(), enabled=False):
+        pass
+    assert False not in calls
+
+
+def test_the_garbage_collector_runs_only_at_evaluations_during_training(char_data, tmp_path, monkeypatch):
+    """One process's collector pause stalls every process under DDP/FSDP: automatic collection is
+    off inside the loop, and on again after it."""
+    import gc
+    import tasks
+    seen = []
+    real = tasks.LMTask.loss
+
+    def loss(self, model, batch):
+        seen.append(gc.isenabled())
+        return real(self, model, batch)
+    monkeypatch.setattr(tasks.LMTask, "loss", loss)
+    T.train(run_cfg(char_data, tmp_path, max_iters=2, eval_interval=2))
+    assert seen == [False, False] and gc.isenabled()
