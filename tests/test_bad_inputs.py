@@ -217,10 +217,16 @@ def missing_val(fill):
 
 
 def out_of_vocab(fill):
-    """The last id of each split's shard set to 65535, far past the char vocabulary."""
-    for name in ("train_00000.bin", "val_00000.bin"):
+    """The last id of each split's shard set to 65535, far past the char vocabulary, with
+    meta.json's digests to match (a dataset prepared wrong, not damaged after: the id check)."""
+    import json
+    from data import sha256_of
+    meta = json.loads((fill["data"] / "meta.json").read_text())
+    for split, name in (("train", "train_00000.bin"), ("val", "val_00000.bin")):
         path = fill["data"] / name
         path.write_bytes(path.read_bytes()[:-2] + b"\xff\xff")
+        meta["shards"][split][0]["sha256"] = sha256_of(str(path))
+    (fill["data"] / "meta.json").write_text(json.dumps(meta))
 
 
 def hf_folder(fill, edit_weights=None, edit_config=None, preset="gpt2"):

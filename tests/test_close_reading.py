@@ -142,7 +142,7 @@ def test_zero_shot_prompts_start_with_end_of_text(tmp_path):
             seen.append(x[0, 0].item())
             return super().forward(x)
     task = tmp_path / "cls.jsonl"
-    task.write_text(json.dumps({"text": "c", "label": "a"}) + "\n")
+    task.write_text(json.dumps({"text": "c", "label": "a"}) + "\n" + json.dumps({"text": "a", "label": "b"}) + "\n")
     E.eval_classify(Spy(torch.zeros(8, 8)), tok, make_cfg(task_file=str(task), classify_template="{text}:"),
                     "cpu", tmp_path)
     assert seen and set(seen) == {tok.eot_id}

@@ -224,7 +224,7 @@ def test_global_batch_does_not_grow_with_processes(char_data, tmp_path):
     assert micro_batches_per_process(cfg, 1) == 8 and micro_batches_per_process(cfg, 8) == 1
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=8 .* must divide by the 3 processes"):
         micro_batches_per_process(cfg, 3)
-    task = TK.LMTask(cfg, Processes(1, 4, torch.device("cpu")), {"eot_id": 0})
+    task = TK.LMTask(cfg, Processes(1, 4, torch.device("cpu")), load_meta(str(char_data)))
     assert task.loader.accum == 2 and task.items_per_iter == 4 * 32 * 8
 
 
