@@ -493,7 +493,8 @@ def cli_config(argv=None):
     try:
         return load_config(argv)
     except ConfigError as e:  # (under torchrun rank 0 says it for every process: the same command)
-        if os.environ.get("RANK", "0") == "0":
+        from exits import first_process
+        if first_process():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -24,6 +24,7 @@ from generate import KVCache
 from model import GPT, GPTConfig
 from systems import chunked_cross_entropy
 from tasks import heldout_batches
+from test_posttrain import write_splits
 from test_train import params_of, run_cfg, train_cmd
 import train as T
 
@@ -243,13 +244,6 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_finite_weights(char_data,
 # ----------------------------------------------------------------------------- every mode with every task
 
 
-def write_jsonl(folder, rows_by_split):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in rows_by_split.items():
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def task_sets(tmp_path_factory):
     """Small task sets with an odd number of val rows: 2 processes with batches of 2 get unequal shares."""
@@ -257,14 +251,14 @@ def task_sets(tmp_path_factory):
     words = ["the king", "my lord", "sweet love", "come away", "thou art", "good night", "fair queen"]
     pairs = [{"prompt": w, "chosen": " is good", "rejected": " is goode"} for w in words]
     return {
-        "sft": write_jsonl(root / "sft", {"train": [{"prompt": w, "completion": " yes"} for w in words],
+        "sft": write_splits(root / "sft", {"train": [{"prompt": w, "completion": " yes"} for w in words],
                                           "val": [{"prompt": w, "completion": " no"} for w in words[:5]]}),
-        "classify": write_jsonl(root / "classify", {
+        "classify": write_splits(root / "classify", {
             "train": [{"text": w, "label": ["a", "b"][i % 2]} for i, w in enumerate(words)],
             "val": [{"text": w, "label": ["a", "b"][i % 2]} for i, w in enumerate(words[:5])]}),
-        "dpo": write_jsonl(root / "dpo", {"train": pairs, "val": pairs[:5]}),
-        "rl": write_jsonl(root / "rl", {split: [{"prompt": f"{a} plus {a}", "completion": str(2 * a)} for a in range(n)]
-                                        for split, n in (("train", 7), ("val", 5))}),
+        "dpo": write_splits(root / "dpo", {"train": pairs, "val": pairs[:5]}),
+        "rl": write_splits(root / "rl", {split: [{"prompt": f"{a} plus {a}", "completion": str(2 * a)}
+                                                 for a in range(n)] for split, n in (("train", 7), ("val", 5))}),
     }
 
 
