@@ -11,7 +11,8 @@ Every script imports this module first, before torch (whose imports take seconds
     During the training loop GracefulStop (below) takes over (finish the step, save, exit 0)
     and hands back to this when the loop ends.
   - a UserError (errors.py: a bad config key, bad data, a missing or foreign checkpoint) that
-    reaches the top ends the program with its one `error:` line and exit code 1.
+    reaches the top ends the program with its one `error:` line and exit code 1. Under torchrun
+    a bad config key is said by rank 0 alone, a bad file by the first process of each machine.
   - a warning of this codebase's own (a long prompt cropped, ...) prints as one `warning:`
     line, without Python's file and line.
   - running out of memory (a batch_size or vocabulary too large) says how much one tensor asked
@@ -46,6 +47,8 @@ def stop(signum, frame=None, what="nothing was half-written; run the command aga
 def report_error(kind, error, trace):
     if issubclass(kind, ConfigError) and not first_process():
         return  # the same command, the same verdict: under torchrun rank 0 says it for all
+    if issubclass(kind, (UserError, OSError)) and not first_on_machine():
+        return  # the same files on one machine, the same verdict: its first process says it
     if issubclass(kind, UserError):  # bad input, said for the user by the code that found it
         print(f"error: {error}", file=sys.stderr)
     elif out_of_memory(error):
@@ -85,6 +88,12 @@ def out_of_memory(error):
 def first_process():
     """Rank 0 under torchrun, or a program run on its own."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def first_on_machine():
+    """The first process of this machine under torchrun (another machine may lack a file this one
+    has, so each says its own), or a program run on its own."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def run_as_script():

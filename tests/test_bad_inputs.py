@@ -560,13 +560,23 @@ def test_warnings_are_one_line(finished_run):
 
 
 @pytest.mark.slow
-def test_under_torchrun_a_config_error_is_said_once(char_data, tmp_path):
+@pytest.mark.parametrize("bad", ["config key", "data file"])
+def test_under_torchrun_a_bad_input_is_said_once(bad, char_data, tmp_path):
+    """Every process finds the same fault; one line says it (rank 0 for a key, each machine's
+    first process for a file), not one per process."""
     from test_train import train_cmd
+    data, said = char_data, "error: --learning_rat: unknown config key"
+    if bad == "data file":
+        data = tmp_path / "data"
+        shutil.copytree(char_data, data)
+        (data / "meta.json").write_text("{oops")
+        said = "meta.json: not valid JSON"
+    args = train_cmd(data, tmp_path / "run", "--learning_rat=1" if bad == "config key" else "--device=cpu")[1:]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *train_cmd(char_data, tmp_path / "run", "--learning_rat=1")[1:]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                           *args, "--gradient_accumulation_steps=2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode != 0
-    assert done.stderr.count("error: --learning_rat: unknown config key") == 1, done.stderr[-2000:]
+    assert done.stderr.count(said) == 1 and done.stderr.count("error:") == 1, done.stderr[-2000:]
 
 
 @pytest.mark.slow
