@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cnn import GatedConvLM
 from encoder import BertGPT, uses_bert_extras
 from model import GPT, Block
 
@@ -70,8 +71,14 @@ class BertClassifier(Classifier, BertGPT):
     pass
 
 
+class CNNClassifier(Classifier, GatedConvLM):
+    pass
+
+
 def classifier(config, n_labels, pool="last"):
     """A classifier on the trunk config describes (see Classifier)."""
+    if config.arch == "cnn":
+        return CNNClassifier(config, n_labels, pool)
     return (BertClassifier if uses_bert_extras(config) else GPTClassifier)(config, n_labels, pool)
 
 

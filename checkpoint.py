@@ -29,6 +29,7 @@ from files import atomic_write, fsync_folder
 from hf import GPT2_SIZES, from_hf, hf_tokenizer_meta
 from model import GPT, GPTConfig
 from multitoken import MultiTokenGPT
+from cnn import GatedConvLM
 from rnn import LSTMLM
 from tokenizer import from_meta, model_vocab_size
 
@@ -196,9 +197,11 @@ def is_gpt2_source(init_from):
 
 def build_model(config):
     """A fresh model of config's architecture: the GPT (model.py), with extra heads
-    (multitoken.py) or BERT's extras (encoder.py), or the LSTM (rnn.py)."""
+    (multitoken.py) or BERT's extras (encoder.py), the LSTM (rnn.py) or the gated CNN (cnn.py)."""
     if config.arch == "lstm":
         return LSTMLM(config)
+    if config.arch == "cnn":
+        return GatedConvLM(config)
     if config.mtp_heads > 1:
         if uses_bert_extras(config):
             raise ValueError("mtp_heads > 1 goes with the plain GPT block: not with norm_position=post or "

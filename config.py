@@ -112,7 +112,8 @@ KEYS = [
        FRESH_MODEL),
     _k("arch", "gpt", "gpt: a causal decoder (next-token prediction); bert: the same blocks as a bidirectional "
        "encoder, pretrained as a masked language model; lstm: a recurrent baseline (n_layer LSTM layers of "
-       "width n_embd)", ["gpt", "bert", "lstm"], FRESH_MODEL),
+       "width n_embd); cnn: a gated convolutional network (n_layer causal convolution blocks, cnn.py)",
+       ["gpt", "bert", "lstm", "cnn"], FRESH_MODEL),
     _k("mask_prob", 0.15, "bert: fraction of tokens the masked-LM loss predicts (of those, 80% are shown as the "
        "mask token, 10% as a random token, 10% unchanged)", scripts=("train", "finetune", "bench", "evaluate"),
        allowed="(0, 1)"),
@@ -152,6 +153,10 @@ KEYS = [
        allowed="[0, inf)"),
     _k("x0_mix", False, "each block reads a learned blend a*x + b*x0 of the residual stream and the token "
        "embeddings (a=1, b=0 at init)", scripts=FRESH_MODEL),
+    _k("conv_kernel", 4, "arch=cnn: taps of each causal convolution (a layer reads conv_kernel positions, "
+       "dilation apart)", scripts=FRESH_MODEL, allowed="[2, inf)"),
+    _k("conv_dilation", 2, "arch=cnn: each layer's dilation is this times the previous one's until the receptive "
+       "field covers block_size, then 1 again; 1 = no dilation", scripts=FRESH_MODEL, allowed="[1, inf)"),
     _k("align_to_documents", False, "every training window starts at a document's end-of-text token instead "
        "of anywhere (evaluation windows stay random)", scripts=STEPS),
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences", scripts=STEPS),

@@ -3,7 +3,8 @@ Text generation from a GPT: a KV cache, sampling, and self-speculative decoding.
 
 Read in order:
   1. KVCache                 keys and values of every layer for the tokens seen so far
-                             (RecurrentCache: an LSTM's state, all it needs to go on)
+                             (RecurrentCache: an LSTM's state, all it needs to go on;
+                             cnn.ConvCache: each conv layer's last inputs)
   2. generate()              prefill the prompts once, then one token per step; the slow
                              reference (use_cache=False) recomputes the window and gives the same tokens
   3. sample_next()           temperature, top-k, top-p
@@ -132,7 +133,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         if not use_cache:
             logits = model(tokens, valid=padding)[0]
         elif cache is None:  # prefill
-            cache = RecurrentCache() if model.config.arch == "lstm" else KVCache(model, B, limit)
+            new_cache = getattr(model, "new_cache", None)  # a model with its own kind of cache (rnn.py, cnn.py)
+            cache = new_cache(B, limit) if new_cache else KVCache(model, B, limit)
             logits = model(tokens, cache=cache, valid=padding)[0]
         else:
             logits = model(tokens[:, -1:], cache=cache, valid=padding)[0]

@@ -11,7 +11,7 @@ The transformer and nothing else. Read it top to bottom:
   4. GPT          embeddings -> blocks -> final norm -> logits -> loss, on one screen; which
                   parameters are hidden matrices; parameter and FLOP accounting
 What builds on it lives beside it: multitoken.py (extra heads predicting tokens further ahead),
-encoder.py (arch='bert'), rnn.py (arch='lstm'), systems.py (FlexAttention, memory tricks),
+encoder.py (arch='bert'), rnn.py (arch='lstm'), cnn.py (arch='cnn'), systems.py (FlexAttention, memory tricks),
 generate.py (KV cache and sampling), adapters.py (LoRA, classifier), hf.py (GPT-2 weights).
 Shapes: B batch, T time, C = n_embd, nh / nkv query / key-value heads, hd = C // nh, V vocabulary.
 """
@@ -30,7 +30,7 @@ from systems import chunked_cross_entropy, flex_attend, flex_block_mask
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt"            # gpt: causal decoder; bert: encoder.Encoder; lstm: rnn.LSTMLM
+    arch: str = "gpt"            # gpt: causal decoder; bert: encoder.Encoder; lstm: rnn.LSTMLM; cnn: cnn.GatedConvLM
     vocab_size: int = 50257      # true vocabulary; embeddings are padded past it (pad_vocab_to)
     block_size: int = 1024
     n_layer: int = 12
@@ -56,13 +56,15 @@ class GPTConfig:
     attn_backend: str = "sdpa"
     attn_window: int = 0
     x0_mix: bool = False         # each block reads a learned blend of the residual stream and the embeddings
+    conv_kernel: int = 4         # arch=cnn: taps of each causal convolution
+    conv_dilation: int = 2       # arch=cnn: how much each layer's dilation grows (cnn.dilations)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.n_layer < 1:
             raise ValueError(f"n_layer={self.n_layer}: a GPT needs at least one block")
-        if self.arch != "lstm" and (self.n_embd % self.n_head or self.n_head % self.n_kv_head):
+        if self.arch in ("gpt", "bert") and (self.n_embd % self.n_head or self.n_head % self.n_kv_head):
             raise ValueError(f"n_embd={self.n_embd} must divide by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -73,6 +75,8 @@ class GPTConfig:
             raise ValueError(f"mtp_weights={self.mtp_weights!r} needs one weight per head ({self.mtp_heads})")
         if self.arch == "bert" and self.mtp_heads > 1:
             raise ValueError("arch='bert' predicts masked tokens in place: mtp_heads must be 1")
+        if self.arch != "cnn" and (self.conv_kernel, self.conv_dilation) != (4, 2):
+            raise ValueError(f"conv_kernel and conv_dilation shape arch='cnn' only (arch={self.arch!r})")
         check_flex_dropout(self.attn_backend, self.dropout)
 
     @property

@@ -16,6 +16,7 @@ from dataclasses import fields
 import torch
 import torch.nn as nn
 
+from generate import RecurrentCache
 from model import GPTConfig
 from systems import cross_entropy
 
@@ -76,6 +77,9 @@ class LSTMLM(nn.Module):
             cache.update(state, T)
         logits = self.lm_head(self.drop(out))[..., : self.config.vocab_size]  # (B, T, V)
         return logits, None if targets is None else cross_entropy(logits, targets)
+
+    def new_cache(self, batch_size, max_len):
+        return RecurrentCache()
 
     def hidden_matrices(self):
         """The LSTM's input and recurrent weight matrices, what Muon may train."""

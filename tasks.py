@@ -26,7 +26,7 @@ from adapters import lora_disabled
 from checkpoint import load_checkpoint, model_from_checkpoint, refuse_existing_run, save_checkpoint, unwrap
 from data import DataError, RandomBatches, TokenLoader, load_meta, prepare_on_first_use, task_dir_of
 from distributed import micro_batches_per_process
-from errors import CheckpointError
+from errors import CheckpointError, ConfigError
 from examples import (classify_batch, completion_example, keep_last, pack, pad_batch, preference_pairs,
                       read_jsonl, reward_function, rl_prompts, sft_examples)
 from generate import generate
@@ -69,6 +69,8 @@ class LMTask:
 
     def __init__(self, cfg, procs, meta, arch="gpt"):
         self.cfg, self.procs = cfg, procs
+        if cfg.doc_mask and arch in ("lstm", "cnn"):
+            raise ConfigError(f"doc_mask needs attention: arch={arch} reads across documents; set doc_mask=False")
         self.eot_id = meta["eot_id"] if cfg.doc_mask else None
         self.masking = None
         if arch == "bert":  # the batch's windows, masked: (x, generator=None) -> (inputs, targets)

@@ -1,6 +1,6 @@
 """The other architectures: the encoder (arch=bert, masked-LM pretraining, BERT exactly against
-transformers) and the recurrent baseline (arch=lstm) through the same training, evaluation and
-sampling code as the decoder."""
+transformers), the recurrent baseline (arch=lstm) and the gated convolutional network
+(arch=cnn) through the same training, evaluation and sampling code as the decoder."""
 
 import json
 import os
@@ -26,13 +26,13 @@ def tiny_model(arch, **kw):
 
 @pytest.mark.parametrize("backend", ["math", "sdpa", "flex"])
 def test_a_changed_future_token_changes_the_encoder_and_never_the_decoder(backend):
-    """Position t of a decoder (and of the LSTM) depends on tokens up to t only; every position of
-    an encoder depends on every token."""
+    """Position t of a decoder (and of the LSTM and the CNN) depends on tokens up to t only; every
+    position of an encoder depends on every token."""
     idx = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(1))
     changed = idx.clone()
     changed[:, 15] = (idx[:, 15] + 1) % 50
     models = {arch: tiny_model(arch, attn_backend=backend) for arch in ("gpt", "bert")}
-    models["lstm"] = tiny_model("lstm")
+    models["lstm"], models["cnn"] = tiny_model("lstm"), tiny_model("cnn", conv_kernel=5)  # reads 13 tokens back
     with torch.no_grad():
         for arch, model in models.items():
             before, after = model(idx)[0], model(changed)[0]
@@ -256,7 +256,7 @@ def test_lstm_refuses_transformer_keys(char_data, tmp_path):
 def test_loss_falls_for_every_architecture_on_one_batch():
     """A sanity check of each training signal: 60 steps on one batch lower its loss a lot."""
     x = torch.randint(0, 49, (4, 32), generator=torch.Generator().manual_seed(9))
-    for arch in ("gpt", "bert", "lstm"):
+    for arch in ("gpt", "bert", "lstm", "cnn"):
         model = tiny_model(arch).train()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-2 if arch == "lstm" else 1e-2)
         gen = torch.Generator().manual_seed(10)
@@ -270,3 +270,93 @@ def test_loss_falls_for_every_architecture_on_one_batch():
             loss.backward()
             opt.step()
         assert loss.item() < 0.5 * first, arch
+
+
+# ----------------------------------------------------------------------------- the gated CNN
+
+
+@pytest.mark.parametrize("kernel,growth,layers", [(4, 2, 2), (3, 2, 5), (2, 1, 3), (5, 3, 4)])
+def test_cnn_receptive_field_equals_its_formula(kernel, growth, layers):
+    """The last position's logits depend on exactly the last receptive_fields()[-1] tokens
+    (measured with gradients through the embeddings), and the formula is 1 + (k-1) * the sum of
+    the dilations, which grow until the field covers block_size and then restart at 1."""
+    from cnn import dilations, receptive_fields
+    torch.manual_seed(0)
+    config = GPTConfig(arch="cnn", vocab_size=50, block_size=32, n_layer=layers, n_head=2, n_embd=16,
+                       conv_kernel=kernel, conv_dilation=growth)
+    model = build_model(config).double()
+    T = config.block_size
+    x = model.transformer.wte(torch.randint(0, 50, (1, T))).detach().requires_grad_()
+    for block in model.transformer.h:
+        block_in = x if block is model.transformer.h[0] else h
+        h = block(block_in, None)
+    h[0, -1].sum().backward()
+    reached = (x.grad[0].abs().sum(-1) > 0).nonzero().squeeze(1)  # positions the last one reads
+    field = receptive_fields(config)[-1]
+    assert field == 1 + (kernel - 1) * sum(dilations(config))
+    assert reached.tolist() == list(range(max(0, T - field), T))
+    d, covered = dilations(config), 1
+    for i in range(1, layers):  # the schedule: grow by conv_dilation, or restart once the field covers block_size
+        covered += (kernel - 1) * d[i - 1]
+        assert d[i] == (1 if covered >= T else d[i - 1] * growth)
+
+
+def test_cnn_generation_with_its_cache_equals_recomputing():
+    """The cache holds each layer's last (k-1)d inputs: decoding with it gives the tokens that
+    recomputing the window gives, for prompts of different lengths in one batch, also after the
+    window slides."""
+    from generate import generate
+    model = tiny_model("cnn", conv_kernel=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # a random model this size repeats one token; bigger weights vary
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    cached = generate(model, prompts, 40, temperature=0)  # 45 tokens: past block_size=32
+    assert cached == generate(model, prompts, 40, temperature=0, use_cache=False)
+    assert cached[1] == generate(model, [prompts[1]], 40, temperature=0)[0]
+    assert len(set(cached[0])) > 1
+
+
+def test_cnn_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
+    from train import train
+    kw = dict(arch="cnn", n_embd=48, dropout=0.1, conv_kernel=3)
+    straight = train(small(char_data, tmp_path / "a", **kw))["model"]
+    with stop_after_steps(monkeypatch, 3):
+        train(small(char_data, tmp_path / "b", **kw))
+    resumed = train(small(char_data, tmp_path / "b", init_from="resume", **kw))["model"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cnn_trains_evaluates_samples_and_fine_tunes(char_data, tmp_path, capsys, monkeypatch):
+    import evaluate
+    import sample
+    from cnn import GatedConvLM
+    from finetune import finetune
+    from hf import export_hf
+    from train import train
+    out = tmp_path / "cnn"
+    result = train(small(char_data, out, arch="cnn", n_embd=64, max_iters=30, eval_interval=15,
+                         learning_rate=1e-2))
+    assert isinstance(result["model"], GatedConvLM) and result["best"] < 4.0  # uniform: ln 86 = 4.45
+    evaluate.main([f"--out_dir={out}", "--batch_size=64", "--device=cpu"])
+    metrics = json.load(open(out / "eval.json"))[f"lm:{os.path.basename(char_data)}:test"]["metrics"]
+    assert metrics["bits_per_char"] < 5.5
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1",
+                                     "--max_new_tokens=20", "--temperature=0", "--start=ROMEO:"])
+    sample.main()
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert "cannot load this model because it uses arch='cnn'" in export_hf(result["model"], str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="without lora_rank"):
+        finetune(small(char_data, tmp_path / "lora", task="sft", lora_rank=4, init_from=str(out)))
+
+
+def test_cnn_refuses_attention_keys_and_others_refuse_conv_keys(char_data, tmp_path):
+    from train import train
+    with pytest.raises(ConfigError, match="pos='rope' does not apply"):
+        train(small(char_data, tmp_path / "x", arch="cnn", pos="rope"))
+    with pytest.raises(ConfigError, match="conv_kernel and conv_dilation shape arch='cnn' only"):
+        train(small(char_data, tmp_path / "y", conv_kernel=3))
+    with pytest.raises(ConfigError, match="doc_mask needs attention"):
+        train(small(char_data, tmp_path / "z", arch="cnn", doc_mask=True))

@@ -160,11 +160,11 @@ def test_sigterm_saves_and_exits_zero(char_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--mtp_heads=2", "--optimizer=muon"], ["--arch=lstm", "--n_embd=48"]],
-                         ids=["adamw", "mtp+muon", "lstm"])
+@pytest.mark.parametrize("extra", [[], ["--mtp_heads=2", "--optimizer=muon"], ["--arch=lstm", "--n_embd=48"],
+                                   ["--arch=cnn", "--n_embd=48", "--conv_kernel=3"]], ids=["adamw", "mtp+muon", "lstm", "cnn"])
 def test_ddp_matches_gradient_accumulation(char_data, tmp_path, extra):
     """torchrun with 2 gloo processes == 1 process with accumulation 2 (same data, same steps),
-    also with multi-token heads (checkpointed backward) and Muon, and for the LSTM."""
+    also with multi-token heads (checkpointed backward) and Muon, and for the LSTM and the CNN."""
     common = ["--max_iters=4", "--eval_interval=4", "--dropout=0.0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same matmul reduction order in every process
     single = subprocess.run(train_cmd(char_data, tmp_path / "one", "--gradient_accumulation_steps=2", *common),
