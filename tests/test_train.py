@@ -161,7 +161,8 @@ def test_sigterm_saves_and_exits_zero(char_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--mtp_heads=2", "--optimizer=muon"], ["--arch=lstm", "--n_embd=48"],
-                                   ["--arch=cnn", "--n_embd=48", "--conv_kernel=3"]], ids=["adamw", "mtp+muon", "lstm", "cnn"])
+                                   ["--arch=cnn", "--n_embd=48", "--conv_kernel=3"]],
+                         ids=["adamw", "mtp+muon", "lstm", "cnn"])
 def test_ddp_matches_gradient_accumulation(char_data, tmp_path, extra):
     """torchrun with 2 gloo processes == 1 process with accumulation 2 (same data, same steps),
     also with multi-token heads (checkpointed backward) and Muon, and for the LSTM and the CNN."""
