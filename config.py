@@ -51,17 +51,18 @@ class Key:
 
 
 # who reads what: the groups of scripts the table below names
-EVERY = ("prepare", "train", "finetune", "evaluate", "sample", "bench")
+EVERY = ("prepare", "train", "finetune", "evaluate", "sample", "bench", "explain")
 PREPARE = ("prepare",)
 MAKES_DATA = ("prepare", "train", "finetune", "bench")  # train & co. prepare the built-in data when missing
 FRESH_MODEL = ("train", "finetune", "bench")           # a fresh model's shape (a loaded one brings its own)
-LOADS_MODEL = ("train", "finetune", "evaluate", "sample", "bench")
+LOADS_MODEL = ("train", "finetune", "evaluate", "sample", "bench", "explain")
 TRAINS = ("train", "finetune")
 STEPS = ("train", "finetune", "bench")                 # one optimizer step
 FINETUNE = ("finetune",)
 EVALUATE = ("evaluate",)
 SAMPLE = ("sample",)
 DECODES = ("evaluate", "sample")
+EXPLAIN = ("explain",)
 
 
 def _k(name, default, help, choices=(), scripts=EVERY, allowed=""):
@@ -162,7 +163,8 @@ KEYS = [
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences", scripts=STEPS),
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json; evaluate.py and "
-       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample"), allowed=r"\S.*"),
+       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample", "explain"),
+       allowed=r"\S.*"),
     _k("init_from", "scratch", "scratch | resume (out_dir's ckpt_last) | auto (train.py: resume when out_dir has a "
        "checkpoint, else scratch; for restarts) | hf:PATH | gpt2[-medium|-large|-xl] | a run folder or checkpoint",
        scripts=("train", "finetune", "evaluate", "sample")),
@@ -174,8 +176,8 @@ KEYS = [
        ["auto", "float32", "bfloat16", "float16"], LOADS_MODEL),
     _k("compile", False, "torch.compile the model (bench.py measures both)", scripts=TRAINS),
     _k("overwrite", False, "replace what is already there instead of stopping: a run in out_dir (train, finetune), "
-       "a prepared dataset in data_dir or task set in task_dir (prepare), a non-empty --export_hf folder (sample)",
-       scripts=("prepare", "train", "finetune", "sample")),
+       "a prepared dataset in data_dir or task set in task_dir (prepare), a non-empty --export_hf folder (sample), "
+       "an earlier out_dir/explain/ (explain)", scripts=("prepare", "train", "finetune", "sample", "explain")),
     _k("parallel", "ddp", "how processes under torchrun share the model: ddp (a full copy each) or fsdp (FSDP2: "
        "weights, gradients and optimizer state sharded; checkpoints sharded as ckpt_*.dcp folders)",
        ["ddp", "fsdp"], TRAINS),
@@ -286,7 +288,7 @@ KEYS = [
     _k("classify_template", "{text}\nLabel:",
        "zero-shot classify: context before each label's verbalisation ' {label}'", scripts=EVALUATE),
     # ---- sampling (sample.py) ----
-    _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"], DECODES),
+    _k("checkpoint", "best", "which checkpoint in out_dir to load", ["best", "last"], DECODES + EXPLAIN),
     _k("start", "\n", "prompt text, or FILE:path to read it from a file", scripts=SAMPLE),
     _k("num_samples", 3, "samples to draw", scripts=SAMPLE, allowed="[1, inf)"),
     _k("max_new_tokens", 500, "tokens to generate per sample (evaluate.py: at most, per answer; finetune.py "
@@ -303,6 +305,12 @@ KEYS = [
     _k("export_hf", "", "write the model as a Hugging Face folder here instead of sampling", scripts=SAMPLE),
     _k("export_ckpt", "", "write out_dir's checkpoint (sharded or not) as one .pt file here instead of sampling",
        scripts=SAMPLE),
+    # ---- looking inside a model (explain.py) ----
+    _k("text", "", "the text explain.py explains (or text_file)", scripts=EXPLAIN),
+    _k("text_file", "", "a UTF-8 file holding the text explain.py explains", scripts=EXPLAIN),
+    _k("views", "", "comma-separated views to draw: surprisal, attention, logit_lens (language models), "
+       "occlusion (classifiers); empty = every view the model has", scripts=EXPLAIN,
+       allowed=r"((surprisal|attention|logit_lens|occlusion)(,(surprisal|attention|logit_lens|occlusion))*)?"),
 ]
 KEY_BY_NAME = {k.name: k for k in KEYS}
 

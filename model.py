@@ -128,15 +128,22 @@ def attend(q, k, v, mask, dropout_p):
     """The math reference: softmax(q kᵀ / √hd + mask) v, as the sdpa and flex kernels compute it.
     q (B, nh, Tq, hd); k, v (B, nkv, Tk, hd) -> (B, nh, Tq, hd). mask: CAUSAL, None (every key),
     or a bool tensor (B|1, 1, Tq, Tk) with True = attend."""
-    if q.shape[1] != k.shape[1]:  # GQA: each group of nh/nkv query heads shares one key/value head
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if q.shape[1] != k.shape[1]:  # GQA: each group of nh/nkv query heads shares one value head
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.dropout(attention_weights(q, k, mask), dropout_p) @ v
+
+
+def attention_weights(q, k, mask):
+    """softmax(q kᵀ / √hd + mask) (B, nh, Tq, Tk): how much each query reads each key (explain.py
+    draws them). Arguments as attend's."""
+    if q.shape[1] != k.shape[1]:  # GQA: each group of nh/nkv query heads shares one key head
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
     if mask is CAUSAL:
         mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
-    return F.dropout(F.softmax(att, dim=-1), dropout_p) @ v
+    return F.softmax(att, dim=-1)
 
 
 def rope_tables(config):

@@ -287,9 +287,9 @@ def test_cnn_receptive_field_equals_its_formula(kernel, growth, layers):
     model = build_model(config).double()
     T = config.block_size
     x = model.transformer.wte(torch.randint(0, 50, (1, T))).detach().requires_grad_()
+    h = x
     for block in model.transformer.h:
-        block_in = x if block is model.transformer.h[0] else h
-        h = block(block_in, None)
+        h = block(h, None)
     h[0, -1].sum().backward()
     reached = (x.grad[0].abs().sum(-1) > 0).nonzero().squeeze(1)  # positions the last one reads
     field = receptive_fields(config)[-1]
