@@ -7,6 +7,8 @@ folder. Before and after each case every file under those folders is hashed."""
 
 import hashlib
 import json
+import os
+import select
 import shutil
 import subprocess
 import sys
@@ -179,6 +181,14 @@ CASES = [
      ["harness_include", "no such folder"]),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
+    # ---- explain.py (writes nothing, out_dir/explain/ included, when its input is bad)
+    (["explain.py", "--out_dir={tmp}/no_run", "--text=x"], ["no_run", "no such run folder"]),
+    (["explain.py", "--text=aЖ€"], ["characters this model's tokenizer never saw", "Ж€"]),
+    (["explain.py", "--text= "], ["the text to explain is empty"]),
+    (["explain.py"], ["give the text to explain", "--text_file"]),
+    (["explain.py", "--text_file={tmp}/latin1.txt"], ["latin1.txt", "not UTF-8"], "latin1_prompt"),
+    (["explain.py", "--text=x", "--views=occlusion"], ["views=occlusion", "a language model run has surprisal"]),
+    (["explain.py", "--text=x", "--views=saliency"], ["views", "saliency"]),
 ]
 
 
@@ -379,10 +389,36 @@ def finished_run(char_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def forkrun():
+    """argv -> (exit code, stderr) of `python argv...`, each run in a fork of one process that
+    imported torch once (tests/forkrun.py): the cases cost seconds in all instead of minutes.
+    FORKRUN=0 runs each in a fresh interpreter instead."""
+    if os.environ.get("FORKRUN") == "0":
+        def fresh(argv):
+            done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            return done.returncode, done.stderr
+        yield fresh
+        return
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkrun.py")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def run(argv):
+        server.stdin.write(json.dumps({"argv": argv}) + "\n")
+        server.stdin.flush()
+        if not select.select([server.stdout], [], [], 300)[0]:
+            pytest.fail(f"{argv} did not end within 300 s")
+        done = json.loads(server.stdout.readline())
+        return done["code"], done["stderr"]
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[" ".join(c[0][:1] + [a for a in c[0][1:] if a not in SMALL]) +
                                               (f" ({c[2]})" if len(c) > 2 else "") for c in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(case, char_data, finished_run, tmp_path):
+def test_bad_input_is_one_line_and_changes_nothing(case, char_data, finished_run, tmp_path, forkrun):
     argv, words, setup = case[0], case[1], SETUPS[case[2]] if len(case) > 2 else None
     data, run, tmp = tmp_path / "data", tmp_path / "run", tmp_path / "tmp"
     shutil.copytree(char_data, data)
@@ -398,12 +434,11 @@ def test_bad_input_is_one_line_and_changes_nothing(case, char_data, finished_run
     if argv[0] == "prepare/text.py":
         script_defaults = [d for d in script_defaults if not d.startswith("--out_dir")]
     before = hashes(data, run, tmp)
-    done = subprocess.run([sys.executable, *argv[:1], *script_defaults, *argv[1:]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
-    assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert len(errors) == 1, done.stderr[-2000:]
+    code, stderr = forkrun([*argv[:1], *script_defaults, *argv[1:]])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 1, (code, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert len(errors) == 1, stderr[-2000:]
     assert all(w in errors[0] for w in words), errors[0]
     assert hashes(data, run, tmp) == before
 
