@@ -95,8 +95,8 @@ def surprisal(model, ids):
     while scored < n:
         window = torch.tensor([ids[start:start + B]], device=device)
         logp = torch.log_softmax(model(window)[0][0].float(), dim=-1)  # (len, V): row i predicts start + i + 1
-        targets = torch.arange(scored, min(start + B, n))
-        losses[targets - 1] = -logp[targets - start - 1, window[0, targets - start]].cpu()
+        targets = torch.arange(scored, min(start + B, n), device=device)
+        losses[targets.cpu() - 1] = -logp[targets - start - 1, window[0, targets - start]].cpu()
         scored, start = start + B, start + stride
     return losses
 
@@ -212,15 +212,15 @@ def surprisal_strip(labels, bits, path, per_row=64):
     rows = math.ceil(len(bits) / per_row)
     grid = torch.full((rows * per_row,), float("nan"))
     grid[:len(bits)] = bits
-    fig = figure(1200, 120 + 22 * rows)
-    ax = fig.add_axes([0.02, 0.12, 0.86, 0.78])
+    fig = figure(1200, 140 + 22 * rows)
+    ax = fig.add_axes([0.02, 0.08, 0.86, 0.72])
     image = ax.imshow(grid.view(rows, per_row).numpy(), cmap="Reds", aspect="auto", vmin=0)
     if len(bits) <= 4 * per_row:
         for i, label in enumerate(labels):
             ax.text(i % per_row, i // per_row, shown(label)[:3], ha="center", va="center", fontsize=6)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(f"surprisal in bits per token ({len(bits)} tokens, {per_row} a row)", fontsize=9)
-    fig.colorbar(image, cax=fig.add_axes([0.9, 0.12, 0.02, 0.78]))
+    fig.colorbar(image, cax=fig.add_axes([0.9, 0.08, 0.02, 0.72]))
     return save(fig, path)
 
 
@@ -228,7 +228,8 @@ def attention_grid(maps, labels, path):
     """One heatmap per layer (rows) and head (columns): query position down, key across."""
     from matplotlib.colors import PowerNorm
     layers, heads, T, _ = maps.shape
-    cell = 220 if T <= SHORT else 160
+    labelled = T <= 32  # token labels on the outer axes: the first column's rows, the last row's columns
+    cell = 340 if labelled else 160
     fig = figure(60 + cell * heads, 40 + cell * layers)
     for layer in range(layers):
         for head in range(heads):
@@ -236,9 +237,10 @@ def attention_grid(maps, labels, path):
             # a square-root scale: the first rows' weights (few keys, large) would drown the rest
             ax.imshow(maps[layer, head].numpy(), cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1))
             ax.set_title(f"layer {layer} head {head}", fontsize=7)
-            ticks = range(T) if T <= SHORT // 2 else []
-            ax.set_xticks(ticks, [shown(labels[t]) for t in ticks], fontsize=5, rotation=90)
-            ax.set_yticks(ticks, [shown(labels[t]) for t in ticks], fontsize=5)
+            rows = range(T) if labelled and head == 0 else []
+            columns = range(T) if labelled and layer == layers - 1 else []
+            ax.set_xticks(columns, [shown(labels[t]) for t in columns], fontsize=5)
+            ax.set_yticks(rows, [shown(labels[t]) for t in rows], fontsize=5)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.95, hspace=0.45, wspace=0.3)
     return save(fig, path)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import explain
 from checkpoint import build_model
 from conftest import ROOT, TINY_BASE, make_cfg
-from errors import ConfigError, DataError
+from errors import ConfigError
 from model import GPTConfig
 
 TEXT = "ROMEO: But soft, what light\nthrough yonder window breaks?"
@@ -193,23 +193,7 @@ def test_a_classifier_shows_which_tokens_moved_its_decision(base_run, tmp_path, 
         explain.main([f"--out_dir={out}", "--text=x", "--views=surprisal", "--overwrite=True"])
 
 
-# ----------------------------------------------------------------------------- bad input, one line each
-
-
-def test_bad_inputs_are_one_line_each(lm_run, tmp_path):
-    cases = {
-        "no such run folder": ([f"--out_dir={tmp_path / 'nope'}", "--text=x"], ConfigError),
-        "characters this model's tokenizer never saw: 'Ж€'": ([f"--out_dir={lm_run}", "--text=aЖ€"], DataError),
-        "the text to explain is empty": ([f"--out_dir={lm_run}", "--text= \n"], DataError),
-        "give the text to explain": ([f"--out_dir={lm_run}"], ConfigError),
-        "not UTF-8": ([f"--out_dir={lm_run}", f"--text_file={tmp_path / 'latin1.txt'}"], DataError),
-        "views=occlusion: a language model run has": ([f"--out_dir={lm_run}", "--text=x", "--views=occlusion"],
-                                                      ConfigError),
-    }
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    for message, (argv, kind) in cases.items():
-        with pytest.raises(kind, match=message.replace("(", r"\(")):
-            explain.main(argv)
+# ----------------------------------------------------------------------------- bad input (the rest: test_bad_inputs.py)
 
 
 @pytest.mark.slow
