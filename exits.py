@@ -49,6 +49,9 @@ def report_error(kind, error, trace):
         return  # the same command, the same verdict: under torchrun rank 0 says it for all
     if issubclass(kind, (UserError, OSError)) and not first_on_machine():
         return  # the same files on one machine, the same verdict: its first process says it
+    if issubclass(kind, BrokenPipeError):  # the reader of our output went away (`| head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (or Python's exit flush complains)
+        return
     if issubclass(kind, UserError):  # bad input, said for the user by the code that found it
         print(f"error: {error}", file=sys.stderr)
     elif out_of_memory(error):
