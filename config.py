@@ -99,6 +99,12 @@ KEYS = [
        "counterfactual word pairs a/b whose occurrences prepare counts per split into meta.json's stats (what "
        "evaluate.py eval_task=bias swaps); empty = no counts", scripts=MAKES_DATA,
        allowed=r"([A-Za-z']+/[A-Za-z']+(,[A-Za-z']+/[A-Za-z']+)*)?"),
+    _k("counterfactual", "", "bias mitigation in the training split (Lu et al. 2020's counterfactual data "
+       "augmentation): augment adds a copy of each chosen document with every bias_terms pair swapped (He -> She, "
+       "her -> his or him by prepare/common.py's rule); swap replaces the document with it; empty = off",
+       ["", "augment", "swap"], MAKES_DATA),
+    _k("counterfactual_share", 1.0, "the share of training documents that get a counterfactual, chosen by hash",
+       scripts=MAKES_DATA, allowed="[0, 1]"),
     _k("bias_sample_bytes", 50_000_000, "prepare counts bias_terms in every document of a corpus up to this "
        "size, in a share of a larger one chosen by hash (about this many bytes' worth); 0 = every document",
        scripts=MAKES_DATA, allowed="[0, inf)"),

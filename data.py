@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from distributed import barrier, from_master
-from errors import DataError
+from errors import ConfigError, DataError
 from files import atomic_write
 
 MAGIC = b"LMTOKENS"
@@ -174,6 +174,11 @@ def ensure_data(cfg, master):
             importlib.import_module("prepare.shakespeare").prepare(cfg)
         barrier()
     meta = load_meta(cfg.data_dir)
+    done = meta.get("stats", {}).get("counterfactual", {})
+    if cfg.counterfactual and (done.get("mode"), done.get("share")) != (cfg.counterfactual, cfg.counterfactual_share):
+        raise ConfigError(f"counterfactual={cfg.counterfactual} (share {cfg.counterfactual_share}) acts when data "
+                          f"is prepared, and {cfg.data_dir} was prepared with "
+                          f"{done.get('mode') or 'none'}: give another (empty) data_dir to prepare it that way")
     if meta["tokenizer"]["kind"] != cfg.tokenizer and master:
         warnings.warn(f"{cfg.data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer; "
                       f"tokenizer={cfg.tokenizer} is ignored (it only matters when preparing)")

@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 
 from data import SPLITS, VERSION, DataError, sha256_of, token_header
-from errors import UserError
+from errors import ConfigError, UserError
 from files import atomic_write, lock_folder, unlock_folder
 
 # ----------------------------------------------------------------------------- cleaning
@@ -136,6 +136,88 @@ def prefix_tree(words):
         optional = "?" if len(longer) < len(tails) else ""
         alternatives.append(re.escape(head) + (f"(?:{prefix_tree(longer)}){optional}" if longer else ""))
     return "|".join(alternatives)
+
+
+# ----------------------------------------------------------------------------- counterfactual augmentation
+
+# "her" is the object pronoun (him) or the possessive (his). The rule: possessive when the next
+# word on the line could start the noun phrase it owns ("her hand", "her own"), object when the
+# line ends, punctuation follows, or the next word is one that follows an object and never a
+# possessive: a preposition, conjunction, determiner, pronoun or adverb ("give her the", "to her
+# and"). A rule, not a parser: "I saw her go" gives "his go". Tested case by case.
+AFTER_OBJECT = frozenset("""a about above after again against all along also an and any are as at away
+    back be before behind below beneath besides between beyond both but by can did do does down each either
+    even ever every for forth from had has have he her here hers him his how i if in into is it its just
+    know let like may me might more most much must my no nor not now o of off on once one only or our out
+    over own shall she should since so some still such than that the thee their them then there these they
+    thine this those thou thus thy till to too under unto up upon us was we well were what when where which
+    while who whom why will with within without would ye yet you your""".split()) - {"own"}
+NEXT_WORD = re.compile(r"[ \t]*([A-Za-z']+)")
+
+
+def counterfactual_swapper(spec):
+    """bias_terms 'he/she,king/queen' -> a function text -> (text with every term swapped for its
+    partner, how many were swapped). Whole words in any case, written back in the word's case
+    (He -> She, HIS -> HER). A word in two pairs is an error, except "her", partner of both
+    "him" and "his", which the rule above resolves."""
+    partners = {}
+    for pair in filter(None, spec.lower().split(",")):
+        a, b = pair.split("/")
+        for word, partner in ((a, b), (b, a)):
+            partners.setdefault(word, set()).add(partner)
+    for word, options in partners.items():
+        if len(options) > 1 and not (word == "her" and options == {"him", "his"}):
+            pairs = ", ".join(f"{word}/{o}" for o in sorted(options))
+            raise ConfigError(f"bias_terms: {word!r} is in {len(options)} pairs ({pairs}); a counterfactual swap "
+                              f"would not know which to write: keep one of them")
+    pattern = re.compile(r"(?<![A-Za-z])(" + prefix_tree(sorted(partners)) + r")(?![A-Za-z])", re.IGNORECASE)
+
+    def partner(match):
+        word = match.group(1)
+        options = partners[word.lower()]
+        if len(options) > 1:  # "her"
+            after = NEXT_WORD.match(match.string, match.end())
+            swapped = "his" if after and after.group(1).lower() not in AFTER_OBJECT else "him"
+        else:
+            (swapped,) = options
+        if word.isupper() and len(word) > 1:
+            return swapped.upper()
+        return swapped.capitalize() if word[0].isupper() else swapped
+
+    def swap(text):
+        return pattern.subn(partner, text)
+    return swap
+
+
+def counterfactual_versions(cfg):
+    """cfg.counterfactual -> a function (a training document's text, its digest) -> (the texts to
+    write in its place, how many words were swapped): [text] when it is not chosen or has no
+    term, [text, swapped] (augment) or [swapped] (swap); None when counterfactual is off."""
+    if not cfg.counterfactual:
+        return None
+    swap, mode, share = counterfactual_swapper(cfg.bias_terms), cfg.counterfactual, cfg.counterfactual_share
+
+    def versions(text, digest):
+        if not counterfactual_chosen(digest, share):
+            return [text], 0
+        swapped, n = swap(text)
+        if not n:
+            return [text], 0
+        return ([text, swapped] if mode == "augment" else [swapped]), n
+    return versions
+
+
+def counterfactual_stats(cfg, documents, swaps, before, after):
+    """meta.json's record of what counterfactual augmentation did to the training split."""
+    terms, _ = term_counter(cfg.bias_terms)
+    return {"mode": cfg.counterfactual, "share": cfg.counterfactual_share, "documents": documents, "swaps": swaps,
+            "train_terms_before": {t: before[t] for t in terms}, "train_terms_after": {t: after[t] for t in terms}}
+
+
+def counterfactual_chosen(digest, share):
+    """Whether a training document gets a counterfactual (counterfactual_share): by bits 16-47 of
+    its digest, apart from those the split (the top) and the bias sample (the lowest) read."""
+    return share >= 1 or (digest >> 16 & 0xFFFFFFFF) < share * 2**32
 
 
 def bias_share(cfg, corpus_bytes):
@@ -360,12 +442,23 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     check_splits(splits)
     _, count_terms = term_counter(cfg.bias_terms)
     share = bias_share(cfg, sum(len(text) for docs in splits.values() for _, text in docs))
+    versions_of, changed, swaps, before = counterfactual_versions(cfg), 0, 0, Counter()
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms, share) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
-                counted = count_terms and terms_counted(document_digest(text) if share < 1 else 0, share)
-                out.add(split, name, tok.encode_document(text, out.dtype), len(text),
-                        count_terms(text) if counted else None)
+                digest = document_digest(text)
+                counted = count_terms and terms_counted(digest, share)
+                versions, n = versions_of(text, digest) if versions_of and split == "train" else ([text], 0)
+                changed, swaps = changed + bool(n), swaps + n
+                if counted and split == "train":
+                    before.update(count_terms(text))
+                for version in versions:
+                    out.add(split, name if version is text else f"{name} (counterfactual)",
+                            tok.encode_document(version, out.dtype), len(version),
+                            count_terms(version) if counted else None)
+        if versions_of:
+            cleaning_stats = {**(cleaning_stats or {}), "counterfactual": counterfactual_stats(
+                cfg, changed, swaps, before, out.term_counts["train"])}
         return out.finish(source, cleaning_stats)
 
 

@@ -20,6 +20,10 @@ held in memory: the main process cuts the input into batches of documents (~1 MB
 them to num_proc worker processes, which read, parse, clean, hash and tokenize them; it takes their
 results back in order, drops duplicates and writes. So the output is the same whatever num_proc is.
 
+With --counterfactual=augment (or swap), a chosen share of the training documents also get (or
+are replaced by) a copy with every bias_terms pair swapped: He -> She, HIS -> HER, her -> his or
+him (prepare/common.py's rule). meta.json records how many and the term counts before and after.
+
 Tokenizers that learn (char, sentencepiece) first read the training split's first
 tokenizer_sample_chars characters in a separate pass; meta.json records how much they read.
 """
@@ -29,6 +33,7 @@ import gzip
 import json
 import os
 import sys
+from types import SimpleNamespace
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -38,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
 from data import SPLITS, DataError  # noqa: E402
 from prepare.common import (DatasetWriter, SeenDigests, bias_share, clean_text,  # noqa: E402
-                            decode_utf8, document_digest, refuse_existing_dataset, run_main, scrub_pii,
-                            term_counter, terms_counted)
+                            counterfactual_stats, counterfactual_versions, decode_utf8, document_digest,
+                            refuse_existing_dataset, run_main, scrub_pii, term_counter, terms_counted)
 from tokenizer import build_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
@@ -234,22 +239,24 @@ WORKER = {}  # what each worker process needs, set once by start_worker
 def start_worker(settings, tok):
     WORKER.update(settings)
     WORKER["count_terms"] = term_counter(settings["bias_terms"])[1]
+    WORKER["versions"] = counterfactual_versions(settings["counterfactual"])
     WORKER["tok"] = tok  # None in the sampling pass
 
 
 def process(task):
     """In a worker: one task -> (documents, payloads). documents: [(name, digest, split, characters,
-    scrubbed, term counts)] in order; digest and split are None for an empty document; term
-    counts are its occurrences of the bias terms (None in the sampling pass, or when the document
-    is not in the bias sample). payloads[split] holds that split's documents in the same order:
-    their token ids (tokenizer.PackedDocuments, from one tokenizer call), or their texts when
-    there is no tokenizer yet (the sampling pass)."""
+    scrubbed, term counts, term counts before, swaps)] in order; digest and split are None for an
+    empty document; term counts are its occurrences of the bias terms (None in the sampling pass,
+    or when the document is not in the bias sample), and before counterfactual augmentation (a
+    counterfactual copy had none before: it is new). payloads[split] holds that split's
+    documents in the same order: their token ids (tokenizer.PackedDocuments, from one tokenizer
+    call), or their texts when there is no tokenizer yet (the sampling pass)."""
     documents, texts = [], {split: [] for split in SPLITS}
-    tok, count_terms = WORKER["tok"], WORKER["count_terms"]
+    tok, count_terms, versions_of = WORKER["tok"], WORKER["count_terms"], WORKER["versions"]
     for name, raw in documents_of(task, WORKER["text_field"]):
         text = clean_text(decode_utf8(raw, name) if isinstance(raw, bytes) else raw)
         if not text:
-            documents.append((name, None, None, 0, 0, None))
+            documents.append((name, None, None, 0, 0, None, None, 0))
             continue
         digest = document_digest(text)  # of the cleaned text: what dedup compares
         scrubbed = 0
@@ -258,11 +265,19 @@ def process(task):
         # the split comes from a hash of the final text (the same as digest when nothing was scrubbed)
         split = split_of(document_digest(text) if scrubbed else digest, WORKER["val_fraction"],
                          WORKER["test_fraction"])
-        terms = None
-        if tok is not None and count_terms and terms_counted(digest, WORKER["bias_share"]):
-            terms = count_terms(text)
-        texts[split].append(text)
-        documents.append((name, digest, split, len(text), scrubbed, terms))
+        counted = tok is not None and count_terms and terms_counted(digest, WORKER["bias_share"])
+        terms = count_terms(text) if counted else None
+        versions, swaps = [text], 0
+        if versions_of and tok is not None and split == "train":
+            versions, swaps = versions_of(text, digest)
+        for version in versions:
+            texts[split].append(version)
+            if version is text:
+                documents.append((name, digest, split, len(text), scrubbed, terms, terms, 0))
+            else:  # a counterfactual: its own digest (dedup must not take it for the original)
+                before = collections.Counter() if len(versions) > 1 else terms  # augment: a new document
+                documents.append((f"{name} (counterfactual)", document_digest(version), split, len(version), 0,
+                                  count_terms(version) if counted else None, before, swaps))
     if tok is None:  # the sampling pass reads only the training split
         return documents, {"train": texts["train"]}
     return documents, {split: tok.encode_documents(t, WORKER["dtype"]) for split, t in texts.items()}
@@ -290,7 +305,9 @@ def processed(cfg, inputs, tok=None, dtype=np.uint32, bias_share=1.0):
     """Every document of the inputs with its payload, in input order, through process(): in
     num_proc workers, with at most two tasks per worker in flight so memory stays bounded."""
     settings = {"scrub_pii": cfg.scrub_pii, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
-                "dtype": dtype, "text_field": cfg.text_field, "bias_terms": cfg.bias_terms, "bias_share": bias_share}
+                "dtype": dtype, "text_field": cfg.text_field, "bias_terms": cfg.bias_terms, "bias_share": bias_share,
+                "counterfactual": SimpleNamespace(counterfactual=cfg.counterfactual, bias_terms=cfg.bias_terms,
+                                                  counterfactual_share=cfg.counterfactual_share)}
     work = tasks(inputs, cfg.text_field)
     workers = cfg.num_proc or available_cores()
     if workers == 1:
@@ -339,10 +356,12 @@ def write_corpus(cfg, inputs, tok):
     """Stream every document into cfg.data_dir's shards; returns meta."""
     seen = SeenDigests()
     stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
+    changed, swaps, before = 0, 0, collections.Counter()  # counterfactual augmentation's record
     share = bias_share(cfg, sum(size for *_, size in inputs))
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms, share) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
-        for (name, digest, split, characters, scrubbed, terms), ids in processed(cfg, inputs, tok, out.dtype, share):
+        for document, ids in processed(cfg, inputs, tok, out.dtype, share):
+            name, digest, split, characters, scrubbed, terms, terms_before, swapped = document
             bar.update()
             if digest is None:
                 stats["empty_documents"] += 1
@@ -351,8 +370,13 @@ def write_corpus(cfg, inputs, tok):
             else:
                 stats["scrubbed_spans"] += scrubbed
                 out.add(split, name, ids, characters, terms)
+                changed, swaps = changed + bool(swapped), swaps + swapped
+                if split == "train" and terms_before is not None:
+                    before.update(terms_before)
         if not any(s["documents"] for s in out.stats.values()):
             raise empty_corpus(cfg)
+        if cfg.counterfactual:
+            stats["counterfactual"] = counterfactual_stats(cfg, changed, swaps, before, out.term_counts["train"])
         return out.finish({"input": cfg.input}, stats)
 
 
@@ -364,6 +388,7 @@ def prepare(cfg):
     if cfg.data_dir.startswith(os.path.join("data", f"{cfg.dataset}_")) and cfg.input:
         raise DataError("set --data_dir for your corpus (the default names the built-in dataset)")
     refuse_existing_dataset(cfg.data_dir, cfg.overwrite)
+    counterfactual_versions(cfg)  # (a bad pair list: said now, before any work)
     inputs = find_inputs(cfg)
     tok = build_tokenizer(cfg, training_sample(cfg, inputs))
     return write_corpus(cfg, inputs, tok)

@@ -181,6 +181,9 @@ CASES = [
      ["harness_include", "no such folder"]),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["vocab.txt"], "bert_folder_without_vocab"),
     (["sample.py", "--init_from=hf:{tmp}/hf"], ["config.json", "lacks 'layer_norm_eps'"], "bert_config_lacks_key"),
+    (["train.py", "--counterfactual=augment"], ["counterfactual=augment", "prepared with none", "another"]),
+    (["prepare/text.py", "--input={tmp}", "--data_dir={tmp}/d", "--counterfactual=augment",
+      "--bias_terms=he/she,he/it"], ["bias_terms", "'he' is in 2 pairs"]),
     # ---- explain.py (writes nothing, out_dir/explain/ included, when its input is bad)
     (["explain.py", "--out_dir={tmp}/no_run", "--text=x"], ["no_run", "no such run folder"]),
     (["explain.py", "--text=aЖ€"], ["characters this model's tokenizer never saw", "Ж€"]),

@@ -321,3 +321,84 @@ def test_bias_terms_of_a_large_corpus_are_counted_in_a_hash_chosen_sample(tmp_pa
     for split in expected:
         assert part["bias_terms"][split] == {t: expected[split][t] for t in terms}, split
         assert all(part["bias_terms"][split][t] <= full["bias_terms"][split][t] for t in terms)
+
+
+# ----------------------------------------------------------------------------- counterfactual augmentation
+
+DEFAULT_PAIRS = "he/she,him/her,his/her,king/queen,lord/lady,sir/madam,son/daughter"
+
+
+@pytest.mark.parametrize("text,swapped,n", [
+    ("He took her hand.", "She took his hand.", 2),            # her + a noun: possessive
+    ("I saw her.", "I saw him.", 1),                            # her at a sentence's end: object
+    ("Give her the crown, and her own.", "Give him the crown, and his own.", 2),  # her + determiner: object
+    ("to her and him", "to him and her", 2),
+    ("HIS KING, His Lady", "HER QUEEN, Her Lord", 4),            # the word's case is kept
+    ("The King's son; _king_; kingdom, kingly", "The Queen's daughter; _queen_; kingdom, kingly", 3),  # whole words
+    ("Sir, O her eyes!", "Madam, O his eyes!", 2),
+    ("She", "He", 1),
+])
+def test_a_counterfactual_swaps_each_pair_keeping_case_and_the_her_rule(text, swapped, n):
+    from prepare.common import counterfactual_swapper
+    assert counterfactual_swapper(DEFAULT_PAIRS)(text) == (swapped, n)
+
+
+def test_a_word_in_two_pairs_is_refused_but_her():
+    from errors import ConfigError
+    from prepare.common import counterfactual_swapper
+    with pytest.raises(ConfigError, match="'he' is in 2 pairs"):
+        counterfactual_swapper("he/she,he/it")
+    counterfactual_swapper("him/her,his/her")  # her: the documented rule decides
+
+
+def gendered_corpus(folder, n=40):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"d{i:02d}.txt").write_text(f"Scene {i}. The king spoke to his son, and he said: "
+                                              f"my lord, I saw her.")
+    (folder / "plain.txt").write_text("No person is named in this one at all.")
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["augment", "swap"])
+def test_counterfactual_augmentation_changes_the_training_split_only(tmp_path, mode):
+    source = gendered_corpus(tmp_path / "src")
+    plain = prep(tmp_path / "plain", source, bias_terms=DEFAULT_PAIRS)
+    meta = prep(tmp_path / "cf", source, bias_terms=DEFAULT_PAIRS, counterfactual=mode)
+    stats, base = meta["stats"], plain["stats"]
+    for split in ("val", "test"):  # never touched: what the model is measured on stays as it was
+        assert stats[split]["documents"] == base[split]["documents"] and stats[split]["tokens"] == base[split]["tokens"]
+        assert stats["bias_terms"][split] == base["bias_terms"][split]
+    gendered = sum("plain" not in name for name in base["train"]["names"])  # all but plain.txt have terms
+    record = stats["counterfactual"]
+    assert record["documents"] == gendered and record["swaps"] == 6 * gendered
+    assert record["train_terms_before"] == base["bias_terms"]["train"]
+    after = stats["bias_terms"]["train"]
+    assert record["train_terms_after"] == after
+    if mode == "augment":  # each pair balanced: the original and its counterfactual
+        assert stats["train"]["documents"] == base["train"]["documents"] + gendered
+        assert after["he"] == after["she"] == gendered and after["king"] == after["queen"] == gendered
+        assert after["her"] == after["him"] + after["his"] == 2 * gendered
+    else:  # each pair flipped
+        assert stats["train"]["documents"] == base["train"]["documents"]
+        assert (after["she"], after["he"], after["queen"], after["lady"]) == (gendered, 0, gendered, gendered)
+    names = [n for n in stats["train"]["names"] if n.endswith("(counterfactual)")]
+    assert len(names) == gendered
+
+
+def test_counterfactual_share_chooses_documents_by_hash_and_the_builtin_path_agrees(tmp_path):
+    from prepare.common import write_dataset
+    from tokenizer import CharTokenizer
+    source = gendered_corpus(tmp_path / "src", n=60)
+    none = prep(tmp_path / "none", source, bias_terms=DEFAULT_PAIRS, counterfactual="augment", counterfactual_share=0)
+    assert none["stats"]["counterfactual"]["documents"] == 0
+    half = prep(tmp_path / "half", source, bias_terms=DEFAULT_PAIRS, counterfactual="augment",
+                counterfactual_share=0.5)["stats"]["counterfactual"]["documents"]
+    assert 0.25 * 60 < half < 0.75 * 60
+    # the built-in datasets' path (write_dataset) swaps the same way
+    texts = [(f"d{i}", p.read_text()) for i, p in enumerate(sorted(source.iterdir()))]
+    splits = {"train": texts[:-4], "val": texts[-4:-2], "test": texts[-2:]}
+    cfg = make_cfg(data_dir=str(tmp_path / "builtin"), bias_terms=DEFAULT_PAIRS, counterfactual="swap")
+    meta = write_dataset(splits, CharTokenizer.train("".join(t for _, t in texts)), cfg, {"input": "x"})
+    assert meta["stats"]["counterfactual"]["documents"] == sum("No person" not in t for _, t in splits["train"])
+    assert meta["stats"]["bias_terms"]["train"]["he"] == 0
