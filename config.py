@@ -99,6 +99,9 @@ KEYS = [
        "counterfactual word pairs a/b whose occurrences prepare counts per split into meta.json's stats (what "
        "evaluate.py eval_task=bias swaps); empty = no counts", scripts=MAKES_DATA,
        allowed=r"([A-Za-z']+/[A-Za-z']+(,[A-Za-z']+/[A-Za-z']+)*)?"),
+    _k("bias_file", "", "counterfactual pairs {a, b} (JSONL, as evaluate.py eval_task=bias reads) scored at every "
+       "evaluation of train.py and finetune.py: the mean log p(a) - log p(b) and its 95% interval go into "
+       "metrics.jsonl and loss.png; data/shakespeare_bias/test.jsonl is the shipped set; empty = off", scripts=TRAINS),
     _k("counterfactual", "", "bias mitigation in the training split (Lu et al. 2020's counterfactual data "
        "augmentation): augment adds a copy of each chosen document with every bias_terms pair swapped (He -> She, "
        "her -> his or him by prepare/common.py's rule); swap replaces the document with it; empty = off",

@@ -57,11 +57,12 @@ from checkpoint import load_for_inference
 from compute import setup_compute
 from config import cli_config
 from data import DataError, SplitTokens, load_meta, prepare_on_first_use
-from examples import keep_last, prompt_ids, read_jsonl, reward_function, task_path
+from examples import keep_last, prompt_ids, read_bias_pairs, read_jsonl, reward_function, task_path
 from files import atomic_write
 from generate import generate
 from metrics import plot_losses, read_metrics
-from scoring import bootstrap_interval, classification_report, lm_metrics, mlm_metrics, sequence_logprob
+from scoring import (bootstrap_interval, classification_report, lm_metrics, mlm_metrics, pair_gaps,
+                     sequence_logprob)
 
 
 def text_length(tok, ids, first=0, chunk=1 << 20):
@@ -253,16 +254,8 @@ def eval_bias(model, tok, cfg, device, data_dir):
     from tqdm import tqdm
     path = task_path(cfg, "bias")
     prepare_on_first_use(cfg, path)  # the shipped template set
-    rows = read_jsonl(path, ["a", "b"], cfg.max_examples)
-    for i, r in enumerate(rows, 1):
-        if not all(isinstance(r[k], str) and r[k].strip() for k in "ab") or r["a"] == r["b"]:
-            raise DataError(f"{path}: record {i}: 'a' and 'b' must be two different, non-empty sentences")
-    logp = {}
-    for r in tqdm(rows, desc="scoring pairs", unit="pair"):
-        for text in (r["a"], r["b"]):  # (a sentence shared by several pairs is scored once)
-            if text not in logp:
-                logp[text] = sequence_logprob(model, [tok.eot_id], tok.encode(text), device)
-    gaps = np.array([logp[r["a"]] - logp[r["b"]] for r in rows])
+    rows = read_bias_pairs(path, cfg.max_examples)
+    gaps = pair_gaps(model, tok, tqdm(rows, desc="scoring pairs", unit="pair"), device)
     low, high = bootstrap_interval(gaps, seed=cfg.seed)
     result = {"mean_gap": float(gaps.mean()), "ci95_low": low, "ci95_high": high,
               "share_a_preferred": float((gaps > 0).mean()), "pairs": len(rows)}

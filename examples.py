@@ -66,6 +66,16 @@ def read_jsonl(path, fields, max_examples=0):
     return rows
 
 
+def read_bias_pairs(path, max_examples=0):
+    """A counterfactual pair file (evaluate.py eval_task=bias, train.py bias_file): rows {"a", "b"}
+    of two different non-empty sentences (other fields kept)."""
+    rows = read_jsonl(path, ["a", "b"], max_examples)
+    for i, r in enumerate(rows, 1):
+        if not all(isinstance(r[k], str) and r[k].strip() for k in "ab") or r["a"] == r["b"]:
+            raise DataError(f"{path}: record {i}: 'a' and 'b' must be two different, non-empty sentences")
+    return rows
+
+
 def task_path(cfg, default_task):
     """cfg.task_file, or the eval_split file of the task set (task_dir or its default folder)."""
     return cfg.task_file or os.path.join(task_dir_of(cfg, default_task), f"{cfg.eval_split}.jsonl")

@@ -194,6 +194,9 @@ def check_task_fits(cfg, arch):
     if arch == "lstm" and (cfg.task == "classify" or cfg.lora_rank > 0):
         raise ConfigError("the classification head and LoRA adapters are built on transformer blocks; "
                           "fine-tune an LSTM (arch=lstm) with task=lm or task=sft, without lora_rank")
+    if cfg.task == "classify" and cfg.bias_file:
+        raise ConfigError("bias_file scores sentences by their probability, and a classifier gives none; "
+                          "probe its base model instead")
     if arch == "cnn" and cfg.lora_rank > 0:
         raise ConfigError("LoRA adapters wrap linear layers and arch=cnn's convolutions read their weights as "
                           "kernels; fine-tune a CNN without lora_rank")

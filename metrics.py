@@ -217,11 +217,14 @@ def plot_losses(metrics_path, png_path):
     train = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     rewards = [(r["iter"], r["reward"]) for r in rows if r["kind"] == "train" and "reward" in r]
-    if rewards:  # task=rl: the reward curve below the loss
-        fig, (ax, ax_reward) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
-        plot_rewards(ax_reward, rewards, [(r["iter"], r["val_reward"]) for r in rows if "val_reward" in r])
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4))
+    bias = [(r["iter"], r["bias_gap"], r["bias_ci95_low"], r["bias_ci95_high"]) for r in rows if "bias_gap" in r]
+    panels = 1 + bool(rewards) + bool(bias)  # task=rl's rewards and bias_file's gap below the loss
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 4 + 2.5 * (panels - 1)), sharex=True, squeeze=False)
+    ax, below = axes[0, 0], list(axes[1:, 0])
+    if rewards:
+        plot_rewards(below.pop(0), rewards, [(r["iter"], r["val_reward"]) for r in rows if "val_reward" in r])
+    if bias:
+        plot_bias(below.pop(0), bias)
     if train:
         ax.plot(*zip(*train), color="tab:blue", alpha=0.35, lw=1, label="train (batch)")
     if evals:
@@ -250,6 +253,19 @@ def plot_rewards(ax, sampled, greedy):
         ax.plot(*zip(*greedy), "o-", color="tab:purple", label="val (greedy completions)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def plot_bias(ax, bias):
+    """bias_file's panel of loss.png: the mean gap log p(a) - log p(b) at each evaluation, with its
+    95% bootstrap interval as a band; 0 is no preference."""
+    its, gap, low, high = zip(*bias)
+    ax.plot(its, gap, "o-", color="tab:brown", label="mean gap log p(a) - log p(b)")
+    ax.fill_between(its, low, high, color="tab:brown", alpha=0.2, label="95% interval")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("bias probe (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
 

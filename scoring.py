@@ -105,6 +105,19 @@ def sequence_logprob(model, context, continuation, device):
     return continuation_score(model, context, continuation, device)[0]
 
 
+def pair_gaps(model, tok, pairs, device):
+    """Counterfactual pairs [{"a", "b", ...}] -> log p(a) - log p(b) of each (numpy, nats): each
+    sentence scored whole after end-of-text, where a document starts; a sentence shared by
+    several pairs once."""
+    logp, gaps = {}, []
+    for r in pairs:
+        for text in (r["a"], r["b"]):
+            if text not in logp:
+                logp[text] = sequence_logprob(model, [tok.eot_id], tok.encode(text), device)
+        gaps.append(logp[r["a"]] - logp[r["b"]])
+    return np.array(gaps)
+
+
 # ----------------------------------------------------------------------------- masked language modelling
 
 

@@ -45,7 +45,7 @@ from metrics import (DivergenceWatch, MetricsLogger, Throughput, describe_end, d
                      progress_bar)
 from muon import CombinedOptimizer, Muon
 from systems import checkpoint_blocks, plain_name
-from tasks import LMTask
+from tasks import LMTask, with_bias_probe
 from tokenizer import model_vocab_size
 
 
@@ -71,7 +71,7 @@ def train(cfg):
     if resuming and loaded.tokenizer != meta["tokenizer"]:
         raise DataError(f"{cfg.data_dir} was prepared with another tokenizer than the run in {cfg.out_dir} "
                         f"was trained on; resume with the run's data, or start a new out_dir")
-    task = LMTask(cfg, procs, meta, arch)
+    task = with_bias_probe(LMTask(cfg, procs, meta, arch), cfg, meta["tokenizer"])
     # (init_from=RUN starts a new run from RUN's weights: its optimizer and iteration stay behind)
     return fit(cfg, procs, loaded.model, task, loaded.checkpoint if resuming else None,
                extra_state={"tokenizer": meta["tokenizer"]})

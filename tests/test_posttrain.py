@@ -20,6 +20,7 @@ from conftest import ROOT, make_cfg, stop_after_steps
 from conftest import TINY_BASE as BASE
 from data import load_meta
 from distributed import setup_processes
+from errors import ConfigError
 import evaluate as E
 import examples as EX
 import finetune as FT
@@ -286,6 +287,34 @@ def test_bias_probe_gaps_equal_direct_scores_and_the_interval_covers_the_mean(ba
     # the data beside the model: the share of king among king + queen in the training split
     counts = load_meta(loaded.data_dir)["stats"]["bias_terms"]["train"]
     assert result["king/queen"]["corpus_share_a"] == pytest.approx(counts["king"] / (counts["king"] + counts["queen"]))
+
+
+def test_bias_file_is_scored_at_every_evaluation_as_the_probe_scores_it(char_data, base_run, tmp_path):
+    """train.py bias_file: each eval row holds the probe's gap and interval, and the last equals
+    evaluate.py eval_task=bias on the checkpoint saved at that evaluation; loss.png gains a panel;
+    finetune.py too; a classifier, which scores no sentence, refuses it."""
+    rows = [{"a": "The king is wise.", "b": "The queen is wise."}, {"a": "He is brave.", "b": "She is brave."},
+            {"a": "My lord weeps.", "b": "My lady weeps."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    T.train(make_cfg(**{**BASE, "plot": True}, data_dir=str(char_data), out_dir=str(out), max_iters=4,
+                     eval_interval=2, bias_file=str(path)))
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["iter"] for r in evals] == [2, 4]
+    assert all(r["bias_ci95_low"] <= r["bias_gap"] <= r["bias_ci95_high"] for r in evals)
+    cfg = make_cfg(**BASE, out_dir=str(out), checkpoint="last", eval_task="bias", task_file=str(path))
+    model, tok, loaded = load_for_inference(cfg, torch.device("cpu"))
+    assert E.eval_bias(model, tok, cfg, torch.device("cpu"), loaded.data_dir)["mean_gap"] == pytest.approx(
+        evals[-1]["bias_gap"], rel=1e-5)
+    from PIL import Image
+    assert Image.open(out / "loss.png").size == (700, 650)  # two panels: the loss, the probe
+    ft = FT.finetune(make_cfg(**BASE, init_from=str(base_run), out_dir=str(tmp_path / "ft"), task="lm",
+                              data_dir=str(char_data), max_iters=2, eval_interval=2, bias_file=str(path)))
+    assert "bias_gap" in read_metrics(tmp_path / "ft" / "metrics.jsonl")[-1] and ft["model"] is not None
+    with pytest.raises(ConfigError, match="a classifier gives none"):
+        FT.finetune(make_cfg(**BASE, init_from=str(base_run), out_dir=str(tmp_path / "cls"), task="classify",
+                             bias_file=str(path)))
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
