@@ -31,6 +31,7 @@ from config import cli_config
 from distributed import setup_processes
 from errors import CheckpointError, ConfigError
 from multitoken import MultiTokenGPT
+from probes import with_bias_probe
 from tasks import FrozenReference, make_task
 from tokenizer import from_meta
 from train import fit
@@ -152,7 +153,7 @@ def finetune(cfg):
     arch = (base if ckpt is None else model_to_resume).config.arch
     check_task_fits(cfg, arch)
     tok = from_meta(tok_meta, cfg.gpt2_bpe_path, cfg.cache_dir)
-    task = make_task(cfg, procs, tok, tok_meta, arch)
+    task = with_bias_probe(make_task(cfg, procs, tok, tok_meta, arch), cfg, tok_meta)
     if ckpt is not None:
         model, lora = model_to_resume, ckpt["finetune"]["lora"]
         apply_freezing(model, cfg, lora)

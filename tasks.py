@@ -28,11 +28,10 @@ from data import DataError, RandomBatches, TokenLoader, load_meta, prepare_on_fi
 from distributed import micro_batches_per_process
 from errors import CheckpointError, ConfigError
 from examples import (classify_batch, completion_example, keep_last, pack, pad_batch, preference_pairs,
-                      read_bias_pairs, read_jsonl, reward_function, rl_prompts, sft_examples)
+                      read_jsonl, reward_function, rl_prompts, sft_examples)
 from generate import generate
 from model import document_ids
-from scoring import (bootstrap_interval, classification_report, dpo_loss, group_advantages, mask_tokens,
-                     pair_gaps, token_logprobs)
+from scoring import classification_report, dpo_loss, group_advantages, mask_tokens, token_logprobs
 from tokenizer import from_meta, mask_id_of, model_vocab_size
 
 
@@ -478,44 +477,11 @@ def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
             raise DataError(f"{cfg.data_dir} was tokenized with {meta['tokenizer']['kind']} (vocab "
                             f"{meta['vocab_size']}), not the base model's {tok_meta['kind']} tokenizer; prepare it "
                             f"with the same tokenizer")
-        return with_bias_probe(LMTask(cfg, procs, meta, arch), cfg, tok_meta)
+        return LMTask(cfg, procs, meta, arch)
     task_dir = task_dir_of(cfg, DEFAULT_TASK_SET[cfg.task])
     if procs.master:
         prepare_on_first_use(cfg, os.path.join(task_dir, "train.jsonl"))
     if procs.world > 1:
         torch_dist.barrier()
     tasks = {"sft": SFTTask, "classify": ClassifyTask, "dpo": PreferenceTask, "rl": RewardTask}
-    return with_bias_probe(tasks[cfg.task](cfg, procs, tok, task_dir), cfg, tok_meta)
-
-
-# ----------------------------------------------------------------------------- monitoring bias
-
-def with_bias_probe(task, cfg, tok_meta):
-    """The task, with bias_file's counterfactual pairs scored at every evaluation when it is set."""
-    return BiasProbe(task, cfg, from_meta(tok_meta)) if cfg.bias_file else task
-
-
-class BiasProbe:
-    """A task whose evaluations also score counterfactual pairs {"a", "b"} (bias_file; evaluate.py
-    eval_task=bias's measure): the mean log p(a) - log p(b) over the pairs in nats, and its 95%
-    bootstrap interval, as bias_gap, bias_ci95_low and bias_ci95_high in metrics.jsonl and on
-    loss.png's second panel. Every process scores every pair (under FSDP each forward is
-    collective), so all get the same numbers. Everything else is the task's own."""
-
-    def __init__(self, task, cfg, tok):
-        self.task, self.tok, self.seed = task, tok, cfg.seed
-        if task.procs.master:  # the shipped pairs (data/shakespeare_bias/test.jsonl) are made on first use
-            prepare_on_first_use(cfg, cfg.bias_file)
-        if task.procs.world > 1:
-            torch_dist.barrier()
-        self.pairs = read_bias_pairs(cfg.bias_file)
-
-    def __getattr__(self, name):  # loader, train_size, loss, ...: the task's
-        return getattr(self.task, name)
-
-    def evaluate(self, model, autocast):
-        results = self.task.evaluate(model, autocast)
-        with evaluating(model), autocast, torch.no_grad():
-            gaps = pair_gaps(unwrap(model), self.tok, self.pairs, next(model.parameters()).device)
-        low, high = bootstrap_interval(gaps, seed=self.seed)
-        return {**results, "bias_gap": float(gaps.mean()), "bias_ci95_low": low, "bias_ci95_high": high}
+    return tasks[cfg.task](cfg, procs, tok, task_dir)

@@ -45,7 +45,8 @@ from metrics import (DivergenceWatch, MetricsLogger, Throughput, describe_end, d
                      progress_bar)
 from muon import CombinedOptimizer, Muon
 from systems import checkpoint_blocks, plain_name
-from tasks import LMTask, with_bias_probe
+from probes import with_bias_probe
+from tasks import LMTask
 from tokenizer import model_vocab_size
 
 
