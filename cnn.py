@@ -26,13 +26,11 @@ convolution is a linear map of the k past positions read together, so Muon and t
 see it as the matmul it is. Shapes: B batch, T time, C = n_embd, k = conv_kernel.
 """
 
-from dataclasses import fields
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, make_norm
+from model import GPT, make_norm
 
 # what arch='cnn' has no use for: set to anything but its default, it is an error, not ignored
 ATTENTION_ONLY = ("n_kv_head", "norm_position", "type_vocab_size", "pos", "mlp", "qk_norm", "mtp_heads",
@@ -111,9 +109,7 @@ class GatedConvLM(GPT):
     """Token ids -> embeddings -> n_layer gated conv blocks -> final norm -> logits: GPT.forward."""
 
     def __init__(self, config):
-        defaults = GPTConfig(arch="cnn", n_head=config.n_head, n_embd=config.n_embd)
-        wrong = [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
-                 if f.name in ATTENTION_ONLY and getattr(config, f.name) != getattr(defaults, f.name)]
+        wrong = config.changed(ATTENTION_ONLY)
         if wrong:
             raise ValueError(f"arch='cnn' has no attention, MLP, positions or extra heads: {', '.join(wrong)} "
                              f"does not apply")

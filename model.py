@@ -79,6 +79,12 @@ class GPTConfig:
             raise ValueError(f"conv_kernel and conv_dilation shape arch='cnn' only (arch={self.arch!r})")
         check_flex_dropout(self.attn_backend, self.dropout)
 
+    def changed(self, names):
+        """'name=value' for each of names set away from its default (n_kv_head's is n_head): an
+        architecture with no use for them (rnn.py, cnn.py) refuses them instead of ignoring them."""
+        default = GPTConfig(arch=self.arch, n_head=self.n_head, n_embd=self.n_embd)
+        return [f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) != getattr(default, name)]
+
     @property
     def padded_vocab(self):
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to

@@ -11,13 +11,10 @@ keeps the state as its cache (generate.RecurrentCache), so each new token costs 
 Shapes: B batch, T time, C = n_embd (the embedding and every layer's state), V vocabulary.
 """
 
-from dataclasses import fields
-
 import torch
 import torch.nn as nn
 
 from generate import RecurrentCache
-from model import GPTConfig
 from systems import cross_entropy
 
 # what arch='lstm' has no use for: set to anything but its default, it is an error, not ignored
@@ -30,9 +27,7 @@ class LSTMLM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        defaults = GPTConfig(arch="lstm", n_head=config.n_head, n_kv_head=config.n_kv_head, n_embd=config.n_embd)
-        wrong = [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
-                 if f.name in TRANSFORMER_ONLY and getattr(config, f.name) != getattr(defaults, f.name)]
+        wrong = config.changed(TRANSFORMER_ONLY)
         if wrong:
             raise ValueError(f"arch='lstm' has no attention, MLP or extra heads: {', '.join(wrong)} does not apply")
         self.config = config

@@ -249,6 +249,8 @@ def test_lstm_refuses_transformer_keys(char_data, tmp_path):
     from train import train
     with pytest.raises(ConfigError, match="pos='rope' does not apply"):
         train(small(char_data, tmp_path / "x", arch="lstm", pos="rope"))
+    with pytest.raises(ConfigError, match="n_kv_head=1 does not apply"):  # (compared with n_head, its default)
+        train(small(char_data, tmp_path / "kv", arch="lstm", n_kv_head=1))
     with pytest.raises(ConfigError, match="parallel=ddp"):
         train(small(char_data, tmp_path / "y", arch="lstm", parallel="fsdp"))
 
