@@ -120,10 +120,13 @@ def recording_attention(model):
 
 
 @torch.no_grad()
-def attention_maps(model, ids):
-    """(layers, heads, T, T): each layer's attention weights over ids (at most block_size)."""
+def attention_maps(model, ids, classifier=False):
+    """(layers, heads, T, T): each layer's attention weights over ids (at most block_size); a
+    classifier reads them all (its lengths)."""
+    device = next(model.parameters()).device
+    lengths = (torch.tensor([len(ids)], device=device),) if classifier else ()
     with recording_attention(model) as maps:
-        model(torch.tensor([ids], device=next(model.parameters()).device))
+        model(torch.tensor([ids], device=device), *lengths)
     return torch.stack(maps)
 
 
@@ -362,10 +365,8 @@ def explain_classifier(model, tok, ids, labels, views, folder):
     print(summary)
     written = [os.path.join(folder, "occlusion.html")]
     if "attention" in views:
-        with recording_attention(model) as maps:
-            model(torch.tensor([ids], device=next(model.parameters()).device),
-                  torch.tensor([len(ids)], device=next(model.parameters()).device))
-        written.append(attention_grid(torch.stack(maps), names, os.path.join(folder, "attention.png")))
+        written.append(attention_grid(attention_maps(model, ids, classifier=True), names,
+                                      os.path.join(folder, "attention.png")))
     return written
 
 
