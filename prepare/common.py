@@ -446,7 +446,7 @@ def write_dataset(splits, tok, cfg, source, cleaning_stats=None):
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms, share) as out:
         for split in SPLITS:
             for name, text in tqdm(splits[split], desc=f"tokenizing {split}", unit="doc", leave=False, disable=None):
-                digest = document_digest(text)
+                digest = document_digest(text) if share < 1 or versions_of else 0  # (read only by these two)
                 counted = count_terms and terms_counted(digest, share)
                 versions, n = versions_of(text, digest) if versions_of and split == "train" else ([text], 0)
                 changed, swaps = changed + bool(n), swaps + n
