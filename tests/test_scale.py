@@ -259,6 +259,8 @@ def task_sets(tmp_path_factory):
         "dpo": write_splits(root / "dpo", {"train": pairs, "val": pairs[:5]}),
         "rl": write_splits(root / "rl", {split: [{"prompt": f"{a} plus {a}", "completion": str(2 * a)}
                                                  for a in range(n)] for split, n in (("train", 7), ("val", 5))}),
+        "bias": write_splits(root / "bias", {"test": [{"a": "The king is wise.", "b": "The queen is wise."},
+                                                      {"a": "He is brave.", "b": "She is brave."}]}) / "test.jsonl",
     }
 
 
@@ -272,15 +274,20 @@ MODES = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["pretrain", "sft", "classify", "dpo", "rl"])
+@pytest.mark.parametrize("task", ["pretrain", "pretrain-cnn", "sft", "classify", "dpo", "rl"])
 @pytest.mark.parametrize("parallel,compiled", MODES, ids=[f"{p}-{'compile' if c else 'eager'}" for p, c in MODES])
 def test_every_parallel_mode_trains_every_task(base_run, char_data, task_sets, tmp_path, parallel, compiled, task):
     """A few steps through two evaluations and saves, under torchrun with 2 processes; what is
-    refused by design says so in one line."""
+    refused by design says so in one line. Pretraining (the gated CNN too) and SFT also score the
+    bias probe at each evaluation (bias_file), whose forwards every process runs."""
     common = [f"--parallel={parallel}", f"--compile={compiled}", "--max_iters=4", "--eval_interval=2",
               "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'run'}"]
-    if task == "pretrain":
-        done = torchrun("train.py", 2, *train_cmd(char_data, tmp_path / "run")[2:], *common)
+    probed = task in ("pretrain", "pretrain-cnn", "sft")
+    if probed:
+        common.append(f"--bias_file={task_sets['bias']}")
+    if task.startswith("pretrain"):
+        arch = ["--arch=cnn", "--conv_kernel=3"] if task == "pretrain-cnn" else []
+        done = torchrun("train.py", 2, *train_cmd(char_data, tmp_path / "run")[2:], *arch, *common)
     else:
         kw = {**TINY_BASE, "init_from": base_run, "task": task, "task_dir": task_sets[task], "dropout": 0.0,
               "learning_rate": 1e-3}
@@ -294,6 +301,7 @@ def test_every_parallel_mode_trains_every_task(base_run, char_data, task_sets, t
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["kind"] == "eval"] == [2, 4]
+    assert all(("bias_gap" in r) == probed for r in rows if r["kind"] == "eval")
     ckpt = "ckpt_last.dcp" if parallel == "fsdp" else "ckpt_last.pt"
     assert (tmp_path / "run" / ckpt).exists()
     assert load_checkpoint(str(tmp_path / "run" / ckpt))["iter_num"] == 4
