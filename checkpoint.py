@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 
 from adapters import add_lora, classifier, merge_lora
 from config import KEY_BY_NAME, ConfigError
-from data import DataError, ensure_data, load_meta
+from data import DataError, data_dirs, ensure_data, load_meta
 from distributed import barrier
 from encoder import BertGPT, uses_bert_extras
 from errors import CheckpointError
@@ -78,7 +78,7 @@ def load_model(cfg, init_from=None, meta=None, merge=True, weights=True):
                 model = build_model(GPTConfig.from_config(cfg, model_vocab_size(meta["tokenizer"], cfg.arch)))
         except ValueError as e:  # settings that do not make a model
             raise ConfigError(str(e)) from None
-        return Loaded(model, meta["tokenizer"], source="scratch", data_dir=cfg.data_dir)
+        return Loaded(model, meta["tokenizer"], source="scratch", data_dir=data_dirs(cfg.data_dir)[0])
     if source == "resume":
         path = run_checkpoint(cfg.out_dir) or checkpoint_path(cfg.out_dir, "last")
     elif os.path.isdir(source):
@@ -98,7 +98,7 @@ def load_model(cfg, init_from=None, meta=None, merge=True, weights=True):
         raise DataError(f"the tokenizer of {path}: {e}") from None
     finetune = ckpt.get("finetune") or {}
     return Loaded(model_from_checkpoint(ckpt, merge=merge and source != "resume"), tok_meta, ckpt, path,
-                  ckpt["config"]["data_dir"], finetune.get("labels"))
+                  data_dirs(ckpt["config"]["data_dir"])[0], finetune.get("labels"))  # of a mix, its own data
 
 
 def continue_run(cfg, loaded):

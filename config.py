@@ -71,8 +71,13 @@ def _k(name, default, help, choices=(), scripts=EVERY, allowed=""):
 
 KEYS = [
     # ---- data & tokenizers (prepare/*.py, and every script that reads token files) ----
-    _k("data_dir", "", "folder with meta.json and the train/val/test token shards; empty = data/{dataset}_{tokenizer}",
+    _k("data_dir", "", "folder with meta.json and the train/val/test token shards; empty = data/{dataset}_{tokenizer}"
+       "; train.py and finetune.py task=lm also mix several, comma-separated (NEW,OLD: replay), by data_weights",
        scripts=("prepare", "train", "finetune", "evaluate", "bench")),
+    _k("data_weights", "", "the share of training windows from each data_dir folder, comma-separated (0.8,0.2); "
+       "empty = equal", scripts=TRAINS, allowed=r"(\d+\.?\d*|\.\d+)(,(\d+\.?\d*|\.\d+))*|"),
+    _k("tokenizer_from", "", "a prepared data folder whose tokenizer to reuse instead of building one (new data "
+       "for a model trained on that folder, or to mix with it)", scripts=PREPARE),
     _k("dataset", "shakespeare", "what train.py prepares when data_dir is empty: 'shakespeare' or 'none'",
        ["shakespeare", "none"], MAKES_DATA),
     _k("tokenizer", "char", "tokenizer used when preparing data", ["char", "gpt2", "sentencepiece"], MAKES_DATA),
@@ -108,6 +113,13 @@ KEYS = [
        ["", "augment", "swap"], MAKES_DATA),
     _k("counterfactual_share", 1.0, "the share of training documents that get a counterfactual, chosen by hash",
        scripts=MAKES_DATA, allowed="[0, 1]"),
+    _k("canaries", 0, "privacy check (privacy.py): N random secrets per canary_repeats count written into the "
+       "training split only, recorded in meta.json, for evaluate.py eval_task=exposure; 0 = none",
+       scripts=MAKES_DATA, allowed="[0, 10000]"),
+    _k("canary_repeats", "1", "how many copies of each canary, comma-separated: N canaries for each count",
+       scripts=MAKES_DATA, allowed=r"[1-9]\d*(,[1-9]\d*)*"),
+    _k("dedup", True, "drop exact-duplicate documents (after canaries are inserted: one copy of each stays)",
+       scripts=MAKES_DATA),
     _k("bias_sample_bytes", 50_000_000, "prepare counts bias_terms in every document of a corpus up to this "
        "size, in a share of a larger one chosen by hash (about this many bytes' worth); 0 = every document",
        scripts=MAKES_DATA, allowed="[0, inf)"),
@@ -177,7 +189,7 @@ KEYS = [
     _k("init_from", "scratch", "scratch | resume (out_dir's ckpt_last) | auto (train.py: resume when out_dir has a "
        "checkpoint, else scratch; for restarts) | hf:PATH | gpt2[-medium|-large|-xl] | a run folder or checkpoint",
        scripts=("train", "finetune", "evaluate", "sample")),
-    _k("seed", 1337, "random seed for init, data order, dropout and sampling", scripts=LOADS_MODEL,
+    _k("seed", 1337, "random seed for init, data order, dropout, sampling and canaries", scripts=LOADS_MODEL + PREPARE,
        allowed="[0, 1e18]"),
     _k("device", "auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps", scripts=LOADS_MODEL,
        allowed=r"auto|cpu|mps|cuda(:\d+)?"),
@@ -281,8 +293,11 @@ KEYS = [
        "instead of one padded example per row", scripts=FINETUNE),
     # ---- evaluation (evaluate.py) ----
     _k("eval_task", "lm", "lm: perplexity on a token split; generate: BLEU/chrF; classify: F1; choice: multiple "
-       "choice; bias: log-probability gaps of counterfactual pairs {a, b}; harness: lm-evaluation-harness tasks",
-       ["lm", "generate", "classify", "choice", "bias", "harness"], EVALUATE),
+       "choice; bias: log-probability gaps of counterfactual pairs {a, b}; exposure: how well the model knows "
+       "the data's canaries (privacy.py); harness: lm-evaluation-harness tasks",
+       ["lm", "generate", "classify", "choice", "bias", "exposure", "harness"], EVALUATE),
+    _k("exposure_samples", 10_000, "exposure: random candidate secrets each canary is ranked against (10^6 or more: "
+       "all of them, exactly)", scripts=EVALUATE, allowed="[1, inf)"),
     _k("harness_tasks", "", "harness: comma-separated lm-evaluation-harness task names", scripts=EVALUATE),
     _k("harness_include", "", "harness: a folder of your own YAML task definitions (offline, local data)",
        scripts=EVALUATE),

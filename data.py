@@ -160,7 +160,18 @@ def load_meta(data_dir):
 
 
 def ensure_data(cfg, master):
-    """meta.json of cfg.data_dir, preparing the dataset first when the folder is empty."""
+    """meta.json of cfg.data_dir, preparing the dataset first when the folder is empty. Of a mix
+    (data_dir=NEW,OLD), the first folder's, once every folder is checked to share its tokenizer."""
+    folders, _ = data_dirs(cfg.data_dir), mixture_weights(cfg)
+    if len(folders) > 1:
+        metas = [load_meta(folder) for folder in folders]
+        for folder, meta in zip(folders[1:], metas[1:]):
+            if meta["tokenizer"] != metas[0]["tokenizer"]:
+                raise ConfigError(f"data_dir: {folder} was prepared with another tokenizer ({meta['tokenizer']['kind']}"
+                                  f", vocab {meta['vocab_size']}) than {folders[0]} ({metas[0]['tokenizer']['kind']}, "
+                                  f"vocab {metas[0]['vocab_size']}); a mix needs one: prepare it with "
+                                  f"--tokenizer_from={folders[0]}")
+        return metas[0]
     # rank 0 looks, for all: processes that saw different folders would disagree about the barrier
     if from_master(not os.path.isfile(os.path.join(cfg.data_dir, "meta.json"))):
         if cfg.dataset != "shakespeare":
@@ -179,6 +190,13 @@ def ensure_data(cfg, master):
         raise ConfigError(f"counterfactual={cfg.counterfactual} (share {cfg.counterfactual_share}) acts when data "
                           f"is prepared, and {cfg.data_dir} was prepared with "
                           f"{done.get('mode') or 'none'}: give another (empty) data_dir to prepare it that way")
+    canaries, deduplicated = meta.get("stats", {}).get("canaries", {}), meta.get("stats", {}).get("dedup", True)
+    if (cfg.canaries and (canaries.get("per_count"), canaries.get("repeats")) != (cfg.canaries, cfg.canary_repeats)
+            or not cfg.dedup and deduplicated):
+        raise ConfigError(f"canaries={cfg.canaries} canary_repeats={cfg.canary_repeats} dedup={cfg.dedup} act when "
+                          f"data is prepared, and {cfg.data_dir} was prepared with canaries="
+                          f"{canaries.get('per_count', 0)} canary_repeats={canaries.get('repeats', '-')} dedup="
+                          f"{deduplicated}: give another (empty) data_dir to prepare it that way")
     if meta["tokenizer"]["kind"] != cfg.tokenizer and master:
         warnings.warn(f"{cfg.data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer; "
                       f"tokenizer={cfg.tokenizer} is ignored (it only matters when preparing)")
@@ -228,7 +246,14 @@ class RandomBatches:
 
     def _draw(self):
         self.draw_start = (self.epoch, self.offset)
-        wanted, parts = self.accum * self.world * self.B, []
+        self.picks = self.take(self.accum * self.world * self.B).view(self.accum, self.world, self.B)
+        self.pos = 0
+        self.draw_tokens = self.count_tokens(self.picks.flatten().tolist())
+        self.tokens += self.draw_tokens
+
+    def take(self, wanted):
+        """The stream's next `wanted` items (1-D), running on into the next epoch when one ends."""
+        parts = [torch.zeros(0, dtype=torch.long)]
         while wanted:
             if self.order is None:
                 self.order = self.epoch_items(torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch)
@@ -241,10 +266,7 @@ class RandomBatches:
             self.offset += len(part)
             if self.offset == len(self.order):
                 self.epoch, self.offset, self.order = self.epoch + 1, 0, None
-        self.picks = torch.cat(parts).view(self.accum, self.world, self.B)
-        self.pos = 0
-        self.draw_tokens = self.count_tokens(self.picks.flatten().tolist())
-        self.tokens += self.draw_tokens
+        return torch.cat(parts)
 
     def next(self):
         if self.pos == self.accum:
@@ -326,6 +348,76 @@ class TokenLoader(RandomBatches):
 
     def count_tokens(self, picks):
         return len(picks) * self.T
+
+
+def data_dirs(value):
+    """data_dir 'NEW,OLD' -> ['NEW', 'OLD']: the datasets a run mixes (the first is its own)."""
+    return value.split(",")
+
+
+def mixture_weights(cfg):
+    """data_weights as a normalised list, one per data_dir (equal when unset)."""
+    n = len(data_dirs(cfg.data_dir))
+    weights = [float(w) for w in cfg.data_weights.split(",")] if cfg.data_weights else [1.0] * n
+    if len(weights) != n:
+        raise ConfigError(f"data_weights={cfg.data_weights} gives {len(weights)} weights for {n} data_dir folders "
+                          f"({cfg.data_dir}): give one weight per folder")
+    if sum(weights) <= 0:
+        raise ConfigError(f"data_weights={cfg.data_weights} must sum to a positive number")
+    return [w / sum(weights) for w in weights]
+
+
+class MixedLoader(RandomBatches):
+    """Training windows from several datasets (data_dir=NEW,OLD, data_weights=0.8,0.2: replay of
+    old data while training on new). Each window of a step's draw comes from dataset i with
+    probability weights[i], chosen by a generator seeded from (seed, draw number); each dataset
+    keeps its own TokenLoader stream of windows. The draw is global, as in RandomBatches, so DDP
+    equals accumulation; the state is the draw number and each stream's position: resumable."""
+
+    def __init__(self, folders, weights, batch_size, block_size, accum, world, rank, seed, device, align_eot=None,
+                 check_ids=False):
+        self.sources = [TokenLoader(d, "train", batch_size, block_size, 1, 1, 0, seed + i, device, align_eot,
+                                    check_ids) for i, d in enumerate(folders)]
+        super().__init__(sum(s.size for s in self.sources), batch_size, accum, world, rank, seed, device)
+        self.weights, self.T, self.draws = torch.tensor(weights, dtype=torch.float64), block_size, 0
+        self.data = self.sources[0].data  # the run's own dataset: what evaluation reads as "train"
+
+    def _draw(self):
+        self.draw_start = (self.draws, [(s.epoch, s.offset) for s in self.sources])
+        wanted = self.accum * self.world * self.B
+        generator = torch.Generator().manual_seed((self.seed * 1_000_033 + self.draws) % 2**63)
+        source = torch.multinomial(self.weights, wanted, replacement=True, generator=generator)  # (N,)
+        starts = torch.zeros(wanted, dtype=torch.long)
+        for i, stream in enumerate(self.sources):
+            slots = (source == i).nonzero().flatten()
+            starts[slots] = stream.take(len(slots))
+        self.picks = torch.stack([source, starts], -1).view(self.accum, self.world, self.B, 2)
+        self.draws, self.pos = self.draws + 1, 0
+        self.draw_tokens = wanted * self.T
+        self.tokens += self.draw_tokens
+
+    def make_batch(self, picks):
+        """(x, y) as TokenLoader's, each window read from its own dataset."""
+        buf = torch.from_numpy(np.stack([self.sources[i].data[s:s + self.T + 1] for i, s in picks]).astype(np.int64))
+        buf, = self.to_device(buf)
+        return buf[:, :-1], buf[:, 1:]
+
+    def state_dict(self):
+        boundary = self.pos == self.accum
+        draws, streams = (self.draws, [(s.epoch, s.offset) for s in self.sources]) if boundary else self.draw_start
+        return {"draws": draws, "streams": streams, "pos": 0 if boundary else self.pos,
+                "tokens": self.tokens - (0 if boundary else self.draw_tokens)}
+
+    def load_state_dict(self, state):
+        if "streams" not in state or len(state["streams"]) != len(self.sources):
+            raise ConfigError(f"the checkpoint's data position is not one of a mix of {len(self.sources)} datasets: "
+                              f"resume with the run's own data_dir")
+        self.draws, self.tokens, self.pos = state["draws"], state["tokens"], self.accum
+        for stream, (epoch, offset) in zip(self.sources, state["streams"]):
+            stream.epoch, stream.offset, stream.order = epoch, offset, None
+        if 0 < state["pos"] < self.accum:
+            self._draw()
+            self.pos = state["pos"]
 
 
 # ----------------------------------------------------------------------------- 4. sources

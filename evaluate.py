@@ -29,6 +29,8 @@ Tasks (eval_task):
             set): the mean log-probability gap log p(a) - log p(b) with a bootstrap confidence
             interval, the share of pairs where a is likelier, per "group" when rows have one,
             and beside it how often the training data used each term (prepare's bias_terms).
+  exposure  the canaries prepare wrote into the run's training data (--canaries=N): each one's
+            exposure in bits (Carlini et al. 2019; privacy.py), by how often it was repeated.
   harness   any lm-evaluation-harness task (optional dependency lm-eval) through the adapter
             in lm_eval_adapter.py: harness_tasks names them, harness_include adds a folder of
             local YAML tasks, so it runs fully offline on local data.
@@ -61,6 +63,7 @@ from examples import keep_last, prompt_ids, read_bias_pairs, read_jsonl, reward_
 from files import atomic_write
 from generate import generate
 from metrics import plot_losses, read_metrics
+from privacy import exposures, print_exposures
 from scoring import (bootstrap_interval, classification_report, lm_metrics, mlm_metrics, pair_gaps,
                      sequence_logprob)
 
@@ -270,6 +273,18 @@ def eval_bias(model, tok, cfg, device, data_dir):
     return result
 
 
+def eval_exposure(model, tok, cfg, device, data_dir):
+    """How well the model knows the canaries that prepare wrote into its training data
+    (privacy.py): each one's exposure in bits, and their summary per repeat count."""
+    record = load_meta(data_dir).get("stats", {}).get("canaries")
+    if not record:
+        raise DataError(f"{data_dir} has no canaries; prepare a dataset with --canaries=N (and train on it) to "
+                        f"measure exposure")
+    result = exposures(model, tok, record, cfg.exposure_samples, cfg.seed, device)
+    print_exposures(result)
+    return result
+
+
 def corpus_term_counts(data_dir):
     """{term: occurrences in the training split} from prepare's stats, or None when not counted."""
     try:
@@ -422,6 +437,9 @@ def run_task(model, tok, cfg, device, loaded):
         return eval_choice(model, tok, cfg, device), task_path(cfg, "choice")
     if cfg.eval_task == "bias":
         return eval_bias(model, tok, cfg, device, loaded.data_dir or cfg.data_dir), task_path(cfg, "bias")
+    if cfg.eval_task == "exposure":
+        data_dir = loaded.data_dir or cfg.data_dir
+        return eval_exposure(model, tok, cfg, device, data_dir), data_dir
     from lm_eval_adapter import run_harness
     return run_harness(model, tok, cfg, device), cfg.harness_tasks
 

@@ -91,9 +91,9 @@ def describe_end(out_dir, device):
 
 
 def lower_is_better(metric):
-    """Losses (val_loss, and each multi-token head's val_headN) fall as a model improves; the
-    tasks' other metrics (accuracy, F1, reward) rise."""
-    return metric == "val_loss" or metric.startswith("val_head")
+    """Losses (val_loss, each multi-token head's val_headN, each mixed dataset's val_loss_FOLDER)
+    fall as a model improves; the tasks' other metrics (accuracy, F1, reward) rise."""
+    return metric == "val_loss" or metric.startswith(("val_head", "val_loss_"))
 
 
 class MetricsLogger:

@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import lora_disabled
 from checkpoint import load_checkpoint, model_from_checkpoint, refuse_existing_run, save_checkpoint, unwrap
-from data import DataError, RandomBatches, TokenLoader, load_meta, prepare_on_first_use, task_dir_of
+from data import (DataError, MixedLoader, RandomBatches, TokenLoader, data_dirs, load_meta, mixture_weights,
+                  prepare_on_first_use, task_dir_of)
 from distributed import micro_batches_per_process
 from errors import CheckpointError, ConfigError
 from examples import (classify_batch, completion_example, keep_last, pack, pad_batch, preference_pairs,
@@ -77,14 +78,15 @@ class LMTask:
             self.masking = functools.partial(mask_tokens, mask_id=mask_id_of(meta["tokenizer"]),
                                              vocab_size=model_vocab_size(meta["tokenizer"], arch),
                                              eot_id=meta["eot_id"], prob=cfg.mask_prob)
-        accum = micro_batches_per_process(cfg, procs.world)
-        self.loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, accum, procs.world,
-                                  procs.rank, cfg.seed, procs.device,
-                                  align_eot=meta["eot_id"] if cfg.align_to_documents else None, check_ids=True)
+        accum, folders = micro_batches_per_process(cfg, procs.world), data_dirs(cfg.data_dir)
+        place = (cfg.batch_size, cfg.block_size, accum, procs.world, procs.rank, cfg.seed, procs.device,
+                 meta["eot_id"] if cfg.align_to_documents else None, True)
+        self.loader = (MixedLoader(folders, mixture_weights(cfg), *place) if len(folders) > 1 else
+                       TokenLoader(cfg.data_dir, "train", *place))
         from_meta(meta["tokenizer"], cfg.gpt2_bpe_path, cfg.cache_dir)  # a cut table: stop now, not at sampling
         # val is first read at the first evaluation: open it now, so a missing or damaged one stops at once
-        TokenLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, 1, 1, 0, cfg.seed, procs.device,
-                    check_ids=True)
+        for folder in folders:
+            TokenLoader(folder, "val", cfg.batch_size, cfg.block_size, 1, 1, 0, cfg.seed, procs.device, check_ids=True)
         self.train_size = len(self.loader.data)  # tokens
         self.items_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 
@@ -104,10 +106,13 @@ def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None, train_
     """Mean loss over cfg.eval_iters batches per split. The batches are the same at every
     evaluation (a fixed seed), so curves compare like with like and training RNG is untouched.
     masking: an encoder's (LMTask.masking), drawn from a generator seeded alike every time.
-    train_data: the train split's SplitTokens when open (its shards are not mapped twice)."""
-    out = {}
-    for split in ("train", "val"):
-        loader = TokenLoader(cfg.data_dir, split, cfg.batch_size, cfg.block_size, cfg.eval_iters, procs.world,
+    train_data: the train split's SplitTokens when open (its shards are not mapped twice). A mix
+    (data_dir=NEW,OLD) is scored on its first folder, and on each other's val split as val_loss_FOLDER."""
+    out, (first, *others) = {}, data_dirs(cfg.data_dir)
+    splits = [("train", "train", first), ("val", "val", first)] + [
+        (f"val_loss_{os.path.basename(os.path.normpath(d))}", "val", d) for d in others]
+    for name, split, folder in splits:
+        loader = TokenLoader(folder, split, cfg.batch_size, cfg.block_size, cfg.eval_iters, procs.world,
                              procs.rank, seed=cfg.seed + 1, device=procs.device,
                              data=train_data if split == "train" else None)
         batches = (loader.next() for _ in range(cfg.eval_iters))
@@ -115,8 +120,8 @@ def estimate_loss(model, cfg, procs, autocast, eot_id=None, masking=None, train_
             generator = torch.Generator().manual_seed(cfg.seed + 2 + procs.rank)
             batches = (masking(x, generator=generator) for x, _ in batches)
         losses = heldout_losses(model, batches, autocast, procs, eot_id)
-        out[split] = losses[0]
-        if split == "val" and len(losses) > 1:
+        out[name] = losses[0]
+        if name == "val" and len(losses) > 1:
             out.update({f"val_head{i + 1}": m for i, m in enumerate(losses)})
     return out
 

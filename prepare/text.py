@@ -20,6 +20,10 @@ held in memory: the main process cuts the input into batches of documents (~1 MB
 them to num_proc worker processes, which read, parse, clean, hash and tokenize them; it takes their
 results back in order, drops duplicates and writes. So the output is the same whatever num_proc is.
 
+With --canaries=N --canary_repeats=1,4,16, N random secrets per repeat count go into the training
+split, each that many times (privacy.py; evaluate.py --eval_task=exposure measures them), before
+deduplication (--dedup=False keeps every copy).
+
 With --counterfactual=augment (or swap), a chosen share of the training documents also get (or
 are replaced by) a copy with every bias_terms pair swapped: He -> She, HIS -> HER, her -> his or
 him (prepare/common.py's rule). meta.json records how many and the term counts before and after.
@@ -45,6 +49,7 @@ from data import SPLITS, DataError  # noqa: E402
 from prepare.common import (DatasetWriter, SeenDigests, bias_share, clean_text,  # noqa: E402
                             counterfactual_stats, counterfactual_versions, decode_utf8, document_digest,
                             refuse_existing_dataset, run_main, scrub_pii, term_counter, terms_counted)
+from privacy import PREFIX, CanaryFeed, canary_copies, canary_record, check_room, plan_canaries  # noqa: E402
 from tokenizer import build_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")          # one document per file
@@ -342,7 +347,9 @@ def available_cores():
 
 def training_sample(cfg, inputs):
     """The training split's documents in order (deduplicated), for a tokenizer to learn from;
-    build_tokenizer stops reading when it has enough."""
+    build_tokenizer stops reading when it has enough. The canaries come first: their characters
+    must be in a character vocabulary whatever the corpus holds."""
+    yield from sorted({f"{PREFIX} {secret}" for secret, _ in plan_canaries(cfg)})
     seen, any_text = SeenDigests(), False
     for (_, digest, split, *_), text in processed(cfg, inputs):
         any_text |= digest is not None
@@ -355,9 +362,23 @@ def training_sample(cfg, inputs):
 def write_corpus(cfg, inputs, tok):
     """Stream every document into cfg.data_dir's shards; returns meta."""
     seen = SeenDigests()
-    stats = {"duplicates_dropped": 0, "empty_documents": 0, "scrubbed_spans": 0}
+    stats = {"duplicates_dropped": 0, "dedup": cfg.dedup, "empty_documents": 0, "scrubbed_spans": 0}
     changed, swaps, before = 0, 0, collections.Counter()  # counterfactual augmentation's record
+    canaries, kept, train_characters = plan_canaries(cfg), collections.Counter(), 0
+    feed = CanaryFeed(canary_copies(canaries, cfg.seed), expected_train_characters(cfg, inputs))
     share = bias_share(cfg, sum(size for *_, size in inputs))
+
+    def is_new(digest):
+        if cfg.dedup and not seen.add(digest):
+            stats["duplicates_dropped"] += 1
+            return False
+        return True
+
+    def write_canaries(copies):
+        for name, text in copies:
+            if is_new(document_digest(text)):
+                out.add("train", name, tok.encode_document(text, out.dtype), len(text), None)
+                kept[text] += 1
     with DatasetWriter(cfg.data_dir, tok, cfg.token_dtype, cfg.shard_tokens, cfg.bias_terms, share) as out, \
             tqdm(desc="preparing", unit=" docs", disable=None) as bar:  # no bar when not a terminal
         for document, ids in processed(cfg, inputs, tok, out.dtype, share):
@@ -365,19 +386,31 @@ def write_corpus(cfg, inputs, tok):
             bar.update()
             if digest is None:
                 stats["empty_documents"] += 1
-            elif not seen.add(digest):
-                stats["duplicates_dropped"] += 1
-            else:
+            elif is_new(digest):
+                if split == "train":
+                    write_canaries(feed.due(train_characters))
+                    train_characters += characters
                 stats["scrubbed_spans"] += scrubbed
                 out.add(split, name, ids, characters, terms)
                 changed, swaps = changed + bool(swapped), swaps + swapped
                 if split == "train" and terms_before is not None:
                     before.update(terms_before)
+        write_canaries(feed.due())
         if not any(s["documents"] for s in out.stats.values()):
             raise empty_corpus(cfg)
         if cfg.counterfactual:
             stats["counterfactual"] = counterfactual_stats(cfg, changed, swaps, before, out.term_counts["train"])
+        if canaries:
+            problem = check_room(cfg, canaries, train_characters)
+            if problem:  # (the estimate before the work let it pass: the split came out smaller)
+                raise DataError(problem)
+            stats["canaries"] = canary_record(cfg, canaries, kept)
         return out.finish({"input": cfg.input}, stats)
+
+
+def expected_train_characters(cfg, inputs):
+    """About how many characters the training split will hold: the inputs' bytes, less the held-out share."""
+    return sum(size for *_, size in inputs) * (1 - cfg.val_fraction - cfg.test_fraction)
 
 
 def empty_corpus(cfg):
@@ -390,6 +423,9 @@ def prepare(cfg):
     refuse_existing_dataset(cfg.data_dir, cfg.overwrite)
     counterfactual_versions(cfg)  # (a bad pair list: said now, before any work)
     inputs = find_inputs(cfg)
+    problem = check_room(cfg, plan_canaries(cfg), expected_train_characters(cfg, inputs))
+    if problem:
+        raise DataError(problem)
     tok = build_tokenizer(cfg, training_sample(cfg, inputs))
     return write_corpus(cfg, inputs, tok)
 

@@ -184,6 +184,22 @@ CASES = [
     (["train.py", "--counterfactual=augment"], ["counterfactual=augment", "prepared with none", "another"]),
     (["prepare/text.py", "--input={tmp}", "--data_dir={tmp}/d", "--counterfactual=augment",
       "--bias_terms=he/she,he/it"], ["bias_terms", "'he' is in 2 pairs"]),
+    # ---- canaries (privacy.py)
+    (["prepare/text.py", "--input={tmp}/a.txt", "--data_dir={tmp}/d", "--canaries=1"],
+     ["canaries=1", "of the training split", "fewer canaries"], "text_file"),
+    (["prepare/shakespeare.py", "--data_dir={tmp}/d", "--canaries=1000", "--canary_repeats=100"],
+     ["canaries=1000 x canary_repeats=100", "at most 10%"]),
+    (["prepare/text.py", "--input={tmp}/a.txt", "--data_dir={tmp}/d", "--canaries=1", "--canary_repeats=2,2"],
+     ["canary_repeats=2,2", "each repeat count once"], "text_file"),
+    (["train.py", "--canaries=2"], ["canaries=2", "prepared with canaries=0", "another"]),
+    (["train.py", "--dedup=False"], ["dedup=False", "dedup=True", "another"]),
+    (["evaluate.py", "--eval_task=exposure"], ["has no canaries", "--canaries=N"]),
+    # ---- replay: data_dir=NEW,OLD with data_weights
+    (["train.py", "--data_dir={data},{tmp}/other"], ["other was prepared with another tokenizer",
+                                                     "--tokenizer_from="], "other_tokenizer"),
+    (["train.py", "--data_dir={data},{data}", "--data_weights=0.5"], ["data_weights=0.5 gives 1 weights for 2"]),
+    (["train.py", "--data_dir={data},{data}", "--data_weights=0,0"], ["data_weights=0,0", "positive"]),
+    (["train.py", "--data_weights=0.5,x"], ["data_weights", "0.5,x"]),
     # ---- explain.py (writes nothing, out_dir/explain/ included, when its input is bad)
     (["explain.py", "--out_dir={tmp}/no_run", "--text=x"], ["no_run", "no such run folder"]),
     (["explain.py", "--text=aЖ€"], ["characters this model's tokenizer never saw", "Ж€"]),
@@ -201,6 +217,17 @@ def text_file(fill):
 
 def no_meta(fill):
     (fill["data"] / "meta.json").unlink()
+
+
+def other_tokenizer(fill):
+    """A copy of the data whose meta.json names a character vocabulary one shorter."""
+    import json
+    shutil.copytree(fill["data"], fill["tmp"] / "other")
+    meta = json.loads((fill["tmp"] / "other" / "meta.json").read_text())
+    meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:-1]
+    meta["tokenizer"]["vocab_size"] -= 1
+    meta["vocab_size"] -= 1
+    (fill["tmp"] / "other" / "meta.json").write_text(json.dumps(meta))
 
 
 def latin1_prompt(fill):
@@ -367,9 +394,10 @@ def hf_config_lacks_key(fill):
     hf_folder(fill, edit_config=lambda c: c.pop("n_layer"))
 
 
-SETUPS = {f.__name__: f for f in (text_file, no_meta, latin1_prompt, garbage_checkpoint, truncated_tokens,
-                                  meta_not_json, bad_jsonl, missing_val, out_of_vocab, hf_missing_weights,
-                                  hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors, hf_config_lacks_key,
+SETUPS = {f.__name__: f for f in (text_file, no_meta, other_tokenizer, latin1_prompt, garbage_checkpoint,
+                                  truncated_tokens, meta_not_json, bad_jsonl, missing_val, out_of_vocab,
+                                  hf_missing_weights, hf_unexpected_weight, hf_wrong_shape, hf_corrupt_safetensors,
+                                  hf_config_lacks_key,
                                   bert_folder_without_vocab, bert_config_lacks_key, latin1_config, exiting_config,
                                   hf_gpt2, foreign_eval_json, foreign_dict_pt, mismatched_pt, cut_char_table,
                                   *map(task_rows_setup, TASK_ROWS))}

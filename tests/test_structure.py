@@ -5,13 +5,15 @@ import ast
 from conftest import ROOT
 
 PREPARE_SCRIPTS = {f"prepare.{p.stem}" for p in (ROOT / "prepare").glob("*.py") if p.stem not in ("__init__", "common")}
-SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench", "bench_data", "bench_scale"} | PREPARE_SCRIPTS
+SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench", "bench_data", "bench_scale", "bench_archs",
+           "bench_replay"} | PREPARE_SCRIPTS
 # the one exception: fine-tuning and benchmarking reuse the training loop
 SCRIPT_IMPORTS_ALLOWED = {("finetune", "train"), ("bench", "train"),
                           # task sets built from another's sources, and bench_data's corpus
                           ("prepare.folio", "prepare.shakespeare"), ("prepare.genre", "prepare.shakespeare"),
                           ("prepare.folio_preferences", "prepare.folio"), ("bench_data", "prepare.shakespeare"),
-                          ("bench_data", "prepare.text")}
+                          ("bench_data", "prepare.text"), ("bench_replay", "prepare.shakespeare"),
+                          ("bench_replay", "bench_archs")}  # (its run helpers)
 
 
 def project_modules():
@@ -78,11 +80,11 @@ def test_model_is_the_transformer_only():
 def test_the_runtime_does_not_import_prepare():
     """prepare/ imports the runtime (the token format, the tokenizer), not the other way round:
     only data.py reaches into it, to prepare the built-in data on first use (bench_data.py, a
-    benchmark of preparation, aside)."""
+    benchmark of preparation, and bench_replay.py, which builds its corpora from the sdist, aside)."""
     modules = project_modules()
     importers = {name for name, path in modules.items() if not name.startswith("prepare.")
                  and any(dep.startswith("prepare") for dep in imports_of(path, modules) | prepare_imports(path))}
-    assert importers <= {"data", "bench_data"}, importers
+    assert importers <= {"data", "bench_data", "bench_replay"}, importers
 
 
 def prepare_imports(path):
