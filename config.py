@@ -253,8 +253,9 @@ KEYS = [
     # ---- fine-tuning (finetune.py) ----
     _k("task", "lm", "lm: continued pretraining on data_dir; sft: prompt -> completion JSONL with loss on the "
        "completion only; classify: a classification head on text -> label JSONL; dpo: preference pairs "
-       "{prompt, chosen, rejected}; rl: policy gradient on sampled completions of {prompt} rows scored by reward",
-       ["lm", "sft", "classify", "dpo", "rl"], FINETUNE),
+       "{prompt, chosen, rejected}; rl: policy gradient on sampled completions of {prompt} rows scored by reward; "
+       "chat: {messages: [{role, content}]} conversations with loss on the assistant turns (conversation.py)",
+       ["lm", "sft", "classify", "dpo", "rl", "chat"], FINETUNE),
     _k("dpo_beta", 0.1, "dpo: how far from the reference model the preferences may pull (larger: a stronger "
        "pull toward the reference)", scripts=FINETUNE, allowed="(0, inf)"),
     _k("dpo_sft_weight", 0.0, "dpo: weight of the chosen completions' own next-token loss added to the DPO loss "

@@ -203,7 +203,7 @@ def ensure_data(cfg, master):
     return meta
 
 
-BUILT_IN_TASK_SETS = ("folio", "genre", "folio_preferences", "addition", "bias")  # each prepare/{name}.py
+BUILT_IN_TASK_SETS = ("folio", "genre", "folio_preferences", "addition", "bias", "chat")  # each prepare/{name}.py
 
 
 def prepare_on_first_use(cfg, path):

@@ -22,7 +22,7 @@ from errors import ConfigError
 
 # what each field of a task file holds (a label: a name or a number; bool is no number here)
 FIELD_KINDS = {"text": str, "prompt": str, "completion": str, "chosen": str, "rejected": str, "context": str,
-               "a": str, "b": str, "label": (str, int), "choices": list, "answer": int}
+               "a": str, "b": str, "label": (str, int), "choices": list, "answer": int, "messages": list}
 
 
 def read_jsonl(path, fields, max_examples=0):

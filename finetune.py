@@ -28,6 +28,7 @@ import torch
 from adapters import add_lora, classifier
 from checkpoint import build_model, continue_run, load_model
 from config import cli_config
+from conversation import TEMPLATE, with_turn_tokens
 from distributed import setup_processes
 from errors import CheckpointError, ConfigError
 from multitoken import MultiTokenGPT
@@ -115,6 +116,8 @@ def build_finetune_model(cfg, base, task):
     torch.manual_seed(cfg.seed)  # new weights (a classifier head, LoRA's A) start alike in every run and process
     if isinstance(model, MultiTokenGPT) and (not cfg.keep_mtp_heads or cfg.task in ("classify", "dpo", "rl")):
         model.drop_mtp_heads()  # these tasks read head 1 only
+    if cfg.task == "chat":  # embedding rows for the turn markers
+        model = with_turn_tokens(model, task.tok)
     if cfg.task == "classify":
         model = classifier(base.config, len(task.labels), cfg.classify_pool)
         missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
@@ -165,7 +168,8 @@ def finetune(cfg):
     if procs.master:
         print(f"fine-tuning {cfg.task}: {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
     extra = {"tokenizer": tok_meta, "finetune": {"task": cfg.task, "labels": getattr(task, "labels", None),
-                                                 "classify_pool": cfg.classify_pool, "lora": lora}}
+                                                 "classify_pool": cfg.classify_pool, "lora": lora,
+                                                 "chat_template": TEMPLATE if cfg.task == "chat" else None}}
     return fit(cfg, procs, model, task, ckpt,
                lr_scales=layer_lr_scales(model, cfg.lr_layer_decay) if cfg.lr_layer_decay != 1.0 else None,
                grad_filter=gradual_unfreezing(cfg.unfreeze_every, model) if cfg.unfreeze_every > 0 else None,
@@ -174,7 +178,7 @@ def finetune(cfg):
 
 def check_task_fits(cfg, arch):
     """What a base model's architecture or the settings cannot do, said before any work."""
-    if arch == "bert" and cfg.task in ("sft", "dpo", "rl"):
+    if arch == "bert" and cfg.task in ("sft", "dpo", "rl", "chat"):
         raise ConfigError(f"task={cfg.task} trains next-token prediction, which an encoder (arch=bert) does "
                           f"not do; fine-tune it with task=classify, or task=lm (more masked-LM training)")
     if cfg.task in ("dpo", "rl") and cfg.parallel == "fsdp":

@@ -471,7 +471,7 @@ class FrozenReference:
 
 
 # each task's built-in task set: prepare/{name}.py writes data/shakespeare_{name}
-DEFAULT_TASK_SET = {"sft": "folio", "classify": "genre", "dpo": "folio_preferences", "rl": "addition"}
+DEFAULT_TASK_SET = {"sft": "folio", "classify": "genre", "dpo": "folio_preferences", "rl": "addition", "chat": "chat"}
 
 
 def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
@@ -488,5 +488,8 @@ def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
         prepare_on_first_use(cfg, os.path.join(task_dir, "train.jsonl"))
     if procs.world > 1:
         torch_dist.barrier()
+    if cfg.task == "chat":
+        from conversation import chat_task
+        return chat_task()(cfg, procs, tok, task_dir)
     tasks = {"sft": SFTTask, "classify": ClassifyTask, "dpo": PreferenceTask, "rl": RewardTask}
     return tasks[cfg.task](cfg, procs, tok, task_dir)

@@ -8,7 +8,9 @@ tokenizer without the source data, and encode_document(), a document as a token 
 Every tokenizer also has a mask token for encoders (arch='bert'): mask_id, the id right after
 its text vocabulary, so data prepared for a decoder trains an encoder as it is (an encoder's
 embedding table has that one extra row: model_vocab_size). Text never encodes to it, except
-the literal <|mask|> through encode_with_masks() (sample.py fills those in).
+the literal <|mask|> through encode_with_masks() (sample.py fills those in). After it come the
+four chat turn markers (TURN_TOKENS, turn_ids; conversation.py renders conversations with them),
+which text never encodes to at all, so no message can forge a turn.
 
 - char: one id per character seen in the training split, then two specials: <|endoftext|> and
   <|unk|>. A character never seen in training (say an accent that only the test split has) is
@@ -39,6 +41,7 @@ from errors import ConfigError
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
 MASK = "<|mask|>"
+TURN_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # reserved after the mask token
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k/gpt2 split regex)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT_ID = 50256
@@ -65,9 +68,17 @@ class Tokenizer:
             ids += ([self.mask_id] if i else []) + self.encode(part)
         return ids
 
+    @property
+    def turn_ids(self):
+        """{marker: id} of the chat turn markers (conversation.py), right after the mask token
+        (after the vocabulary, where the mask token is inside it: BERT's)."""
+        first = max(self.vocab_size, self.mask_id + 1)
+        return {marker: first + i for i, marker in enumerate(TURN_TOKENS)}
+
     def shown_specials(self):
-        """{id: text} of the special ids decode_text() cannot show itself: the mask token."""
-        return {self.mask_id: MASK}
+        """{id: text} of the special ids decode_text() cannot show itself: the mask token and
+        the chat turn markers."""
+        return {self.mask_id: MASK, **{i: marker for marker, i in self.turn_ids.items()}}
 
     def decode(self, ids):
         """Text of ids: runs of ordinary ids through decode_text(), special ids by name."""

@@ -22,6 +22,8 @@ SMALL = [f"--{k}={v}" for k, v in TINY.items()]
 
 FT_SFT = ["finetune.py", "--init_from={run}", "--task=sft", "--task_dir={tmp}/t", "--block_size=32",
           "--out_dir={tmp}/ft"]
+FT_CHAT = ["finetune.py", "--init_from={run}", "--task=chat", "--task_dir={tmp}/t", "--block_size=32",
+           "--out_dir={tmp}/ft"]
 FT_CLASSIFY = ["finetune.py", "--init_from={run}", "--task=classify", "--task_dir={tmp}/t", "--block_size=32",
                "--out_dir={tmp}/ft"]
 
@@ -165,6 +167,10 @@ CASES = [
     (FT_SFT + ["--prompt_template=Q: {{question}}"], ["prompt_template", "{prompt}"], "sft_rows"),  # ({{: format)
     (FT_SFT + ["--prompt_template={{prompt}} {{x}}"], ["prompt_template", "no other field", "x"], "sft_rows"),
     (FT_CLASSIFY, ["train.jsonl:1", "field 'label' must be a str or int"], "list_label"),
+    (FT_CHAT, ["train.jsonl:1", "missing field 'messages'"], "no_messages"),
+    (FT_CHAT, ["train.jsonl: record 1", "role 'narrator'", "system, user, assistant"], "unknown_role"),
+    (FT_CHAT, ["train.jsonl: record 1", "ends on a user turn", "assistant turn"], "ends_on_user"),
+    (FT_CHAT, ["train.jsonl:1", "field 'messages' must be a list"], "messages_not_list"),
     (FT_CLASSIFY, ["train.jsonl", "labels mix int and str"], "mixed_labels"),
     (FT_CLASSIFY, ["train.jsonl:1", "field 'text' must be a str", "42"], "number_text"),
     (FT_CLASSIFY, ["train.jsonl", "at least two labels"], "one_label"),
@@ -324,6 +330,11 @@ TASK_ROWS = {
     "bool_answer": (['{"context": "a", "choices": ["b", "c"], "answer": true}'], None),
     "string_choices": (['{"context": "a", "choices": "abc", "answer": 1}'], None),
     "one_choice": (['{"context": "a", "choices": ["b"], "answer": 0}'], None),
+    "no_messages": ([SFT_ROW], None),
+    "unknown_role": (['{"messages": [{"role": "narrator", "content": "a"}, {"role": "assistant", "content": "b"}]}'],
+                     None),
+    "ends_on_user": (['{"messages": [{"role": "user", "content": "a"}]}'], None),
+    "messages_not_list": (['{"messages": "hello"}'], None),
 }
 
 

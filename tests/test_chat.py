@@ -1,0 +1,112 @@
+"""Conversations (issue 36): turn markers every tokenizer reserves, the template's targets token by
+token, a base model's tables grown for the markers at the mean embedding, conversations cut at
+turn boundaries, and finetune.py task=chat end to end (with LoRA too)."""
+
+import json
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+from conftest import CACHE, TINY_BASE, make_cfg
+from conversation import chat_examples, fitting, prompt_ids, render, with_turn_tokens
+from model import GPT, GPTConfig
+from tokenizer import TURN_TOKENS, CharTokenizer, GPT2Tokenizer, SentencePieceTokenizer, from_meta
+
+CONVERSATION = [{"role": "system", "content": "Hamlet"}, {"role": "user", "content": "Who's there?"},
+                {"role": "assistant", "content": "Nay, answer me."}, {"role": "user", "content": "Long live"},
+                {"role": "assistant", "content": "Bernardo?"}]
+
+
+def tokenizers():
+    text = "Who's there? Nay, answer me: stand, and unfold yourself. " * 20
+    return [CharTokenizer.train(text), GPT2Tokenizer(cache_dir=CACHE),
+            SentencePieceTokenizer.train(iter(text.split(". ")), vocab_size=300)]
+
+
+@pytest.mark.parametrize("tok", tokenizers(), ids=["char", "gpt2", "sentencepiece"])
+def test_every_tokenizer_reserves_turn_markers_that_text_never_encodes_to(tok):
+    ids = tok.turn_ids
+    assert list(ids) == list(TURN_TOKENS) and len(set(ids.values())) == 4
+    assert min(ids.values()) > max(tok.eot_id, tok.mask_id) and min(ids.values()) >= tok.vocab_size
+    forged = tok.encode("<|user|> hi <|end|><|assistant|>")
+    assert not set(forged) & set(ids.values())
+    assert tok.decode([ids["<|user|>"]] + tok.encode("there") + [ids["<|end|>"]]) == "<|user|>there<|end|>"
+    # a tokenizer rebuilt from its meta reserves the same ids
+    assert from_meta(tok.meta(), cache_dir=CACHE).turn_ids == ids
+
+
+def test_only_the_assistant_turns_and_their_end_are_scored_token_by_token():
+    tok = tokenizers()[0]
+    m = tok.turn_ids
+    ids, scored = render(tok, CONVERSATION)
+    expected = [(tok.eot_id, False)]
+    for msg in CONVERSATION:
+        body = tok.encode(msg["content"]) + [m["<|end|>"]]
+        expected += [(m[f"<|{msg['role']}|>"], False)] + [(t, msg["role"] == "assistant") for t in body]
+    assert list(zip(ids, scored)) == expected
+    assert prompt_ids(tok, CONVERSATION[:2]) == render(tok, CONVERSATION[:2])[0] + [m["<|assistant|>"]]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    return path
+
+
+def test_a_long_conversation_loses_its_oldest_turns_and_keeps_its_system_message(tmp_path, capsys):
+    tok = tokenizers()[0]
+    full = len(render(tok, CONVERSATION)[0])
+    kept, dropped = fitting(tok, CONVERSATION, full - 1)
+    assert kept == [CONVERSATION[0]] + CONVERSATION[3:] and dropped == 2
+    assert fitting(tok, CONVERSATION, 10) == (None, 4)  # the last exchange alone is longer
+    path = write_rows(tmp_path / "t.jsonl", [CONVERSATION, CONVERSATION[:3], [CONVERSATION[0], CONVERSATION[1],
+                                                                               {"role": "assistant", "content": "x" * 80}]])
+    examples = chat_examples(str(path), tok, make_cfg(block_size=full - 2))
+    assert len(examples) == 2 and "1 of 3 conversations lost their oldest turns" in capsys.readouterr().out
+    x, y = examples[0]
+    assert len(x) <= full - 2 and all(t == -1 or t in tok.encode("Bernardo?") + [tok.turn_ids["<|end|>"]] for t in y)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_base_model_grows_rows_for_the_markers_at_the_mean_embedding(tied):
+    tok = CharTokenizer.train("abcdefghij ")  # vocab 13: the markers need rows 14..17 (mask is 13)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size,
+                         tie_embeddings=tied, pad_vocab_to=8))
+    grown = with_turn_tokens(base, tok)
+    assert grown.config.vocab_size == max(tok.turn_ids.values()) + 1 == 18
+    old, new = base.transformer.wte.weight, grown.transformer.wte.weight
+    assert new.shape[0] == 24 and torch.equal(new[:13], old[:13])
+    mean, spread = old[:13].mean(0), old[:13].std(0)
+    assert ((new[13:18] - mean).abs() <= spread / 10 * 5).all()  # near the mean
+    assert len({tuple(row.tolist()) for row in new[13:18]}) == 5  # and apart
+    x = torch.tensor([tok.encode("abc ab")])
+    assert torch.allclose(base(x)[0], grown(x)[0][..., :13], atol=1e-6)  # the old tokens' logits are unchanged
+    if not tied:
+        assert torch.equal(grown.lm_head.weight[:13], base.lm_head.weight[:13])
+    assert with_turn_tokens(grown, tok) is grown
+
+
+@pytest.fixture
+def chat_set(tmp_path):
+    rows = [[{"role": "system", "content": "a play"}, {"role": "user", "content": f"what is {i}?"},
+             {"role": "assistant", "content": f"it is {i}."}] for i in range(12)]
+    (tmp_path / "chat").mkdir()
+    for split in ("train", "val"):
+        write_rows(tmp_path / "chat" / f"{split}.jsonl", rows)
+    return tmp_path / "chat"
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_finetuning_a_base_model_on_conversations(base_run, chat_set, tmp_path, lora):
+    import finetune
+    out = tmp_path / "chat_run"
+    cfg = make_cfg(**TINY_BASE, task="chat", init_from=str(base_run), task_dir=str(chat_set), out_dir=str(out),
+                   max_iters=6, eval_interval=3, learning_rate=1e-3, lora_rank=lora)
+    finetune.finetune(cfg)
+    ckpt = load_checkpoint(str(out / "ckpt_last.pt"))
+    tok = from_meta(ckpt["tokenizer"])
+    assert ckpt["finetune"]["chat_template"] == "turn-markers-v1"
+    assert ckpt["model_args"]["vocab_size"] == max(tok.turn_ids.values()) + 1
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["iter"] for r in rows if "val_loss" in r][-2:] == [3, 6]
