@@ -59,8 +59,8 @@ def test_a_long_conversation_loses_its_oldest_turns_and_keeps_its_system_message
     kept, dropped = fitting(tok, CONVERSATION, full - 1)
     assert kept == [CONVERSATION[0]] + CONVERSATION[3:] and dropped == 2
     assert fitting(tok, CONVERSATION, 10) == (None, 4)  # the last exchange alone is longer
-    path = write_rows(tmp_path / "t.jsonl", [CONVERSATION, CONVERSATION[:3], [CONVERSATION[0], CONVERSATION[1],
-                                                                               {"role": "assistant", "content": "x" * 80}]])
+    too_long = [CONVERSATION[0], CONVERSATION[1], {"role": "assistant", "content": "x" * 80}]
+    path = write_rows(tmp_path / "t.jsonl", [CONVERSATION, CONVERSATION[:3], too_long])
     examples = chat_examples(str(path), tok, make_cfg(block_size=full - 2))
     assert len(examples) == 2 and "1 of 3 conversations lost their oldest turns" in capsys.readouterr().out
     x, y = examples[0]
