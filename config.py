@@ -51,17 +51,18 @@ class Key:
 
 
 # who reads what: the groups of scripts the table below names
-EVERY = ("prepare", "train", "finetune", "evaluate", "sample", "bench", "explain")
+EVERY = ("prepare", "train", "finetune", "evaluate", "sample", "bench", "explain", "chat")
 PREPARE = ("prepare",)
 MAKES_DATA = ("prepare", "train", "finetune", "bench")  # train & co. prepare the built-in data when missing
 FRESH_MODEL = ("train", "finetune", "bench")           # a fresh model's shape (a loaded one brings its own)
-LOADS_MODEL = ("train", "finetune", "evaluate", "sample", "bench", "explain")
+LOADS_MODEL = ("train", "finetune", "evaluate", "sample", "bench", "explain", "chat")
 TRAINS = ("train", "finetune")
 STEPS = ("train", "finetune", "bench")                 # one optimizer step
 FINETUNE = ("finetune",)
 EVALUATE = ("evaluate",)
 SAMPLE = ("sample",)
-DECODES = ("evaluate", "sample")
+DECODES = ("evaluate", "sample", "chat")
+CHAT = ("chat",)
 EXPLAIN = ("explain",)
 
 
@@ -184,7 +185,7 @@ KEYS = [
     _k("doc_mask", False, "tokens never attend across an end-of-text boundary in packed sequences", scripts=STEPS),
     # ---- training (train.py, shared by finetune.py) ----
     _k("out_dir", "out", "run folder: checkpoints, metrics.jsonl, loss.png, config.json; evaluate.py and "
-       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample", "explain"),
+       "sample.py read its checkpoint", scripts=("train", "finetune", "evaluate", "sample", "explain", "chat"),
        allowed=r"\S.*"),
     _k("init_from", "scratch", "scratch | resume (out_dir's ckpt_last) | auto (train.py: resume when out_dir has a "
        "checkpoint, else scratch; for restarts) | hf:PATH | gpt2[-medium|-large|-xl] | a run folder or checkpoint",
@@ -327,6 +328,9 @@ KEYS = [
        "temperature=0); reports acceptance and speed against plain decoding", scripts=SAMPLE),
     _k("kv_cache", True, "decode with the KV cache (False recomputes the whole sequence each token)",
        scripts=SAMPLE),
+    _k("system", "", "chat.py: the system message that opens the conversation; empty = none", scripts=CHAT),
+    _k("prompt", "", "chat.py: one message to answer, then exit (a piped stdin is read the same way); empty = "
+       "talk in the terminal", scripts=CHAT),
     _k("export_hf", "", "write the model as a Hugging Face folder here instead of sampling", scripts=SAMPLE),
     _k("export_ckpt", "", "write out_dir's checkpoint (sharded or not) as one .pt file here instead of sampling",
        scripts=SAMPLE),

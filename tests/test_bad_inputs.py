@@ -171,6 +171,7 @@ CASES = [
     (FT_CHAT, ["train.jsonl: record 1", "role 'narrator'", "system, user, assistant"], "unknown_role"),
     (FT_CHAT, ["train.jsonl: record 1", "ends on a user turn", "assistant turn"], "ends_on_user"),
     (FT_CHAT, ["train.jsonl:1", "field 'messages' must be a list"], "messages_not_list"),
+    (["chat.py", "--prompt=hi"], ["was not fine-tuned for conversation", "--task=chat"]),
     (FT_CLASSIFY, ["train.jsonl", "labels mix int and str"], "mixed_labels"),
     (FT_CLASSIFY, ["train.jsonl:1", "field 'text' must be a str", "42"], "number_text"),
     (FT_CLASSIFY, ["train.jsonl", "at least two labels"], "one_label"),

@@ -110,3 +110,75 @@ def test_finetuning_a_base_model_on_conversations(base_run, chat_set, tmp_path, 
     assert ckpt["model_args"]["vocab_size"] == max(tok.turn_ids.values()) + 1
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["iter"] for r in rows if "val_loss" in r][-2:] == [3, 6]
+
+
+# ----------------------------------------------------------------------------- chat.py
+
+@pytest.fixture(scope="module")
+def chat_model(base_run, tmp_path_factory):
+    """A tiny base grown for the turn markers (untrained on them: its replies are long, which
+    is what streaming needs), with its tokenizer."""
+    from checkpoint import load_model
+    loaded = load_model(make_cfg(init_from=str(base_run)))
+    tok = from_meta(loaded.tokenizer)
+    return with_turn_tokens(loaded.model, tok).eval(), tok
+
+
+def test_a_reply_streams_token_by_token_and_stops_at_its_end(chat_model):
+    import chat
+    model, tok = chat_model
+    chunks = []
+    cfg = make_cfg(max_new_tokens=12, top_k=0, top_p=1.0)
+    text = chat.reply(model, tok, [{"role": "user", "content": "Who is there?"}], cfg, chunks.append, 0.0)
+    assert "".join(chunks) == text and len([c for c in chunks if c]) >= 3  # several pieces, as they came
+    # the reply ends at <|end|>: a model that says it at once says nothing
+    end = tok.turn_ids["<|end|>"]
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([end]), 1e4))
+    try:
+        assert chat.reply(model, tok, [{"role": "user", "content": "Hi"}], cfg, chunks.append, 0.0) == ""
+    finally:
+        hook.remove()
+
+
+def test_the_conversation_keeps_within_the_context_dropping_the_oldest_exchanges_first():
+    import chat
+    tok = tokenizers()[0]
+    messages, dropped = chat.within_context(tok, CONVERSATION + [{"role": "user", "content": "Nay"}], 40)
+    assert messages[0] == CONVERSATION[0] and messages[-1]["content"] == "Nay" and dropped >= 1
+    assert len(chat.prompt_ids(tok, messages)) <= 40
+    assert chat.within_context(tok, CONVERSATION, 1000) == (CONVERSATION, 0)
+
+
+def test_session_commands(chat_model, monkeypatch):
+    import chat
+    model, tok = chat_model
+    seen = []
+    monkeypatch.setattr(chat, "reply", lambda m, t, messages, cfg, write, temperature:
+                        seen.append((list(messages), temperature)) or "ok")
+    out = []
+    lines = ["hello", "/temperature 0.3", "again", "/system a play", "third", "/reset", "/temperature x", "/bogus",
+             "", "fourth", "/quit", "never read"]
+    chat.session(model, tok, make_cfg(system="s", temperature=0.8), iter(lines), out.append)
+    said = "".join(out)
+    assert [t for _, t in seen] == [0.8, 0.3, 0.3, 0.3]
+    assert seen[0][0] == [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"}]
+    assert seen[1][0][1:] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ok"},
+                              {"role": "user", "content": "again"}]
+    assert seen[2][0] == [{"role": "system", "content": "a play"}, {"role": "user", "content": "third"}]
+    assert seen[3][0] == [{"role": "system", "content": "a play"}, {"role": "user", "content": "fourth"}]
+    assert said.count("(a new conversation)") == 2 and "(give a number" in said and "/reset, /system" in said
+
+
+def test_chat_py_answers_one_message_from_the_command_line_or_a_pipe(base_run, chat_set, tmp_path):
+    import subprocess
+    import sys
+    import finetune
+    from conftest import ROOT
+    out = tmp_path / "chat_run"
+    finetune.finetune(make_cfg(**TINY_BASE, task="chat", init_from=str(base_run), task_dir=str(chat_set),
+                               out_dir=str(out), max_iters=4, eval_interval=4))
+    command = [sys.executable, "chat.py", f"--out_dir={out}", "--temperature=0", "--max_new_tokens=10", "--device=cpu"]
+    given = subprocess.run(command + ["--prompt=what is 3?"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    piped = subprocess.run(command, input="what is 3?\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert given.returncode == piped.returncode == 0, given.stderr + piped.stderr
+    assert given.stdout == piped.stdout and given.stdout.endswith("\n")
