@@ -5,6 +5,7 @@ Talk to a model fine-tuned for conversation (finetune.py --task=chat), in the te
     python chat.py --out_dir=out/chat --prompt="Who's there?"          # one reply, then exit
     echo "Who's there?" | python chat.py --out_dir=out/chat           # the same, from a pipe
     python chat.py --out_dir=out/chat --system="Hamlet, act 1, scene 1" --temperature=0.5
+    python chat.py --out_dir=out/chat --serve                         # a web page (chat_web.py)
 
 The reply streams as it is generated, rendered and ended the way the model was trained
 (conversation.py's template: the reply ends at its <|end|> marker). In a conversation:
@@ -28,9 +29,8 @@ import torch
 from checkpoint import load_for_inference
 from compute import setup_compute
 from config import cli_config
-from conversation import TEMPLATE, prompt_ids
+from conversation import TEMPLATE, reply, within_context
 from errors import CheckpointError, ConfigError
-from generate import generate
 
 HELP = "/reset, /system TEXT, /temperature X, /quit (Ctrl-C stops a reply, Ctrl-D ends)"
 
@@ -44,52 +44,6 @@ def load_chat_model(cfg, device):
                               f"fine-tune it first, e.g. python finetune.py --task=chat --init_from={cfg.out_dir} "
                               f"--out_dir=out/chat, or sample from it with sample.py")
     return model, tok
-
-
-def within_context(tok, messages, limit):
-    """(messages, exchanges dropped): the oldest user/assistant exchanges dropped (the system
-    message kept) until the prompt is at most `limit` tokens or only the last message is left."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    rest, dropped = messages[len(system):], 0
-    while len(rest) > 1 and len(prompt_ids(tok, system + rest)) > limit:
-        rest, dropped = rest[2:], dropped + 1
-    return system + rest, dropped
-
-
-class Streamer:
-    """generate()'s should_stop callback that writes the reply's new text as tokens arrive (a
-    character cut between tokens waits for its rest)."""
-
-    def __init__(self, tok, write):
-        self.tok, self.write, self.shown = tok, write, ""
-        self.stops = {tok.eot_id, tok.turn_ids["<|end|>"]}
-
-    def text(self, ids):
-        return self.tok.decode([i for i in ids if i not in self.stops])
-
-    def __call__(self, ids):
-        text = self.text(ids)
-        if not text.endswith("\ufffd"):
-            self.write(text[len(self.shown):])
-            self.shown = text
-        return False
-
-
-def reply(model, tok, messages, cfg, write, temperature):
-    """The assistant's reply to messages (streamed through write); Ctrl-C ends it early and
-    keeps what was written."""
-    streamer = Streamer(tok, write)
-    ids = prompt_ids(tok, messages)
-    try:
-        with torch.no_grad():
-            new = generate(model, [ids], cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
-                           stop_ids=tuple(streamer.stops), should_stop=streamer)[0]
-        text = streamer.text(new)
-        write(text[len(streamer.shown):])
-        return text
-    except KeyboardInterrupt:
-        write(" [stopped]")
-        return streamer.shown
 
 
 def session(model, tok, cfg, lines, write):
@@ -142,6 +96,9 @@ def main():
 
     def write(text):
         print(text, end="", flush=True)
+    if cfg.serve:
+        from chat_web import serve
+        return serve(model, tok, cfg, compute.autocast)
     with compute.autocast:
         if cfg.prompt or not sys.stdin.isatty():  # one message, one reply
             message = cfg.prompt or sys.stdin.read().strip()

@@ -331,6 +331,11 @@ KEYS = [
     _k("system", "", "chat.py: the system message that opens the conversation; empty = none", scripts=CHAT),
     _k("prompt", "", "chat.py: one message to answer, then exit (a piped stdin is read the same way); empty = "
        "talk in the terminal", scripts=CHAT),
+    _k("serve", False, "chat.py: serve the chat as a web page instead of talking in the terminal", scripts=CHAT),
+    _k("host", "127.0.0.1", "chat.py serve: the address to listen on (0.0.0.0: every network interface)",
+       scripts=CHAT),
+    _k("port", 8000, "chat.py serve: the port; 0 = any free one (the line printed at start names it)",
+       scripts=CHAT, allowed="[0, 65535]"),
     _k("export_hf", "", "write the model as a Hugging Face folder here instead of sampling", scripts=SAMPLE),
     _k("export_ckpt", "", "write out_dir's checkpoint (sharded or not) as one .pt file here instead of sampling",
        scripts=SAMPLE),
@@ -517,6 +522,8 @@ def load_config(argv=None, overrides=None):
             sys.exit(0)
         if arg.startswith("--"):
             name, eq, text = arg[2:].partition("=")
+            if not eq and isinstance(getattr(KEY_BY_NAME.get(name), "default", None), bool):
+                eq, text = "=", "True"  # a switch: --serve means --serve=True
             if not eq:
                 raise ConfigError(f"{arg}: write overrides as --key=value")
             cfg.set(name, parse_override(text, name), origin=arg)

@@ -24,8 +24,9 @@ import dataclasses
 
 import torch
 
-from examples import read_jsonl
 from data import DataError
+from examples import read_jsonl
+from generate import generate
 
 TEMPLATE = "turn-markers-v1"
 ROLES = ("system", "user", "assistant")
@@ -127,14 +128,51 @@ def with_turn_tokens(model, tok):
     return grown
 
 
-def chat_task():
-    """tasks.make_task's class for task=chat: SFT's loader, loss and evaluation (the loss on
-    scored tokens only) over conversations. Defined on demand: tasks.py imports this module."""
-    from tasks import SFTTask
-    from examples import pack
+# ----------------------------------------------------------------------------- replying (chat.py, chat_web.py)
 
-    class ChatTask(SFTTask):
-        def read_split(self, path, split):
-            examples = chat_examples(path, self.tok, self.cfg)
-            return pack(examples, self.cfg.block_size) if self.cfg.sft_packing else examples
-    return ChatTask
+def within_context(tok, messages, limit):
+    """(messages, exchanges dropped): the oldest user/assistant exchanges dropped (the system
+    message kept) until the prompt is at most `limit` tokens or only the last message is left."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest, dropped = messages[len(system):], 0
+    while len(rest) > 1 and len(prompt_ids(tok, system + rest)) > limit:
+        rest, dropped = rest[2:], dropped + 1
+    return system + rest, dropped
+
+
+class Streamer:
+    """generate()'s should_stop callback that writes the reply's new text as tokens arrive (a
+    character cut between tokens waits for its rest). Any turn marker or end-of-text ends the
+    reply (<|end|> is the one a chat model learns); a mask token is not shown."""
+
+    def __init__(self, tok, write):
+        self.tok, self.write, self.shown = tok, write, ""
+        self.stops = {tok.eot_id, *tok.turn_ids.values()}
+        self.hidden = self.stops | {tok.mask_id}
+
+    def text(self, ids):
+        return self.tok.decode([i for i in ids if i not in self.hidden])
+
+    def __call__(self, ids):
+        text = self.text(ids)
+        if not text.endswith("\ufffd"):
+            self.write(text[len(self.shown):])
+            self.shown = text
+        return False
+
+
+def reply(model, tok, messages, cfg, write, temperature):
+    """The assistant's reply to messages (streamed through write); Ctrl-C ends it early and
+    keeps what was written."""
+    streamer = Streamer(tok, write)
+    ids = prompt_ids(tok, messages)
+    try:
+        with torch.no_grad():
+            new = generate(model, [ids], cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
+                           stop_ids=tuple(streamer.stops), should_stop=streamer)[0]
+        text = streamer.text(new)
+        write(text[len(streamer.shown):])
+        return text
+    except KeyboardInterrupt:
+        write(" [stopped]")
+        return streamer.shown

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import lora_disabled
 from checkpoint import load_checkpoint, model_from_checkpoint, refuse_existing_run, save_checkpoint, unwrap
+from conversation import chat_examples
 from data import (DataError, MixedLoader, RandomBatches, TokenLoader, data_dirs, load_meta, mixture_weights,
                   prepare_on_first_use, task_dir_of)
 from distributed import micro_batches_per_process
@@ -201,7 +202,9 @@ class ExampleTask:
 
 
 class SFTTask(ExampleTask):
-    """Supervised fine-tuning: next-token loss on completion tokens only."""
+    """Supervised fine-tuning: next-token loss on completion tokens only (task=chat: on the
+    assistant turns of conversations, read by conversation.chat_examples)."""
+    examples_of = staticmethod(sft_examples)
 
     def __init__(self, cfg, procs, tok, task_dir):
         self.doc_eot = tok.eot_id if cfg.doc_mask else None
@@ -210,7 +213,7 @@ class SFTTask(ExampleTask):
             print("warning: sft_packing without doc_mask lets packed examples attend to each other")
 
     def read_split(self, path, split):
-        examples = sft_examples(path, self.tok, self.cfg)
+        examples = self.examples_of(path, self.tok, self.cfg)
         return pack(examples, self.cfg.block_size) if self.cfg.sft_packing else examples
 
     def loss(self, model, batch):
@@ -488,8 +491,6 @@ def make_task(cfg, procs, tok, tok_meta, arch="gpt"):
         prepare_on_first_use(cfg, os.path.join(task_dir, "train.jsonl"))
     if procs.world > 1:
         torch_dist.barrier()
-    if cfg.task == "chat":
-        from conversation import chat_task
-        return chat_task()(cfg, procs, tok, task_dir)
-    tasks = {"sft": SFTTask, "classify": ClassifyTask, "dpo": PreferenceTask, "rl": RewardTask}
+    chat = type("ChatTask", (SFTTask,), {"examples_of": staticmethod(chat_examples)})
+    tasks = {"sft": SFTTask, "classify": ClassifyTask, "dpo": PreferenceTask, "rl": RewardTask, "chat": chat}
     return tasks[cfg.task](cfg, procs, tok, task_dir)

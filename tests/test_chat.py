@@ -145,7 +145,7 @@ def test_the_conversation_keeps_within_the_context_dropping_the_oldest_exchanges
     tok = tokenizers()[0]
     messages, dropped = chat.within_context(tok, CONVERSATION + [{"role": "user", "content": "Nay"}], 40)
     assert messages[0] == CONVERSATION[0] and messages[-1]["content"] == "Nay" and dropped >= 1
-    assert len(chat.prompt_ids(tok, messages)) <= 40
+    assert len(prompt_ids(tok, messages)) <= 40
     assert chat.within_context(tok, CONVERSATION, 1000) == (CONVERSATION, 0)
 
 

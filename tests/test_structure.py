@@ -6,11 +6,12 @@ from conftest import ROOT
 
 PREPARE_SCRIPTS = {f"prepare.{p.stem}" for p in (ROOT / "prepare").glob("*.py") if p.stem not in ("__init__", "common")}
 SCRIPTS = {"train", "finetune", "evaluate", "sample", "bench", "bench_data", "bench_scale", "bench_archs",
-           "bench_replay"} | PREPARE_SCRIPTS
+           "bench_replay", "chat", "explain"} | PREPARE_SCRIPTS
 # the one exception: fine-tuning and benchmarking reuse the training loop
 SCRIPT_IMPORTS_ALLOWED = {("finetune", "train"), ("bench", "train"),
                           # task sets built from another's sources, and bench_data's corpus
                           ("prepare.folio", "prepare.shakespeare"), ("prepare.genre", "prepare.shakespeare"),
+                          ("prepare.chat", "prepare.shakespeare"), ("prepare.chat", "prepare.addition"),
                           ("prepare.folio_preferences", "prepare.folio"), ("bench_data", "prepare.shakespeare"),
                           ("bench_data", "prepare.text"), ("bench_replay", "prepare.shakespeare"),
                           ("bench_replay", "bench_archs")}  # (its run helpers)
