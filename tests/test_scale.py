@@ -259,6 +259,9 @@ def task_sets(tmp_path_factory):
         "dpo": write_splits(root / "dpo", {"train": pairs, "val": pairs[:5]}),
         "rl": write_splits(root / "rl", {split: [{"prompt": f"{a} plus {a}", "completion": str(2 * a)}
                                                  for a in range(n)] for split, n in (("train", 7), ("val", 5))}),
+        "chat": write_splits(root / "chat", {split: [{"messages": [{"role": "user", "content": w},
+                                                                   {"role": "assistant", "content": " yes"}]}
+                                                     for w in words[:n]] for split, n in (("train", 7), ("val", 5))}),
         "bias": write_splits(root / "bias", {"test": [{"a": "The king is wise.", "b": "The queen is wise."},
                                                       {"a": "He is brave.", "b": "She is brave."}]}) / "test.jsonl",
     }
@@ -274,7 +277,7 @@ MODES = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["pretrain", "pretrain-cnn", "sft", "classify", "dpo", "rl"])
+@pytest.mark.parametrize("task", ["pretrain", "pretrain-cnn", "sft", "classify", "dpo", "rl", "chat"])
 @pytest.mark.parametrize("parallel,compiled", MODES, ids=[f"{p}-{'compile' if c else 'eager'}" for p, c in MODES])
 def test_every_parallel_mode_trains_every_task(base_run, char_data, task_sets, tmp_path, parallel, compiled, task):
     """A few steps through two evaluations and saves, under torchrun with 2 processes; what is
@@ -323,6 +326,21 @@ def test_a_ddp_run_resumes_on_fewer_processes(char_data, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
+
+
+@pytest.mark.slow
+def test_a_mix_of_datasets_on_two_processes_equals_accumulation_on_one(char_data, tmp_path):
+    """data_dir=A,B with data_weights: 2 processes for 4 steps == 1 process with accumulation 2."""
+    mix = [f"--data_dir={char_data},{char_data}", "--data_weights=0.7,0.3", "--dropout=0.0", "--warmup_iters=0",
+           "--gradient_accumulation_steps=2", "--lr_schedule=constant", "--eval_interval=4", "--max_iters=4"]
+    done = torchrun("train.py", 2, *train_cmd(char_data, tmp_path / "two")[2:], *mix)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(train_cmd(char_data, tmp_path / "one", *mix), cwd=ROOT, capture_output=True, text=True,
+                          env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = params_of(str(tmp_path / "two" / "ckpt_last.pt")), params_of(str(tmp_path / "one" / "ckpt_last.pt"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
 
 def test_fsdp_reduces_every_micro_batch():
