@@ -5,6 +5,11 @@ server-sent events over HTTP), for the same messages. Then a transcript of each 
 
     python bench_chat.py --out_dir=out/chat                  # a run fine-tuned with task=chat
     python bench_chat.py --out_dir=out/chat --repeats=5 --max_new_tokens=200
+    python bench_chat.py --out_dir=out/chat --base=out/base --task_dir=data/shakespeare_chat
+
+With --base (the run the chat model was fine-tuned from), also the loss on the assistant turns of
+task_dir's val split before (the base, given rows for the turn markers as fine-tuning starts) and
+after, and the base's replies beside the chat model's.
 
 Decoding is greedy (temperature 0) so both paths write the same tokens. Prints a Markdown table;
 run it on an otherwise idle machine.
@@ -20,10 +25,12 @@ import time
 import urllib.request
 
 import torch
+import torch.nn.functional as F
 
 from checkpoint import load_for_inference
 from config import load_config
-from conversation import reply
+from conversation import chat_examples, reply, with_turn_tokens
+from examples import pad_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESSAGES = ["Who's there?", "What news from the court?", "12 plus 30"]
@@ -55,11 +62,26 @@ def over_http(url, message):
     return timed(pieces), "".join(p for _, p in pieces)
 
 
+@torch.no_grad()
+def assistant_turn_loss(model, tok, path, block_size):
+    """Mean loss per scored token (the assistant turns) over a conversation file, as task=chat scores it."""
+    examples = chat_examples(path, tok, load_config([], {"block_size": block_size}))
+    total, count = 0.0, 0
+    for i in range(0, len(examples), 32):
+        x, y = pad_batch(examples[i:i + 32], tok.eot_id)
+        logits = model(x)[0].float()
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+        count += int((y >= 0).sum())
+    return total / count
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=150)
+    parser.add_argument("--base", default="", help="the run fine-tuned from: before/after loss and replies")
+    parser.add_argument("--task_dir", default="data/shakespeare_chat")
     args = parser.parse_args()
     cfg = load_config([], {"out_dir": args.out_dir, "device": "cpu", "dtype": "float32",
                            "max_new_tokens": args.max_new_tokens, "top_k": 0})
@@ -89,6 +111,15 @@ def main():
     print()
     for message, text, same in transcript:
         print(f"> {message}\n{text}\n(the server wrote {'the same' if same else 'another'} reply)\n")
+    if args.base:
+        base, _, _ = load_for_inference(load_config([], {"out_dir": args.base, "device": "cpu"}), torch.device("cpu"))
+        base = with_turn_tokens(base, tok).eval()
+        val = os.path.join(args.task_dir, "val.jsonl")
+        before, after = (assistant_turn_loss(m, tok, val, model.config.block_size) for m in (base, model))
+        print(f"loss on the assistant turns of {val}: base {before:.3f}, chat model {after:.3f}\n")
+        for message in MESSAGES:
+            text = reply(base, tok, [{"role": "user", "content": message}], cfg, lambda piece: None, 0.0)
+            print(f"base > {message}\n{text}\n")
 
 
 if __name__ == "__main__":

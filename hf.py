@@ -25,7 +25,7 @@ from config import PRESETS
 from encoder import BertGPT
 from errors import CheckpointError
 from model import GPT, GPTConfig
-from tokenizer import GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
+from tokenizer import EOT as EOT_TEXT, GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
@@ -242,7 +242,27 @@ def export_problems(config):
     return incompatibilities(config, "gpt2")
 
 
-def export_hf(model, out_dir, tokenizer_meta=None):
+# conversation.py's template in transformers' terms (apply_chat_template), for an exported chat model
+HF_CHAT_TEMPLATE = ("{{ eos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def write_chat_tokenizer_config(out_dir, tokenizer_meta):
+    """tokenizer_config.json for a GPT-2 BPE chat model: the mask token and the turn markers as
+    special tokens at our ids, and the chat template, so apply_chat_template gives our tokens."""
+    from tokenizer import MASK, from_meta
+    tok = from_meta(tokenizer_meta)
+    specials = {tok.mask_id: MASK, **{i: marker for marker, i in tok.turn_ids.items()}}
+    config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": EOT_TEXT, "bos_token": EOT_TEXT,
+              "unk_token": EOT_TEXT, "chat_template": HF_CHAT_TEMPLATE,
+              "added_tokens_decoder": {str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False,
+                                                "normalized": False, "single_word": False}
+                                       for i, text in specials.items()}}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_hf(model, out_dir, tokenizer_meta=None, chat_template=None):
     """Write a GPT-2-compatible model as a transformers GPT2LMHeadModel folder (safetensors +
     config.json, and tokenizer files for GPT-2 BPE). Other models get safetensors + our config,
     with a message saying that transformers' GPT-2 class cannot load them.
@@ -254,7 +274,7 @@ def export_hf(model, out_dir, tokenizer_meta=None):
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted export's leftovers
     try:
-        what = write_hf_folder(model, tmp, tokenizer_meta)
+        what = write_hf_folder(model, tmp, tokenizer_meta, chat_template)
     except (OSError, SafetensorError) as e:  # a full disk: no half-written folder left behind, one line
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(e, "strerror", None) or str(e).split(": ")[-1]
@@ -271,7 +291,7 @@ def export_hf(model, out_dir, tokenizer_meta=None):
     return f"wrote {out_dir}{what}"
 
 
-def write_hf_folder(model, out_dir, tokenizer_meta):
+def write_hf_folder(model, out_dir, tokenizer_meta, chat_template=None):
     """export_hf's files in out_dir; returns what the folder is, for the message."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
@@ -309,4 +329,7 @@ def write_hf_folder(model, out_dir, tokenizer_meta):
         json.dump(hf_config, f, indent=2)
     if tokenizer_meta and tokenizer_meta.get("kind") == "gpt2":
         write_gpt2_tokenizer_files(out_dir)
+        if chat_template:
+            write_chat_tokenizer_config(out_dir, tokenizer_meta)
+            return ": loads with transformers.GPT2LMHeadModel.from_pretrained (its tokenizer has the chat template)"
     return ": loads with transformers.GPT2LMHeadModel.from_pretrained"

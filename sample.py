@@ -100,7 +100,8 @@ def main():
         raise SystemExit(f"error: {loaded.source} is a classifier (labels {loaded.labels}); "
                          f"it does not generate text. Use evaluate.py --eval_task=classify")
     if cfg.export_hf:
-        print(export_hf(model, cfg.export_hf, loaded.tokenizer))
+        chat = ((loaded.checkpoint or {}).get("finetune") or {}).get("chat_template")
+        print(export_hf(model, cfg.export_hf, loaded.tokenizer, chat))
         return
     if model.config.arch == "bert":
         return fill_masks(model, tok, read_prompt(cfg.start), cfg)

@@ -182,3 +182,23 @@ def test_chat_py_answers_one_message_from_the_command_line_or_a_pipe(base_run, c
     piped = subprocess.run(command, input="what is 3?\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert given.returncode == piped.returncode == 0, given.stderr + piped.stderr
     assert given.stdout == piped.stdout and given.stdout.endswith("\n")
+
+
+def test_an_exported_gpt2_chat_model_carries_the_template_for_transformers(tmp_path):
+    """transformers' apply_chat_template on the export gives our tokens, and its GPT-2 our logits."""
+    transformers = pytest.importorskip("transformers")
+    from hf import export_hf
+    tok = GPT2Tokenizer(cache_dir=CACHE)
+    torch.manual_seed(0)
+    model = with_turn_tokens(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size,
+                                           bias=True, tie_embeddings=True)), tok).eval()
+    export_hf(model, str(tmp_path / "hf"), tok.meta(), chat_template="turn-markers-v1")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids, _ = render(tok, CONVERSATION)
+    assert theirs.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False) == ids
+    assert theirs.apply_chat_template(CONVERSATION[:2], tokenize=True, add_generation_prompt=True,
+                                   return_dict=False) == \
+        prompt_ids(tok, CONVERSATION[:2])
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.tensor([ids[:40]])
+    assert torch.allclose(hf_model(x).logits, model(x)[0], atol=1e-4)
