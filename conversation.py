@@ -156,8 +156,8 @@ class Streamer:
     def __call__(self, ids):
         text = self.text(ids)
         if not text.endswith("\ufffd"):
-            self.write(text[len(self.shown):])
-            self.shown = text
+            new, self.shown = text[len(self.shown):], text
+            self.write(new)
         return False
 
 

@@ -27,13 +27,19 @@ from prepare.shakespeare import WORKS, read_texts, split_of  # noqa: E402
 EXCHANGES = 2
 MAX_SPEECH = 200
 ADDITION_ROWS = {"train": 2000, "val": 100, "test": 200}
-ACT = re.compile(r"^ACT ([IVX]+)\.?$", re.IGNORECASE)
-SCENE = re.compile(r"^Scene ([IVX]+)\.", re.IGNORECASE)
-SPEAKER = re.compile(r"^[A-Z][A-Za-z' ]{0,30}\.$")  # "Ber.", "First Clown.", "King."
+# the texts' own variants: "ACT I.", "ACT 2.", "ACT 1", "ACT FIRST"; "Scene I.", "SCENE II", ...;
+# speakers "Ber.", "First Clown.", "KING RICHARD." and (A Midsummer Night's Dream) "THESEUS"
+ORDINALS = {"FIRST": 1, "SECOND": 2, "THIRD": 3, "FOURTH": 4, "FIFTH": 5}
+ACT = re.compile(r"^ACT ([IVX]+|\d+|" + "|".join(ORDINALS) + r")\.?$", re.IGNORECASE)
+SCENE = re.compile(r"^Scene ([IVX]+|\d+)\b", re.IGNORECASE)
+SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{0,30}\.|[A-Z][A-Z' ]{1,30})$")
 ROMAN = {"I": 1, "V": 5, "X": 10}
 
 
 def roman(numeral):
+    """'IV' -> 4 (and '4', 'FOURTH' -> 4)."""
+    if numeral.isdigit() or numeral.upper() in ORDINALS:
+        return int(numeral) if numeral.isdigit() else ORDINALS[numeral.upper()]
     values = [ROMAN[c] for c in numeral.upper()]
     return sum(-v if v < w else v for v, w in zip(values, values[1:] + [0]))
 

@@ -202,3 +202,35 @@ def test_an_exported_gpt2_chat_model_carries_the_template_for_transformers(tmp_p
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.tensor([ids[:40]])
     assert torch.allclose(hf_model(x).logits, model(x)[0], atol=1e-4)
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_what_was_written(chat_model):
+    from conversation import reply
+    model, tok = chat_model
+    pieces = []
+
+    def write(piece):  # the user presses Ctrl-C once three pieces are on the screen
+        pieces.append(piece)
+        if len([p for p in pieces if p]) == 3:
+            raise KeyboardInterrupt
+    text = reply(model, tok, [{"role": "user", "content": "Who is there?"}], make_cfg(max_new_tokens=50, top_k=0),
+                 write, 0.0)
+    assert pieces[-1] == " [stopped]" and text == "".join(pieces[:3])
+
+
+def test_the_conversation_set_is_split_by_play_and_every_row_is_a_conversation():
+    from conversation import check_messages
+    from prepare.chat import chat_splits
+    from prepare.shakespeare import TEST_WORKS, VAL_WORKS
+    splits, stats = chat_splits(CACHE)
+    titles = {split: {r["messages"][0]["content"].split(",")[0] for r in rows if r["messages"][0]["role"] == "system"}
+              for split, rows in splits.items()}
+    assert titles["val"] == {w.replace("_", " ").title() for w in VAL_WORKS}
+    assert titles["test"] == {w.replace("_", " ").title() for w in TEST_WORKS}
+    assert not titles["train"] & (titles["val"] | titles["test"])
+    for split, rows in splits.items():
+        for i, r in enumerate(rows):
+            check_messages(r["messages"], f"{split} {i}")
+            assert [m["role"] for m in r["messages"] if m["role"] != "system"][::2] == \
+                ["user"] * ((len(r["messages"]) - ("system" == r["messages"][0]["role"])) // 2)
+        assert sum(r["messages"][0]["role"] == "user" for r in rows) == stats["addition"][split]
