@@ -73,8 +73,8 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_finished(tmp_path, mo
     model, out = seeded_model(tiny()), tmp_path / "export"
     real = hf.write_hf_folder
 
-    def dies_half_way(model, folder, tokenizer_meta):
-        real(model, folder, tokenizer_meta)
+    def dies_half_way(model, folder, tokenizer_meta, chat_template=None):
+        real(model, folder, tokenizer_meta, chat_template)
         os.remove(os.path.join(folder, "config.json"))  # as if killed before its last file
         raise KeyboardInterrupt
 
