@@ -128,9 +128,15 @@ def make_handler(model, tok, cfg, autocast):
     return Handler
 
 
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # connections waiting to be accepted: socketserver's default of 5 reset some of 20 tabs
+    # opened at once (seen in CI); each accepted one gets its thread at once, so this is a burst
+    request_queue_size = 128
+
+
 def serve(model, tok, cfg, autocast):
-    server = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(model, tok, cfg, autocast))
-    server.daemon_threads = True
+    server = ChatServer((cfg.host, cfg.port), make_handler(model, tok, cfg, autocast))
     host, port = server.server_address[:2]
     print(f"chat with {cfg.out_dir} at http://{host}:{port} (Ctrl-C ends)", flush=True)
     try:
