@@ -31,6 +31,7 @@ import random
 import numpy as np
 import torch
 
+from data import DataError
 from errors import ConfigError
 from scoring import token_logprobs
 
@@ -48,6 +49,11 @@ def repeat_counts(cfg):
     if len(set(counts)) != len(counts):
         raise ConfigError(f"canary_repeats={cfg.canary_repeats}: each repeat count once")
     return counts
+
+
+def canary_text(secret):
+    """'3 1 4 1 5 9' -> the document a canary is: 'my code is 3 1 4 1 5 9'."""
+    return f"{PREFIX} {secret}"
 
 
 def secret_text(value):
@@ -68,19 +74,18 @@ def canary_copies(canaries, seed):
     """Every copy of every canary as (place in [0, 1), name, text), in order of place: where among
     the training documents it goes (0 = before the first, 1 = after the last)."""
     rng = random.Random(seed + 1)
-    copies = [(rng.random(), f"canary {i} copy {j}", f"{PREFIX} {secret}")
+    copies = [(rng.random(), f"canary {i} copy {j}", canary_text(secret))
               for i, (secret, repeats) in enumerate(canaries) for j in range(repeats)]
     return sorted(copies)
 
 
 def check_room(cfg, canaries, train_characters):
-    """A DataError's message when the copies would be too large a share of the training split."""
-    size = sum(repeats * len(f"{PREFIX} {secret}") for secret, repeats in canaries)
+    """A DataError when the copies would be too large a share of the training split."""
+    size = sum(repeats * len(canary_text(secret)) for secret, repeats in canaries)
     if size > MAX_SHARE * train_characters:
-        return (f"canaries={cfg.canaries} x canary_repeats={cfg.canary_repeats}: their {size:,} characters would be "
-                f"{size / max(train_characters, 1):.0%} of the training split ({train_characters:,}); at most "
-                f"{MAX_SHARE:.0%}: use fewer canaries or repeats, or more data")
-    return None
+        raise DataError(f"canaries={cfg.canaries} x canary_repeats={cfg.canary_repeats}: their {size:,} characters "
+                        f"would be {size / max(train_characters, 1):.0%} of the training split "
+                        f"({train_characters:,}); at most {MAX_SHARE:.0%}: use fewer canaries or repeats, or more data")
 
 
 class CanaryFeed:
@@ -110,7 +115,7 @@ def canary_record(cfg, canaries, kept):
     """meta.json's record: what was asked, the format, and each secret with its repeats and the
     copies written (fewer than its repeats when deduplication dropped some). kept: {text: copies}."""
     return {"per_count": cfg.canaries, "repeats": cfg.canary_repeats, "prefix": PREFIX, "digits": DIGITS,
-            "canaries": [{"secret": s, "repeats": k, "copies": kept.get(f"{PREFIX} {s}", 0)} for s, k in canaries]}
+            "canaries": [{"secret": s, "repeats": k, "copies": kept.get(canary_text(s), 0)} for s, k in canaries]}
 
 
 # ----------------------------------------------------------------------------- exposure
@@ -163,8 +168,8 @@ def rank_of(loss, candidate_losses, exact):
 def exposures(model, tok, record, samples, seed, device):
     """Each canary's loss, rank and exposure, and their summary per repeat count."""
     candidates, exact = candidate_secrets(record, samples, seed)
-    candidate_losses = sequence_losses(model, tok, [f"{PREFIX} {c}" for c in candidates], device)
-    losses = sequence_losses(model, tok, [f"{PREFIX} {c['secret']}" for c in record["canaries"]], device)
+    candidate_losses = sequence_losses(model, tok, [canary_text(c) for c in candidates], device)
+    losses = sequence_losses(model, tok, [canary_text(c["secret"]) for c in record["canaries"]], device)
     rows = []
     for canary, loss in zip(record["canaries"], losses):
         rank, how = rank_of(loss, candidate_losses, exact)
