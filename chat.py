@@ -29,7 +29,7 @@ import torch
 from checkpoint import load_for_inference
 from compute import setup_compute
 from config import cli_config
-from conversation import TEMPLATE, reply, within_context
+from conversation import TEMPLATE, prompt_limit, reply, within_context
 from errors import CheckpointError, ConfigError
 
 HELP = "/reset, /system TEXT, /temperature X, /quit (Ctrl-C stops a reply, Ctrl-D ends)"
@@ -50,7 +50,7 @@ def session(model, tok, cfg, lines, write):
     """A conversation over input lines (an iterator; StopIteration or EOFError ends it)."""
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages, temperature = list(system), cfg.temperature
-    limit = model.config.block_size - model.config.block_size // 4
+    limit = prompt_limit(model)
     while True:
         write("\n> ")
         try:
@@ -106,7 +106,7 @@ def main():
                 raise ConfigError("the message is empty: give one with --prompt=TEXT or on stdin")
             messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
                 [{"role": "user", "content": message}]
-            reply(model, tok, within_context(tok, messages, model.config.block_size * 3 // 4)[0], cfg, write,
+            reply(model, tok, within_context(tok, messages, prompt_limit(model))[0], cfg, write,
                   cfg.temperature)
             print()
             return

@@ -28,7 +28,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from conversation import ROLES, reply, within_context
+from conversation import ROLES, prompt_limit, reply, within_context
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 MAX_BODY = 1 << 20
@@ -65,7 +65,7 @@ def parse_request(body, tok, limit):
 
 def make_handler(model, tok, cfg, autocast):
     lock = threading.Lock()
-    limit = model.config.block_size - model.config.block_size // 4  # (chat.py's: a quarter for the reply)
+    limit = prompt_limit(model)
     with open(PAGE, "rb") as f:
         page = f.read()
 

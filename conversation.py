@@ -24,6 +24,7 @@ import dataclasses
 
 import torch
 
+from checkpoint import build_model
 from data import DataError
 from examples import read_jsonl
 from generate import generate
@@ -67,17 +68,23 @@ def prompt_ids(tok, messages):
     return render(tok, messages)[0] + [tok.turn_ids["<|assistant|>"]]
 
 
+def without_oldest_turns(messages, fits, keep_last=False):
+    """The turns from the earliest user turn on (or the first turn) that fits(turns) accepts, the
+    system message kept: (turns, how many were dropped). When none fits: (None, all of them), or
+    with keep_last the last turn alone."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    for start, m in enumerate(rest):
+        if (start == 0 or m["role"] == "user") and fits(system + rest[start:]):
+            return system + rest[start:], start
+    return (system + rest[-1:], len(rest) - 1) if keep_last else (None, len(rest))
+
+
 def fitting(tok, messages, limit):
     """The conversation with its oldest non-system turns dropped until it renders to at most
     `limit` tokens: (messages, turns dropped), or (None, _) when even the last exchange is too long."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = messages[len(system):]
-    for start in range(len(rest)):
-        if rest[start]["role"] == "user" or start == 0:
-            kept = system + rest[start:]
-            if len(render(tok, kept)[0]) <= limit and any(m["role"] == "assistant" for m in kept):
-                return kept, start
-    return None, len(rest)
+    return without_oldest_turns(messages, lambda kept: len(render(tok, kept)[0]) <= limit and
+                                any(m["role"] == "assistant" for m in kept))
 
 
 def chat_examples(path, tok, cfg):
@@ -107,7 +114,6 @@ def with_turn_tokens(model, tok):
     grow; the model itself when it has them): each new row of every vocabulary-sized table (the
     token embedding, an untied head) starts at the mean of the table's rows, plus noise of a
     tenth of their spread."""
-    from checkpoint import build_model  # (checkpoint imports the tasks, which import this module)
     old, new = model.config.vocab_size, max(tok.turn_ids.values()) + 1
     if new <= old:
         return model
@@ -130,14 +136,16 @@ def with_turn_tokens(model, tok):
 
 # ----------------------------------------------------------------------------- replying (chat.py, chat_web.py)
 
+def prompt_limit(model):
+    """The most tokens a conversation may take as a prompt: the context, less a quarter kept for the reply."""
+    return model.config.block_size - model.config.block_size // 4
+
+
 def within_context(tok, messages, limit):
     """(messages, exchanges dropped): the oldest user/assistant exchanges dropped (the system
     message kept) until the prompt is at most `limit` tokens or only the last message is left."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    rest, dropped = messages[len(system):], 0
-    while len(rest) > 1 and len(prompt_ids(tok, system + rest)) > limit:
-        rest, dropped = rest[2:], dropped + 1
-    return system + rest, dropped
+    kept, dropped = without_oldest_turns(messages, lambda kept: len(prompt_ids(tok, kept)) <= limit, keep_last=True)
+    return kept, dropped // 2  # (the turns alternate, from a user turn: two to an exchange)
 
 
 class Streamer:

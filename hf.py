@@ -25,7 +25,8 @@ from config import PRESETS
 from encoder import BertGPT
 from errors import CheckpointError
 from model import GPT, GPTConfig
-from tokenizer import EOT as EOT_TEXT, GPT2_META, WordPieceTokenizer, write_gpt2_tokenizer_files, write_wordpiece_files
+from tokenizer import (EOT as EOT_TEXT, GPT2_META, WordPieceTokenizer, from_meta, write_gpt2_tokenizer_files,
+                       write_wordpiece_files)
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
@@ -250,9 +251,7 @@ HF_CHAT_TEMPLATE = ("{{ eos_token }}{% for m in messages %}{{ '<|' + m['role'] +
 def write_chat_tokenizer_config(out_dir, tokenizer_meta):
     """tokenizer_config.json for a GPT-2 BPE chat model: the mask token and the turn markers as
     special tokens at our ids, and the chat template, so apply_chat_template gives our tokens."""
-    from tokenizer import MASK, from_meta
-    tok = from_meta(tokenizer_meta)
-    specials = {tok.mask_id: MASK, **{i: marker for marker, i in tok.turn_ids.items()}}
+    specials = from_meta(tokenizer_meta).shown_specials()  # GPT-2's: the mask token and the turn markers
     config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": EOT_TEXT, "bos_token": EOT_TEXT,
               "unk_token": EOT_TEXT, "chat_template": HF_CHAT_TEMPLATE,
               "added_tokens_decoder": {str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False,
