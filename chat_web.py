@@ -29,6 +29,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from conversation import ROLES, prompt_limit, reply, within_context
+from errors import ConfigError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 MAX_BODY = 1 << 20
@@ -136,7 +137,11 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def serve(model, tok, cfg, autocast):
-    server = ChatServer((cfg.host, cfg.port), make_handler(model, tok, cfg, autocast))
+    try:
+        server = ChatServer((cfg.host, cfg.port), make_handler(model, tok, cfg, autocast))
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise ConfigError(f"--host={cfg.host} --port={cfg.port}: cannot listen there ({e.strerror or e}); choose "
+                          f"another port (--port=0 takes any free one)") from None
     host, port = server.server_address[:2]
     print(f"chat with {cfg.out_dir} at http://{host}:{port} (Ctrl-C ends)", flush=True)
     try:

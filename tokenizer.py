@@ -341,6 +341,9 @@ def build_tokenizer(cfg, train_texts):
     that dataset's tokenizer as it is (characters it never saw become its unknown token)."""
     if cfg.tokenizer_from:
         from data import load_meta  # (data imports this module)
+        if not os.path.isfile(os.path.join(cfg.tokenizer_from, "meta.json")):
+            raise DataError(f"tokenizer_from={cfg.tokenizer_from}: no prepared dataset there (no meta.json); name a "
+                            f"data_dir that a prepare script wrote")
         return from_meta(load_meta(cfg.tokenizer_from)["tokenizer"], cfg.gpt2_bpe_path, cfg.cache_dir)
     if cfg.tokenizer == "gpt2":
         return GPT2Tokenizer(cfg.gpt2_bpe_path, cfg.cache_dir)

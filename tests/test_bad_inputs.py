@@ -172,6 +172,8 @@ CASES = [
     (FT_CHAT, ["train.jsonl: record 1", "ends on a user turn", "assistant turn"], "ends_on_user"),
     (FT_CHAT, ["train.jsonl:1", "field 'messages' must be a list"], "messages_not_list"),
     (["chat.py", "--prompt=hi"], ["was not fine-tuned for conversation", "--task=chat"]),
+    (["prepare/text.py", "--input={tmp}/a.txt", "--data_dir={tmp}/d", "--tokenizer_from={tmp}/nope"],
+     ["tokenizer_from=", "nope", "no prepared dataset there"], "text_file"),
     (FT_CLASSIFY, ["train.jsonl", "labels mix int and str"], "mixed_labels"),
     (FT_CLASSIFY, ["train.jsonl:1", "field 'text' must be a str", "42"], "number_text"),
     (FT_CLASSIFY, ["train.jsonl", "at least two labels"], "one_label"),

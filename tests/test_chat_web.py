@@ -165,3 +165,17 @@ def test_the_page_streams_a_reply_and_the_stop_button_stops_it(chat_run, tmp_pat
         driver.quit()
         err = server.stop()
     assert "Traceback" not in err, err
+
+
+def test_a_port_already_taken_is_one_line(chat_run, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), f"--out_dir={chat_run}", "--serve",
+                               f"--port={port}", "--device=cpu"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert f"--port={port}: cannot listen there" in line and "--port=0" in line
+    assert list(tmp_path.iterdir()) == []
